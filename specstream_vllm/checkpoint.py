@@ -1,0 +1,270 @@
+"""The stream checkpoint: the contract between the trainer and the vLLM proposer.
+
+A checkpoint is a directory with ``config.json`` (a :class:`StreamCheckpointConfig`)
+and ``model.safetensors`` holding
+
+* ``stream_embeddings``: ``[num_streams, hidden_size]`` -- the e_j of DESIGN.md;
+* optionally ``layers.{i}.{module}.lora_A`` ``[rank, in]`` and ``.lora_B``
+  ``[out, rank]`` for absolute layer index ``i`` in the top ``num_stream_layers``
+  layers: the stream-only LoRA delta (lossless mode).
+
+A fine-tuned model directory carries its streams in a ``specstream/`` subfolder.
+The base model is identified by a fingerprint of its config and a few weight
+rows, read straight from its safetensors files so the trainer (HF) and the
+server (vLLM, possibly tensor-parallel) compute the same value.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from .errors import BaseModelMismatchError, CheckpointError
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+EMBEDDINGS_KEY = "stream_embeddings"
+STREAMS_SUBDIR = "specstream"
+MODEL_TYPE = "specstream"
+
+#: HF architectures with an MSA implementation (reference model and vLLM patch).
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoraSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    rank: int = Field(8, ge=1, le=256)
+    alpha: float = Field(16.0, gt=0)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+
+    @model_validator(mode="after")
+    def _known_targets(self) -> "LoraSpec":
+        bad = [m for m in self.target_modules if m not in LORA_TARGETS]
+        if bad:
+            raise ValueError(f"unknown LoRA target modules {bad}; choose from {list(LORA_TARGETS)}")
+        return self
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+class BaseModelRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name_or_path: str
+    architecture: str
+    num_hidden_layers: int
+    hidden_size: int
+    vocab_size: int
+    fingerprint: str
+
+
+class SpeculatorsInfo(BaseModel):
+    """Mirrors vllm-project/speculators' ``speculators_config`` where it fits."""
+
+    model_config = ConfigDict(extra="allow")
+    algorithm: Literal["specstream"] = "specstream"
+    proposal_methods: list[dict] = Field(default_factory=list)
+    default_proposal_method: str = "greedy"
+    verifier: dict = Field(default_factory=dict)
+
+
+class StreamCheckpointConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    architectures: list[str] = Field(default_factory=lambda: ["SpecStreamModel"])
+    model_type: Literal["specstream"] = MODEL_TYPE
+    format_version: int = FORMAT_VERSION
+    mode: Literal["lossless", "finetuned"] = "lossless"
+    num_streams: int = Field(..., ge=1, le=16)
+    num_stream_layers: int = Field(..., ge=1)
+    lora: Optional[LoraSpec] = None
+    base_model: BaseModelRef
+    torch_dtype: str = "float32"
+    speculators_config: SpeculatorsInfo = Field(default_factory=SpeculatorsInfo)
+    training: dict = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _layers_fit(self) -> "StreamCheckpointConfig":
+        if self.num_stream_layers > self.base_model.num_hidden_layers:
+            raise ValueError(
+                f"num_stream_layers={self.num_stream_layers} exceeds the base model's "
+                f"{self.base_model.num_hidden_layers} layers")
+        return self
+
+    @property
+    def first_stream_layer(self) -> int:
+        return self.base_model.num_hidden_layers - self.num_stream_layers
+
+
+# --------------------------------------------------------------------------- fingerprint
+
+def _read_base_config(model_dir: Path) -> dict:
+    cfg_path = model_dir / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"base model directory {model_dir} has no config.json; "
+                              "pass a local Hugging Face model directory")
+    return json.loads(cfg_path.read_text())
+
+
+def _weight_files(model_dir: Path) -> dict[str, Path]:
+    """Map tensor name -> safetensors file (handles sharded checkpoints)."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        wm = json.loads(index.read_text())["weight_map"]
+        return {k: model_dir / v for k, v in wm.items()}
+    single = model_dir / "model.safetensors"
+    if single.is_file():
+        with safe_open(str(single), "pt") as f:
+            return {k: single for k in f.keys()}
+    raise CheckpointError(f"base model directory {model_dir} has no safetensors weights")
+
+
+def base_fingerprint(model_dir: str | Path) -> str:
+    """Hash of the architecture-defining config fields and a few weight rows.
+
+    Rows are rounded through bf16 so a bf16 and a float32 save of the same model agree.
+    """
+    model_dir = Path(model_dir)
+    cfg = _read_base_config(model_dir)
+    h = hashlib.sha256()
+    keys = ("architectures", "hidden_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "intermediate_size", "vocab_size")
+    h.update(json.dumps({k: cfg.get(k) for k in keys}, sort_keys=True).encode())
+    files = _weight_files(model_dir)
+    n = cfg.get("num_hidden_layers", 1)
+    probes = ["model.embed_tokens.weight", f"model.layers.{n - 1}.self_attn.o_proj.weight",
+              "model.layers.0.self_attn.q_proj.weight"]
+    for name in probes:
+        if name not in files:
+            continue
+        with safe_open(str(files[name]), "pt") as f:
+            rows = f.get_slice(name)[:4]
+        h.update(name.encode())
+        h.update(rows.to(torch.bfloat16).to(torch.float32).contiguous().numpy().tobytes())
+    return "sha256:" + h.hexdigest()[:32]
+
+
+def base_model_ref(model_dir: str | Path) -> BaseModelRef:
+    model_dir = Path(model_dir)
+    cfg = _read_base_config(model_dir)
+    return BaseModelRef(
+        name_or_path=str(model_dir),
+        architecture=(cfg.get("architectures") or ["?"])[0],
+        num_hidden_layers=cfg["num_hidden_layers"],
+        hidden_size=cfg["hidden_size"],
+        vocab_size=cfg["vocab_size"],
+        fingerprint=base_fingerprint(model_dir),
+    )
+
+
+# --------------------------------------------------------------------------- save / load
+
+def resolve_checkpoint_dir(path: str | Path) -> Path:
+    """Accept a stream checkpoint or a fine-tuned model directory that carries one."""
+    p = Path(path)
+    if (p / STREAMS_SUBDIR / CONFIG_NAME).is_file():
+        return p / STREAMS_SUBDIR
+    return p
+
+
+def save_checkpoint(path: str | Path, config: StreamCheckpointConfig,
+                    tensors: dict[str, torch.Tensor]) -> Path:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if EMBEDDINGS_KEY not in tensors:
+        raise CheckpointError(f"refusing to save a checkpoint without '{EMBEDDINGS_KEY}'")
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
+    (path / CONFIG_NAME).write_text(config.model_dump_json(indent=2) + "\n")
+    return path
+
+
+def load_checkpoint_config(path: str | Path) -> StreamCheckpointConfig:
+    path = resolve_checkpoint_dir(path)
+    if not path.exists():
+        raise CheckpointError(f"stream checkpoint {path} does not exist; train one with "
+                              "`specstream train` or point to the shipped one")
+    cfg_path = path / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise CheckpointError(f"stream checkpoint {path} has no {CONFIG_NAME}; it must hold "
+                              f"{CONFIG_NAME} and {WEIGHTS_NAME} as written by `specstream train`")
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_path} is not valid JSON ({e})") from None
+    if raw.get("model_type") != MODEL_TYPE:
+        raise CheckpointError(
+            f"{cfg_path} is not a specstream checkpoint (model_type={raw.get('model_type')!r}); "
+            "pass the directory written by `specstream train`, not a base model")
+    version = raw.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{cfg_path} has format_version={version!r}, this specstream-vllm reads version "
+            f"{FORMAT_VERSION}; re-export it with a matching specstream-vllm release")
+    try:
+        return StreamCheckpointConfig.model_validate(raw)
+    except ValidationError as e:
+        raise CheckpointError(f"{cfg_path} is malformed:\n{e}") from None
+
+
+def load_checkpoint(path: str | Path, *, base_model_dir: str | Path | None = None,
+                    num_speculative_tokens: int | None = None,
+                    check_fingerprint: bool = True,
+                    ) -> tuple[StreamCheckpointConfig, dict[str, torch.Tensor]]:
+    """Load and validate a checkpoint against the base model it will run on."""
+    path = resolve_checkpoint_dir(path)
+    cfg = load_checkpoint_config(path)
+    wpath = path / WEIGHTS_NAME
+    if not wpath.is_file():
+        raise CheckpointError(f"stream checkpoint {path} has no {WEIGHTS_NAME}")
+    validate_against_base(cfg, base_model_dir, num_speculative_tokens, check_fingerprint)
+    try:
+        tensors = load_file(str(wpath))
+    except Exception as e:  # safetensors raises its own error types
+        raise CheckpointError(f"{wpath} cannot be read as safetensors ({e})") from None
+    emb = tensors.get(EMBEDDINGS_KEY)
+    want = (cfg.num_streams, cfg.base_model.hidden_size)
+    if emb is None or tuple(emb.shape) != want:
+        raise CheckpointError(
+            f"{wpath}: '{EMBEDDINGS_KEY}' has shape {None if emb is None else tuple(emb.shape)}, "
+            f"config says {want}")
+    return cfg, tensors
+
+
+def validate_against_base(cfg: StreamCheckpointConfig, base_model_dir: str | Path | None,
+                          num_speculative_tokens: int | None = None,
+                          check_fingerprint: bool = True) -> None:
+    if num_speculative_tokens is not None:
+        if num_speculative_tokens < 1:
+            raise CheckpointError("num_speculative_tokens must be >= 1")
+        if num_speculative_tokens > cfg.num_streams:
+            raise CheckpointError(
+                f"num_speculative_tokens={num_speculative_tokens} but the checkpoint has only "
+                f"{cfg.num_streams} trained streams; ask for <= {cfg.num_streams} or train more "
+                "streams (recipe field `num_streams`)")
+    if base_model_dir is None:
+        return
+    base_dir = Path(base_model_dir)
+    if not (base_dir / "config.json").is_file():
+        return  # a hub name we cannot read here; the architecture check happens in vLLM
+    ref = base_model_ref(base_dir) if check_fingerprint else None
+    base_cfg = _read_base_config(base_dir)
+    if cfg.num_stream_layers > base_cfg.get("num_hidden_layers", 0):
+        raise CheckpointError(
+            f"checkpoint uses num_stream_layers={cfg.num_stream_layers} but base model {base_dir} "
+            f"has only {base_cfg.get('num_hidden_layers')} layers")
+    if ref is not None and ref.fingerprint != cfg.base_model.fingerprint:
+        raise BaseModelMismatchError(
+            f"stream checkpoint was trained for base model '{cfg.base_model.name_or_path}' "
+            f"({cfg.base_model.architecture}, {cfg.base_model.num_hidden_layers} layers, "
+            f"fingerprint {cfg.base_model.fingerprint}) but is being loaded on '{base_dir}' "
+            f"(fingerprint {ref.fingerprint}); serve the base model it was trained for or train "
+            "streams for this model with `specstream train --base-model ...`")

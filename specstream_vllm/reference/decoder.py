@@ -1,0 +1,127 @@
+"""Reference greedy speculative decoder (single chain, batch 1).
+
+Readable rather than fast: every step is one full forward of the model over the
+sequence plus the current draft. That forward both verifies the draft (longest
+matching prefix plus the bonus token) and, through the streams at the last accepted
+position, produces the next draft -- the same schedule the vLLM proposer follows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .streams import StreamParams, main_pass, stream_logits
+
+
+@dataclass
+class AcceptanceStats:
+    """Counters in vLLM's terms: a draft is one proposal of γ tokens for one step."""
+
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)
+
+    def record(self, gamma: int, accepted: int) -> None:
+        if len(self.accepted_per_position) < gamma:
+            self.accepted_per_position += [0] * (gamma - len(self.accepted_per_position))
+        self.num_drafts += 1
+        self.num_draft_tokens += gamma
+        self.num_accepted += accepted
+        for i in range(accepted):
+            self.accepted_per_position[i] += 1
+
+    def merge(self, other: "AcceptanceStats") -> None:
+        n = max(len(self.accepted_per_position), len(other.accepted_per_position))
+        a = self.accepted_per_position + [0] * (n - len(self.accepted_per_position))
+        b = other.accepted_per_position + [0] * (n - len(other.accepted_per_position))
+        self.accepted_per_position = [x + y for x, y in zip(a, b)]
+        self.num_drafts += other.num_drafts
+        self.num_draft_tokens += other.num_draft_tokens
+        self.num_accepted += other.num_accepted
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """Tokens per target forward in steady state, bonus token included (vLLM's figure)."""
+        return 1.0 + self.num_accepted / max(self.num_drafts, 1)
+
+    @property
+    def per_position_acceptance(self) -> list[float]:
+        return [a / max(self.num_drafts, 1) for a in self.accepted_per_position]
+
+    def as_dict(self) -> dict:
+        return {"num_drafts": self.num_drafts, "num_draft_tokens": self.num_draft_tokens,
+                "num_accepted_tokens": self.num_accepted,
+                "mean_acceptance_length": round(self.mean_acceptance_length, 4),
+                "per_position_acceptance": [round(x, 4) for x in self.per_position_acceptance]}
+
+
+@torch.no_grad()
+def draft_tokens(model, params: StreamParams, input_ids: torch.Tensor, anchor: int,
+                 gamma: int, main=None) -> torch.Tensor:
+    """Top-1 chain of the streams at main position ``anchor`` of ``input_ids`` [1, T]."""
+    if main is None:
+        main = main_pass(model, input_ids, params.layer_ids, with_logits=False)
+    anchors = torch.tensor([[anchor]], device=input_ids.device)
+    return stream_logits(model, params, main, anchors, gamma)[0, 0].argmax(-1)
+
+
+@torch.no_grad()
+def speculative_generate(model, params: StreamParams, input_ids: torch.Tensor,
+                         max_new_tokens: int, gamma: int,
+                         eos_token_id: int | None = None) -> tuple[list[int], AcceptanceStats]:
+    """Greedy speculative decoding; returns the new tokens and acceptance counters."""
+    assert input_ids.shape[0] == 1, "the reference decoder runs one sequence"
+    if gamma > params.num_streams:
+        raise ValueError(f"gamma={gamma} exceeds the {params.num_streams} trained streams")
+    stats = AcceptanceStats()
+    seq = input_ids[0].tolist()
+    out: list[int] = []
+    draft: list[int] = []
+    dev = input_ids.device
+    while len(out) < max_new_tokens:
+        ids = torch.tensor([seq + draft], device=dev)
+        main = main_pass(model, ids, params.layer_ids)
+        n0 = len(seq)
+        # main prediction after seq[-1], after each draft token
+        preds = main.logits[0, n0 - 1:].argmax(-1).tolist()
+        accepted = 0
+        while accepted < len(draft) and draft[accepted] == preds[accepted]:
+            accepted += 1
+        if draft:
+            stats.record(len(draft), accepted)
+        new = draft[:accepted] + [preds[accepted]]
+        anchor = n0 - 1 + accepted  # last position whose main output we keep
+        stop = False
+        for tok in new:
+            out.append(tok)
+            if (eos_token_id is not None and tok == eos_token_id) or len(out) >= max_new_tokens:
+                stop = True
+                break
+        if stop:
+            break
+        seq = seq + new
+        draft = draft_tokens(model, params, ids, anchor, gamma, main).tolist()
+    return out, stats
+
+
+def simulate_chain_acceptance(stream_preds: torch.Tensor, tokens: list[int], prompt_len: int,
+                              gamma: int, stats: AcceptanceStats | None = None) -> AcceptanceStats:
+    """Replay greedy chain decoding over a known greedy continuation.
+
+    ``stream_preds[t, j-1]`` is stream j's top-1 at anchor t of ``tokens`` (prompt plus the
+    model's own greedy answer). Because the answer is what greedy decoding produces, the
+    accepted length of every step is fixed by these predictions alone, so one forward
+    over the whole sequence measures acceptance exactly as step-by-step decoding would.
+    """
+    stats = stats or AcceptanceStats()
+    n = len(tokens)
+    t = prompt_len - 1  # the prefill's output gives tokens[prompt_len]; streams at t draft the rest
+    while t + 1 + gamma < n:
+        acc = 0
+        while acc < gamma and int(stream_preds[t, acc]) == tokens[t + 2 + acc]:
+            acc += 1
+        stats.record(gamma, acc)
+        t += acc + 1
+    return stats
