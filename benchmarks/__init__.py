@@ -1,0 +1,1 @@
+"""Benchmark harness for speculative-decoding methods in vLLM (run: python -m benchmarks.run)."""

@@ -1,0 +1,101 @@
+"""The compared methods: each is a name and a vLLM ``speculative_config`` (None = no speculation).
+
+Adding a method means adding one branch to :func:`build_methods`; nothing else in the harness
+knows about particular methods.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ALL_METHODS = ("baseline", "ngram", "suffix", "medusa", "specstream")
+DEFAULT_METHODS = ALL_METHODS
+
+
+@dataclass
+class Method:
+    """A method to benchmark; ``skip_reason`` set means it cannot run in this configuration."""
+
+    name: str
+    speculative_config: dict[str, Any] | None
+    weights_dir: str | None = None  # where its extra parameters live (for counting)
+    skip_reason: str | None = None
+    extra_params: int | None = field(default=None)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "speculative_config": self.speculative_config,
+                "weights_dir": self.weights_dir, "skip_reason": self.skip_reason,
+                "extra_params": self.extra_params}
+
+
+def count_safetensors_params(path: str | Path) -> int:
+    """Number of parameters in a safetensors file or in every ``*.safetensors`` of a folder."""
+    from safetensors import safe_open
+
+    p = Path(path)
+    files = sorted(p.glob("*.safetensors")) if p.is_dir() else [p]
+    if not files:
+        raise FileNotFoundError(f"no .safetensors under {p}")
+    total = 0
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            for key in fh.keys():
+                n = 1
+                for d in fh.get_slice(key).get_shape():
+                    n *= int(d)
+                total += n
+    return total
+
+
+def _medusa_heads(path: Path, default: int) -> int:
+    cfg = path / "config.json"
+    if cfg.is_file():
+        data = json.loads(cfg.read_text())
+        for key in ("medusa_num_heads", "num_heads", "num_speculative_tokens"):
+            if isinstance(data.get(key), int):
+                return int(data[key])
+    return default
+
+
+def build_methods(names: list[str], medusa: str | None = None, streams: str | None = None,
+                  specstream_k: int = 4, medusa_k: int | None = None,
+                  suffix_k: int = 8) -> list[Method]:
+    """Build the requested methods; a method whose weights are missing gets ``skip_reason``."""
+    out: list[Method] = []
+    for name in names:
+        if name == "baseline":
+            m = Method(name, None)
+        elif name == "ngram":
+            m = Method(name, {"method": "ngram", "num_speculative_tokens": 4,
+                              "prompt_lookup_min": 2, "prompt_lookup_max": 4})
+        elif name == "suffix":
+            m = Method(name, {"method": "suffix", "num_speculative_tokens": suffix_k})
+        elif name == "medusa":
+            m = _weights_method(name, "medusa", medusa, "--medusa HEADS_DIR", medusa_k, 4)
+        elif name == "specstream":
+            m = _weights_method(name, "specstream", streams, "--streams STREAMS_DIR",
+                                specstream_k, specstream_k)
+        else:
+            raise ValueError(f"unknown method {name!r}; known: {', '.join(ALL_METHODS)}")
+        out.append(m)
+    return out
+
+
+def _weights_method(name: str, method: str, path: str | None, flag: str,
+                    k: int | None, default_k: int) -> Method:
+    if not path:
+        return Method(name, None, skip_reason=f"not given: pass {flag}")
+    p = Path(path).expanduser().resolve()
+    if not p.is_dir():
+        return Method(name, None, skip_reason=f"{p} is not a directory")
+    if k is None:
+        k = _medusa_heads(p, default_k) if method == "medusa" else default_k
+    m = Method(name, {"method": method, "model": str(p), "num_speculative_tokens": k},
+               weights_dir=str(p))
+    try:
+        m.extra_params = count_safetensors_params(p)
+    except (FileNotFoundError, OSError, ValueError) as exc:
+        m.skip_reason = f"cannot read weights in {p}: {exc}"
+    return m

@@ -1,0 +1,169 @@
+"""Architecture-independent parts of the Multi-Stream Attention (MSA) vLLM models.
+
+The MSA model *is* the served target model (same weights, same KV cache) plus:
+
+* ``stream_embeddings`` ``[γ, d]``: the e_j of the paper, replicated on every rank;
+* an optional stream-only LoRA on the top N_s layers, stored already sharded the
+  way vLLM shards the base linear it corrects (column-parallel: B rows of this
+  rank; row-parallel: A columns of this rank, the rank-r partial is all-reduced);
+* the hidden state entering layer ``L - N_s`` as an auxiliary output of the main
+  forward (vLLM's EAGLE-3 mechanism), which the proposer turns into stream inputs.
+
+Settings reach the model through ``hf_config.specstream`` (set by the config patch
+in the front-end process); the stream tensors are read from the checkpoint in
+``load_weights`` after the base weights.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from specstream_vllm.checkpoint import EMBEDDINGS_KEY, load_checkpoint
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    checkpoint: str
+    num_streams: int
+    num_stream_layers: int
+    num_layers: int
+    lora_rank: int = 0
+    lora_scaling: float = 1.0
+    lora_targets: tuple[str, ...] = ()
+
+    @property
+    def first_layer(self) -> int:
+        return self.num_layers - self.num_stream_layers
+
+    @classmethod
+    def from_hf_config(cls, hf_config) -> "StreamSettings":
+        raw = getattr(hf_config, "specstream", None)
+        if not raw:
+            raise RuntimeError("the SpecStream model class was selected without stream settings; "
+                               "use speculative_config={'method': 'specstream', ...}")
+        raw = dict(raw)
+        raw["lora_targets"] = tuple(raw.get("lora_targets") or ())
+        return cls(**raw)
+
+
+def _tp() -> tuple[int, int]:
+    from vllm.distributed import (get_tensor_model_parallel_rank,
+                                  get_tensor_model_parallel_world_size)
+    return get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+
+
+def _all_reduce(x: torch.Tensor) -> torch.Tensor:
+    from vllm.distributed import tensor_model_parallel_all_reduce
+    return tensor_model_parallel_all_reduce(x)
+
+
+class ShardedLoRA(nn.Module):
+    """``y += scale * (x @ A^T) @ B^T`` matching the TP layout of one vLLM linear.
+
+    ``out_slices`` lists, for a fused column-parallel output (qkv, gate_up), the
+    (full-B row range) that lands in this rank's output, in output order; for a
+    row-parallel linear ``in_slice`` is this rank's input range and the rank-r
+    partial product is all-reduced before B.
+    """
+
+    def __init__(self, rank: int, scaling: float, in_features: int,
+                 out_slices: list[tuple[str, int, int]] | None = None,
+                 in_slice: tuple[int, int] | None = None, full_out: int = 0):
+        super().__init__()
+        self.scaling = scaling
+        self.out_slices = out_slices
+        self.in_slice = in_slice
+        a_in = in_features if in_slice is None else in_slice[1] - in_slice[0]
+        self.register_buffer("A", torch.zeros(rank, a_in), persistent=False)
+        b_out = full_out if out_slices is None else sum(e - s for _, s, e in out_slices)
+        self.register_buffer("B", torch.zeros(b_out, rank), persistent=False)
+        self.present = False
+
+    def load(self, parts: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """``parts[name] = (A [r, in_full], B [out_full, r])`` for each fused member."""
+        dev, dt = self.A.device, self.A.dtype
+        if self.out_slices is not None:  # column parallel, possibly fused (qkv, gate_up)
+            names = [n for n, _, _ in self.out_slices if n in parts]
+            r = parts[names[0]][0].shape[0]
+            A = torch.cat([parts[n][0] for n in names], 0)  # [r * members, in]
+            B = torch.zeros(sum(e - s for _, s, e in self.out_slices), r * len(names))
+            row = 0
+            for name, s, e in self.out_slices:  # block-diagonal: member k uses A rows k*r..
+                if name in parts:
+                    k = names.index(name)
+                    B[row:row + e - s, k * r:(k + 1) * r] = parts[name][1][s:e]
+                row += e - s
+            self.A = A.to(dev, dt)
+            self.B = B.to(dev, dt)
+        else:  # row parallel, single member
+            (a, b), = parts.values()
+            if self.in_slice is not None:
+                a = a[:, self.in_slice[0]:self.in_slice[1]]
+            self.A = a.to(dev, dt).contiguous()
+            self.B = b.to(dev, dt).contiguous()
+        self.present = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x @ self.A.t()
+        if self.in_slice is not None:
+            h = _all_reduce(h)
+        return (h @ self.B.t()) * self.scaling
+
+
+class MSAMixin:
+    """Mixed into a vLLM ``*ForCausalLM`` (before it in the MRO)."""
+
+    stream_settings: StreamSettings
+
+    def _init_streams(self, vllm_config) -> None:
+        cfg = vllm_config.model_config.hf_config
+        self.stream_settings = s = StreamSettings.from_hf_config(cfg)
+        dtype = vllm_config.model_config.dtype
+        self.register_buffer("stream_embeddings",
+                             torch.zeros(s.num_streams, cfg.hidden_size, dtype=dtype),
+                             persistent=False)
+        self.stream_lora = nn.ModuleDict()
+        if s.lora_rank:
+            for li in range(s.first_layer, s.num_layers):
+                for key, mod in self._lora_modules_for_layer(cfg, li, s).items():
+                    self.stream_lora[key] = mod.to(dtype)
+        self.model._set_aux_hidden_state_layers((s.first_layer,))
+
+    # ---- vLLM's EAGLE-3 aux-hidden-state interface: always our one layer ----
+    def set_aux_hidden_state_layers(self, layers) -> None:
+        self.model._set_aux_hidden_state_layers((self.stream_settings.first_layer,))
+
+    def get_eagle3_default_aux_hidden_state_layers(self) -> tuple[int, ...]:
+        return (self.stream_settings.first_layer,)
+
+    def get_eagle3_aux_hidden_state_layers(self) -> tuple[int, ...]:
+        return (self.stream_settings.first_layer,)
+
+    def _load_streams(self) -> None:
+        s = self.stream_settings
+        _, tensors = load_checkpoint(s.checkpoint, check_fingerprint=False)
+        emb = tensors[EMBEDDINGS_KEY][: s.num_streams]
+        self.stream_embeddings.copy_(emb.to(self.stream_embeddings.dtype))
+        groups: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+        for li in range(s.first_layer, s.num_layers):
+            for name in s.lora_targets:
+                key = self._lora_key(li, name)
+                a = tensors[f"layers.{li}.{name}.lora_A"]
+                b = tensors[f"layers.{li}.{name}.lora_B"]
+                groups.setdefault(key, {})[name] = (a, b)
+        for key, parts in groups.items():
+            self.stream_lora[key].load(parts)
+
+    def stream_lora_delta(self, layer: int, fused: str, x: torch.Tensor) -> torch.Tensor | None:
+        key = f"{layer}_{fused}"
+        mod = self.stream_lora[key] if key in self.stream_lora else None
+        return mod(x) if mod is not None else None
+
+    # family modules implement these two
+    def _lora_key(self, layer: int, name: str) -> str:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _lora_modules_for_layer(self, cfg, layer: int, s: StreamSettings) -> dict[str, nn.Module]:
+        raise NotImplementedError  # pragma: no cover

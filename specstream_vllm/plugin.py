@@ -1,0 +1,32 @@
+"""vLLM general-plugin entry point (group ``vllm.general_plugins``).
+
+vLLM calls ``register()`` in every process it starts (front end, engine core,
+workers, Ray workers), possibly several times: it must be idempotent and cheap,
+and it changes nothing for models or methods that do not use ``specstream``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+logger = logging.getLogger("specstream_vllm")
+_REGISTERED = False
+
+
+def register() -> None:
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    if os.environ.get("SPECSTREAM_DISABLE_PLUGIN") == "1":
+        return
+    from .vllm_integration import compat
+
+    compat.check_vllm_version()
+    compat.register_models()
+    compat.apply_patches()
+    _REGISTERED = True
+    logger.debug("specstream plugin registered (pid %s)", os.getpid())
+
+
+def is_registered() -> bool:
+    return _REGISTERED

@@ -1,0 +1,28 @@
+"""Create an untrained stream checkpoint for a base model (tests, smoke runs)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig
+
+from ..checkpoint import LoraSpec, StreamCheckpointConfig, base_model_ref, save_checkpoint
+from .streams import StreamParams, check_architecture
+
+
+def init_checkpoint(base_model_dir: str | Path, out_dir: str | Path, *, num_streams: int = 4,
+                    num_stream_layers: int = 4, lora: LoraSpec | None = None, seed: int = 0,
+                    init_std: float = 0.02, random_lora_b: bool = False) -> Path:
+    """Random stream embeddings (and LoRA; B zero unless ``random_lora_b``)."""
+    cfg = AutoConfig.from_pretrained(str(base_model_dir))
+    check_architecture(cfg)
+    torch.manual_seed(seed)
+    params = StreamParams(cfg, num_streams, num_stream_layers, lora, init_std=init_std)
+    if random_lora_b:
+        with torch.no_grad():
+            for b in params.lora_B.values():
+                b.normal_(0, 0.02)
+    ckpt = StreamCheckpointConfig(
+        num_streams=num_streams, num_stream_layers=num_stream_layers, lora=lora,
+        base_model=base_model_ref(base_model_dir), training={"untrained": True, "seed": seed})
+    return save_checkpoint(out_dir, ckpt, params.state_tensors())

@@ -1,0 +1,411 @@
+"""Stream trainer (Eq. 5 of the paper) over self-distilled sequences.
+
+Lossless mode: the base model is frozen; the only trainable tensors are the stream
+embeddings and the stream-only LoRA (:class:`StreamParams`), and alpha0 = 0. The main
+pass runs under ``no_grad`` and its stream-layer inputs can be cached in RAM across
+epochs; stream positions are subsampled per sequence; the LM head + loss is chunked.
+
+Fine-tuned mode: one peft LoRA shared by main and streams, alpha0 = 1, alpha_j = 0.1;
+at the end the LoRA is merged and a full model directory is saved with the streams in
+its ``specstream/`` subfolder.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from ..checkpoint import (STREAMS_SUBDIR, StreamCheckpointConfig, base_model_ref,
+                          save_checkpoint)
+from ..reference.streams import (MainPass, StreamParams, capture_layer_inputs, check_architecture,
+                                 decoder_of, stream_logits, unwrap_causal_lm)
+from .data import Example
+from .losses import chunked_lm_loss
+from .recipe import Recipe, dump_recipe
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+STATE_NAME = "trainer_state.pt"
+
+
+# --------------------------------------------------------------------------- data
+
+@dataclass
+class Seq:
+    ids: torch.Tensor  # [T]
+    prompt_len: int
+
+    @property
+    def length(self) -> int:
+        return int(self.ids.shape[0])
+
+
+def to_sequences(examples: list[Example], seq_len: int) -> list[Seq]:
+    """Prompt + self-distilled response, cut to ``seq_len``; drops sequences without at
+    least one anchor (an anchor t >= prompt_len - 1 needs x_{t+2})."""
+    out = []
+    for ex in examples:
+        toks = ex.tokens[:seq_len]
+        p = len(ex.prompt_ids)
+        if p < 1 or len(toks) < p + 2:
+            continue
+        out.append(Seq(torch.tensor(toks, dtype=torch.long), p))
+    return out
+
+
+def epoch_batches(seqs: list[Seq], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Shuffled batches of similar-length sequences (less padding), deterministic per epoch."""
+    g = torch.Generator().manual_seed(seed * 7919 + epoch)
+    perm = torch.randperm(len(seqs), generator=g).tolist()
+    group = batch_size * 16
+    batches = []
+    for s in range(0, len(perm), group):
+        chunk = sorted(perm[s:s + group], key=lambda i: seqs[i].length)
+        batches += [chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size)]
+    order = torch.randperm(len(batches), generator=g).tolist()
+    return [batches[i] for i in order]
+
+
+def sample_anchors(seqs: list[Seq], num: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, A]`` anchor positions on response tokens and their validity mask."""
+    anchors, valid = [], []
+    for s in seqs:
+        cand = torch.arange(s.prompt_len - 1, s.length - 2)
+        if cand.numel() > num:
+            cand = cand[torch.randperm(cand.numel(), generator=g)[:num]].sort().values
+        k = cand.numel()
+        pad = num - k if cand.numel() < num else 0
+        anchors.append(torch.cat([cand, cand[:1].repeat(pad)]) if pad else cand)
+        valid.append(torch.cat([torch.ones(k, dtype=torch.bool), torch.zeros(pad, dtype=torch.bool)]))
+    A = max(a.numel() for a in anchors)
+    return torch.stack([a[:A] for a in anchors]), torch.stack([v[:A] for v in valid])
+
+
+# --------------------------------------------------------------------------- model
+
+def load_base_model(base_dir: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtype)
+    check_architecture(model.config)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def run_main(model, ids: torch.Tensor, mask: torch.Tensor | None, layer_ids,
+             need_final: bool) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
+    """Inputs of the stream layers and (optionally) the final-normed hidden states."""
+    with capture_layer_inputs(model, layer_ids) as store:
+        out = decoder_of(model)(input_ids=ids, attention_mask=mask, use_cache=False)
+    return dict(store), (out.last_hidden_state if need_final else None)
+
+
+class MainCache:
+    """Per-sequence main-pass results, computed on first use and kept if they fit."""
+
+    def __init__(self, model, layer_ids, need_final: bool, enabled: bool):
+        self.model, self.layer_ids, self.need_final = model, list(layer_ids), need_final
+        self.enabled = enabled
+        self.store: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    @torch.no_grad()
+    def batch(self, idx: list[int], seqs: list[Seq]) -> tuple[MainPass, torch.Tensor | None]:
+        missing = [i for i in idx if i not in self.store]
+        fresh: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        if missing:
+            ids, mask = pad_ids([seqs[i] for i in missing])
+            layers, final = run_main(self.model, ids, mask, self.layer_ids, self.need_final)
+            stacked = torch.stack([layers[li] for li in self.layer_ids], dim=2)  # [B,T,L,d]
+            for k, i in enumerate(missing):
+                n = seqs[i].length
+                fresh[i] = (stacked[k, :n].clone(), None if final is None else final[k, :n].clone())
+            if self.enabled:
+                self.store.update(fresh)
+        got = [self.store[i] if i in self.store else fresh[i] for i in idx]
+        T = max(g[0].shape[0] for g in got)
+        L, d = got[0][0].shape[1:]
+        lay = got[0][0].new_zeros(len(idx), T, L, d)
+        fin = None if got[0][1] is None else got[0][1].new_zeros(len(idx), T, d)
+        for k, (x, f) in enumerate(got):
+            lay[k, :x.shape[0]] = x
+            if fin is not None:
+                fin[k, :f.shape[0]] = f
+        pos = torch.arange(T).unsqueeze(0).expand(len(idx), T)
+        main = MainPass(None, {li: lay[:, :, j] for j, li in enumerate(self.layer_ids)}, pos)
+        return main, fin
+
+
+def pad_ids(seqs: list[Seq]) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(s.length for s in seqs)
+    ids = torch.zeros(len(seqs), T, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for k, s in enumerate(seqs):
+        ids[k, :s.length] = s.ids
+        mask[k, :s.length] = 1
+    return ids, mask
+
+
+# --------------------------------------------------------------------------- trainer
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    checkpoint_dir: Path
+    steps: int
+    seconds: float
+    final_loss: float
+    stream_params: int
+    history: list[dict]
+
+
+def _lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+    return f
+
+
+def _param_count(params: StreamParams) -> int:
+    return sum(p.numel() for p in params.parameters())
+
+
+def train(recipe: Recipe, examples: list[Example] | None = None, *, resume: bool = False,
+          generator=None, log: Callable[[str], None] = print, progress: bool = True,
+          base_dir: Path | None = None) -> TrainResult:
+    """Train streams per ``recipe``. ``examples`` defaults to the cached/generated
+    self-distilled ShareGPT train set."""
+    from tqdm.auto import tqdm
+
+    t_start = time.time()
+    if recipe.num_threads:
+        torch.set_num_threads(recipe.num_threads)
+    base_dir = Path(base_dir) if base_dir else recipe.resolve_base_model()
+    if examples is None:
+        from .data import build_sets
+        examples = build_sets(base_dir, recipe.data, ["train"], generator=generator, log=log)["train"]
+    seqs = to_sequences(examples, recipe.seq_len)
+    if not seqs:
+        raise ValueError("no usable training sequences (each needs a prompt and >= 2 response tokens)")
+    out_dir = Path(recipe.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dump_recipe(recipe, out_dir / "recipe.yaml")
+
+    torch.manual_seed(recipe.seed)
+    model = load_base_model(base_dir, _DTYPES[recipe.dtype])
+    cfg = model.config
+    if recipe.num_stream_layers > cfg.num_hidden_layers:
+        raise ValueError(f"num_stream_layers={recipe.num_stream_layers} exceeds the model's "
+                         f"{cfg.num_hidden_layers} layers")
+    finetuned = recipe.mode == "finetuned"
+    if finetuned:
+        from peft import LoraConfig, get_peft_model
+        model = get_peft_model(model, LoraConfig(
+            r=recipe.lora.rank, lora_alpha=recipe.lora.alpha,
+            target_modules=list(recipe.lora.target_modules), lora_dropout=0.0, bias="none"))
+        params = StreamParams(cfg, recipe.num_streams, recipe.num_stream_layers, None)
+    else:
+        params = StreamParams(cfg, recipe.num_streams, recipe.num_stream_layers, recipe.lora)
+    params.to(torch.float32)
+    trainable = list(params.parameters())
+    if finetuned:
+        trainable += [p for p in model.parameters() if p.requires_grad]
+    n_stream = _param_count(params)
+    n_trainable = sum(p.numel() for p in trainable)
+    log(f"[train] {len(seqs)} sequences, {sum(s.length for s in seqs)} tokens; mode={recipe.mode}; "
+        f"stream params {n_stream:,}; trainable {n_trainable:,}")
+
+    emb = [params.stream_embeddings]
+    rest = [p for p in trainable if p is not params.stream_embeddings]
+    opt = torch.optim.AdamW([{"params": emb, "lr": recipe.embedding_lr or recipe.lr},
+                             {"params": rest, "lr": recipe.lr}],
+                            lr=recipe.lr, weight_decay=recipe.weight_decay)
+    steps_per_epoch = math.ceil(len(seqs) / recipe.batch_size)
+    total = math.ceil(recipe.epochs * steps_per_epoch)
+    if recipe.max_steps:
+        total = min(total, recipe.max_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(recipe.warmup_steps, total))
+
+    step, elapsed_before, history = 0, 0.0, []
+    state_path = out_dir / STATE_NAME
+    if resume and state_path.is_file():
+        st = torch.load(state_path, weights_only=False)
+        params.load_state_dict(st["params"])
+        if finetuned and st.get("peft") is not None:
+            from peft import set_peft_model_state_dict
+            set_peft_model_state_dict(model, st["peft"])
+        opt.load_state_dict(st["opt"])
+        sched.load_state_dict(st["sched"])
+        step, elapsed_before, history = st["step"], st["elapsed"], st.get("history", [])
+        log(f"[train] resumed from {state_path} at step {step}")
+
+    # main-pass cache across epochs (lossless only: the main pass does not change)
+    layer_ids = list(params.layer_ids)
+    d = cfg.hidden_size
+    per_tok = (len(layer_ids) + (1 if recipe.distill else 0)) * d * model.dtype.itemsize
+    est_gib = sum(s.length for s in seqs) * per_tok / 2 ** 30
+    use_cache = recipe.cache_main_pass and not finetuned and recipe.epochs > 1 and est_gib <= recipe.cache_max_gib
+    log(f"[train] main-pass cache {'on' if use_cache else 'off'} (~{est_gib:.2f} GiB needed)")
+    cache = MainCache(model, layer_ids, recipe.distill, use_cache) if not finetuned else None
+
+    weights = recipe.stream_weights()
+    alpha0 = recipe.main_weight()
+    lm_weight = unwrap_causal_lm(model).lm_head.weight
+    vocab_map = None
+    if recipe.train_vocab == "data" and not finetuned:
+        vocab = torch.unique(torch.cat([s.ids[s.prompt_len:] for s in seqs]))
+        vocab_map = torch.full((lm_weight.shape[0],), -1, dtype=torch.long)
+        vocab_map[vocab] = torch.arange(vocab.numel())
+        lm_weight = lm_weight[vocab].contiguous()
+        log(f"[train] training softmax over the {vocab.numel():,} tokens of the training responses")
+    g = recipe.num_streams
+    bar = tqdm(total=total, initial=step, disable=not progress, dynamic_ncols=True, desc="train")
+    ema_loss, ema_acc = None, [None] * g
+    budget = recipe.time_budget_minutes * 60 if recipe.time_budget_minutes else None
+    stopped_early = False
+    t_loop = time.time()
+    log_f = open(out_dir / "train_log.jsonl", "a")
+
+    def save_state():
+        st = {"step": step, "params": params.state_dict(), "opt": opt.state_dict(),
+              "sched": sched.state_dict(), "elapsed": elapsed_before + time.time() - t_loop,
+              "history": history}
+        if finetuned:
+            from peft import get_peft_model_state_dict
+            st["peft"] = get_peft_model_state_dict(model)
+        tmp = state_path.with_suffix(".tmp")
+        torch.save(st, tmp)
+        os.replace(tmp, state_path)
+
+    while step < total:
+        epoch, k = divmod(step, steps_per_epoch)
+        idx = epoch_batches(seqs, recipe.batch_size, recipe.seed, epoch)[k]
+        bseqs = [seqs[i] for i in idx]
+        rng = torch.Generator().manual_seed(recipe.seed * 1_000_003 + step)
+        anchors, avalid = sample_anchors(bseqs, recipe.anchors_per_seq, rng)
+        lens = torch.tensor([s.length for s in bseqs])
+        ids, mask = pad_ids(bseqs)
+        main_loss = torch.zeros(())
+        if finetuned:
+            model.train()
+            layers, final = run_main(model, ids, mask, layer_ids, True)
+            main = MainPass(None, layers, torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids))
+            # main stream: position t predicts x_{t+1}, on response tokens only
+            T = ids.shape[1]
+            t = torch.arange(T - 1)
+            plen = torch.tensor([s.prompt_len for s in bseqs])
+            ok = (t[None] >= plen[:, None] - 1) & (t[None] < lens[:, None] - 1)
+            w = ok.float() / ok.sum().clamp(min=1)
+            ml, _ = chunked_lm_loss(final[:, :-1].reshape(-1, d), lm_weight,
+                                    ids[:, 1:].reshape(-1), w.reshape(-1), recipe.lm_head_chunk)
+            main_loss = alpha0 * ml
+        else:
+            main, final = cache.batch(idx, seqs)
+        hidden = stream_logits(model, params, main, anchors, g, return_hidden=True)  # [B,A,g,d]
+        B, A = anchors.shape
+        js = torch.arange(1, g + 1)
+        lab_pos = anchors[:, :, None] + 1 + js  # [B,A,g]
+        valid = avalid[:, :, None] & (lab_pos < lens[:, None, None])
+        lab_pos_c = torch.minimum(lab_pos, (lens - 1)[:, None, None])
+        labels = torch.gather(ids, 1, lab_pos_c.reshape(B, -1)).reshape(B, A, g)
+        if vocab_map is not None:
+            labels = vocab_map[labels]
+            valid = valid & (labels >= 0)
+            labels = labels.clamp(min=0)
+        counts = valid.sum(dim=(0, 1)).clamp(min=1).float()  # per stream
+        wts = valid.float() * (torch.tensor(weights) / counts)[None, None, :]
+        target_h = None
+        if recipe.distill:
+            tpos = torch.minimum(anchors[:, :, None] + js, (lens - 1)[:, None, None])
+            bidx = torch.arange(B)[:, None, None].expand_as(tpos)
+            target_h = final[bidx, tpos].reshape(-1, d)
+        sl, correct = chunked_lm_loss(hidden.reshape(-1, d), lm_weight, labels.reshape(-1),
+                                      wts.reshape(-1), recipe.lm_head_chunk, target_h)
+        loss = sl + main_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if recipe.grad_clip:
+            torch.nn.utils.clip_grad_norm_(trainable, recipe.grad_clip)
+        opt.step()
+        sched.step()
+        step += 1
+        if budget is not None and recipe.schedule_by_time:
+            frac = (elapsed_before + time.time() - t_loop) / budget
+            tf = max(0.0, 1.0 - frac) if step >= recipe.warmup_steps else 1.0
+            for grp, base_lr in zip(opt.param_groups, sched.base_lrs):
+                grp["lr"] = min(grp["lr"], base_lr * tf)
+
+        correct = correct.reshape(B, A, g)
+        acc = [(correct[..., j][valid[..., j]].mean().item() if valid[..., j].any() else float("nan"))
+               for j in range(g)]
+        lv = loss.item()
+        ema_loss = lv if ema_loss is None else 0.9 * ema_loss + 0.1 * lv
+        ema_acc = [a if e is None else (e if math.isnan(a) else 0.9 * e + 0.1 * a)
+                   for a, e in zip(acc, ema_acc)]
+        bar.update(1)
+        bar.set_postfix(loss=f"{ema_loss:.3f}", acc="/".join(f"{a:.2f}" for a in ema_acc),
+                        refresh=False)
+        rec = {"step": step, "loss": round(lv, 5), "acc": [round(a, 4) for a in acc],
+               "lr": sched.get_last_lr()[0], "time": round(elapsed_before + time.time() - t_loop, 1)}
+        log_f.write(json.dumps(rec) + "\n")
+        if step % recipe.log_every == 0 or step == total:
+            history.append({"step": step, "loss_ema": round(ema_loss, 5),
+                            "acc_ema": [round(a, 4) for a in ema_acc], "time": rec["time"]})
+            log_f.flush()
+        if step % recipe.checkpoint_every == 0 and step < total:
+            save_state()
+            _export(recipe, model, params, base_dir, out_dir, step, history, n_stream,
+                    elapsed_before + time.time() - t_loop, final=False)
+        if budget is not None and elapsed_before + time.time() - t_loop > budget:
+            log(f"[train] time budget of {recipe.time_budget_minutes} min reached at step {step}/{total}")
+            stopped_early = True
+            break
+    bar.close()
+    log_f.close()
+    seconds = elapsed_before + time.time() - t_loop
+    save_state()
+    ckpt = _export(recipe, model, params, base_dir, out_dir, step, history, n_stream, seconds,
+                   final=True, stopped_early=stopped_early, total_steps=total,
+                   wall=time.time() - t_start)
+    log(f"[train] done: {step} steps in {seconds / 60:.1f} min; checkpoint {ckpt}")
+    return TrainResult(out_dir, ckpt, step, seconds, ema_loss or float("nan"), n_stream, history)
+
+
+def _export(recipe: Recipe, model, params: StreamParams, base_dir: Path, out_dir: Path, step: int,
+            history: list[dict], n_stream: int, seconds: float, final: bool,
+            stopped_early: bool = False, total_steps: int | None = None,
+            wall: float | None = None) -> Path:
+    meta = {"recipe": recipe.model_dump(mode="json"), "steps": step, "total_steps": total_steps,
+            "train_seconds": round(seconds, 1), "wall_seconds": None if wall is None else round(wall, 1),
+            "stream_parameters": n_stream, "final": final, "stopped_early": stopped_early,
+            "last": history[-1] if history else None, "torch": torch.__version__}
+    if recipe.mode == "finetuned" and final:
+        merged_dir = out_dir / "model"
+        merged = model.merge_and_unload()
+        merged.save_pretrained(str(merged_dir), safe_serialization=True)
+        try:
+            from transformers import AutoTokenizer
+            AutoTokenizer.from_pretrained(str(base_dir)).save_pretrained(str(merged_dir))
+        except Exception:  # a base without tokenizer files (tests)
+            pass
+        ref = base_model_ref(merged_dir)
+        meta["merged_from"] = base_model_ref(base_dir).model_dump()
+        target = merged_dir / STREAMS_SUBDIR
+        lora = None
+    elif recipe.mode == "finetuned":
+        return out_dir  # intermediate: the trainer_state.pt holds the LoRA
+    else:
+        ref = base_model_ref(base_dir)
+        target = out_dir
+        lora = recipe.lora
+    cfg = StreamCheckpointConfig(mode=recipe.mode, num_streams=recipe.num_streams,
+                                 num_stream_layers=recipe.num_stream_layers, lora=lora,
+                                 base_model=ref, torch_dtype="float32", training=meta)
+    return save_checkpoint(target, cfg, {k: v.float() for k, v in params.state_tensors().items()})

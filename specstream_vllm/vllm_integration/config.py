@@ -1,0 +1,72 @@
+"""The ``specstream`` speculative settings, validated at the edge (front-end process).
+
+Everything a user can get wrong is checked here, before any worker starts, and the
+result is a plain dict that travels to the workers inside ``hf_config.specstream``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..checkpoint import (STREAMS_SUBDIR, load_checkpoint_config, resolve_checkpoint_dir,
+                          validate_against_base)
+from ..errors import CheckpointError, UnsupportedArchitectureError
+from specstream_vllm.model_patches import MSA_ARCHITECTURES
+
+METHOD = "specstream"
+
+
+class SpecStreamSettings(BaseModel):
+    """What reaches the MSA model class in every worker."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    checkpoint: str
+    num_streams: int = Field(..., ge=1)
+    num_stream_layers: int = Field(..., ge=1)
+    num_layers: int = Field(..., ge=1)
+    lora_rank: int = 0
+    lora_scaling: float = 1.0
+    lora_targets: tuple[str, ...] = ()
+
+
+def resolve_settings(streams_path: str | None, base_model: str, base_architecture: str,
+                     num_speculative_tokens: int | None, check_fingerprint: bool = True,
+                     ) -> tuple[SpecStreamSettings, int, str]:
+    """Validate a stream checkpoint against the served model.
+
+    Returns the settings, the number of tokens to draft and the MSA architecture name.
+    ``streams_path`` may be None when the served model directory carries its streams
+    (fine-tuned mode).
+    """
+    if base_architecture not in MSA_ARCHITECTURES:
+        raise UnsupportedArchitectureError(
+            f"specstream does not support architecture {base_architecture} yet; supported: "
+            f"{sorted(MSA_ARCHITECTURES)}. Add an MSA model under model_patches/.")
+    if streams_path is None:
+        if not (Path(base_model) / STREAMS_SUBDIR).is_dir():
+            raise CheckpointError(
+                "speculative_config for method 'specstream' needs \"model\": the stream "
+                f"checkpoint directory (or serve a fine-tuned model whose directory has a "
+                f"'{STREAMS_SUBDIR}/' folder; {base_model} has none)")
+        streams_path = base_model
+    ckpt_dir = resolve_checkpoint_dir(streams_path)
+    cfg = load_checkpoint_config(ckpt_dir)
+    if num_speculative_tokens is None:
+        num_speculative_tokens = cfg.num_streams
+    validate_against_base(cfg, base_model, num_speculative_tokens, check_fingerprint)
+    if cfg.base_model.architecture != base_architecture:
+        raise CheckpointError(
+            f"stream checkpoint {ckpt_dir} was trained for a {cfg.base_model.architecture} "
+            f"but the served model is a {base_architecture}")
+    lora = cfg.lora
+    settings = SpecStreamSettings(
+        checkpoint=str(ckpt_dir.resolve()),
+        num_streams=num_speculative_tokens,
+        num_stream_layers=cfg.num_stream_layers,
+        num_layers=cfg.base_model.num_hidden_layers,
+        lora_rank=lora.rank if lora else 0,
+        lora_scaling=lora.scaling if lora else 1.0,
+        lora_targets=tuple(lora.target_modules) if lora else (),
+    )
+    return settings, num_speculative_tokens, MSA_ARCHITECTURES[base_architecture][0]
