@@ -18,6 +18,9 @@ from typing import Any
 from .system import PeakRSS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+WARMUP_CONVERSATIONS = [
+    [{"role": "user", "content": f"Count from {i} to {i + 30}, one number per line."}]
+    for i in range(1, 65)]
 
 
 def engine_env(kv_cache_gib: int, threads: int | None = None) -> dict[str, str]:
@@ -60,8 +63,10 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
               seed=job["seed"], disable_log_stats=False)
     start_s = time.perf_counter() - t0
 
+    # Warm up on unrelated prompts: a method with a cross-request cache (suffix) must not
+    # have seen the measured prompts' outputs.
     warm = SamplingParams(temperature=0.0, max_tokens=min(16, job["max_tokens"]))
-    llm.chat(conversations[:max(job["batch_sizes"])], warm, use_tqdm=False)
+    llm.chat(WARMUP_CONVERSATIONS[:max(job["batch_sizes"])], warm, use_tqdm=False)
 
     params = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"])
     phases: list[dict[str, Any]] = []

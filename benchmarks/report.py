@@ -193,9 +193,16 @@ def render_markdown(results: dict[str, Any]) -> str:
            "- tok/s = output tokens / wall time of the generate calls; ratios are to the baseline "
            "of the same repeat; mean acceptance length counts the bonus token (vLLM convention); "
            "'= baseline' is the share of prompts whose greedy token ids equal the baseline's at the "
-           "same batch size; peak RSS sums the engine process tree.", ""]
+           "same batch size; peak RSS sums the engine process tree."]
+    if meta.get("note"):
+        out.append(f"- note: {meta['note']}")
+    out.append("")
     if "offline" in results:
+        engines = ("one engine per method for all batch sizes (suffix's response cache sees "
+                   "each prompt again at later sizes)" if meta.get("shared_engine")
+                   else "a fresh engine per method and batch size")
         out += ["## Offline (`vllm.LLM`, b prompts per generate call)", "",
+                f"Warm-up on unrelated prompts, then timed; {engines}.", "",
                 offline_table(results["offline"]["aggregate"], extra), ""]
     if "online" in results:
         out += ["## Online (`vllm serve`, streaming chat completions)", "",
@@ -248,7 +255,8 @@ def plot(results: dict[str, Any], folder: Path) -> list[Path]:
             ax.set_xlabel(label)
             ax.set_ylabel("output tok/s vs baseline")
             ax.set_title(f"{mode}: speedup")
-            ax.legend()
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend()
         fig.tight_layout()
         written.append(folder / "speedup.png")
         fig.savefig(written[-1], dpi=120)

@@ -48,6 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="bfloat16", help="bfloat16 or float32 (exact-equality check)")
     p.add_argument("--enforce-eager", action="store_true", help="skip torch.compile (fast start)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shared-engine", action="store_true",
+                   help="offline: one engine for all batch sizes (faster; but suffix's "
+                        "response cache then sees each prompt's output again at later sizes)")
     p.add_argument("--repeats", type=int, default=1, help="engine runs per method (order rotated)")
     p.add_argument("--kv-cache-gib", type=int, default=4, help="VLLM_CPU_KVCACHE_SPACE per engine")
     p.add_argument("--threads", type=int, help="OMP_NUM_THREADS for engines (default: vLLM's)")
@@ -87,14 +90,34 @@ def run_mode(mode: str, methods: list[Method], base_job: dict[str, Any], args: a
             tag = f"{mode}-{m.name}-r{r}"
             print(f"[bench] {tag}: starting engine", flush=True)
             if mode == "offline":
-                res = offline.run_method(job, folder / "logs", tag, args.engine_timeout,
-                                         args.kv_cache_gib, args.threads)
+                res = run_offline(job, folder / "logs", tag, args)
             else:
                 res = online.run_method(job, folder / "logs", tag, args.startup_timeout,
                                         args.request_timeout, args.kv_cache_gib, args.threads)
             runs.append({"method": m.name, "repeat": r, **res})
             print(f"[bench] {tag}: {_one_line(res, mode)}", flush=True)
             save()
+
+
+def run_offline(job: dict[str, Any], logs: Path, tag: str,
+                args: argparse.Namespace) -> dict[str, Any]:
+    """One engine for all batch sizes (--shared-engine), else a fresh engine per batch size,
+    merged into one record (phases concatenated; peak RSS and start time: the worst)."""
+    if args.shared_engine or len(job["batch_sizes"]) == 1:
+        return offline.run_method(job, logs, tag, args.engine_timeout, args.kv_cache_gib,
+                                  args.threads)
+    parts = []
+    for bs in job["batch_sizes"]:
+        part = offline.run_method({**job, "batch_sizes": [bs]}, logs, f"{tag}-b{bs}",
+                                  args.engine_timeout, args.kv_cache_gib, args.threads)
+        parts.append(part)
+        if part["status"] != "ok":
+            return part
+    return {"status": "ok", "phases": [p for part in parts for p in part["phases"]],
+            "engine_start_s": max(p["engine_start_s"] for p in parts),
+            "peak_rss_mib": max(p["peak_rss_mib"] for p in parts),
+            "max_load1": max(p.get("max_load1", 0.0) for p in parts),
+            "wall_s": sum(p["wall_s"] for p in parts), "log": [p["log"] for p in parts]}
 
 
 def _one_line(res: dict[str, Any], mode: str) -> str:
@@ -141,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                  "args": vars(args), "model": args.model, "dtype": args.dtype,
                  "max_tokens": args.max_tokens, "max_model_len": args.max_model_len,
                  "enforce_eager": args.enforce_eager, "repeats": args.repeats,
+                 "shared_engine": args.shared_engine,
                  "workload": workload, "num_prompts": len(prompts),
                  "prompts_dropped_too_long": dropped, "prompts_digest": prompts_digest(prompts),
                  "prompt_ids": [p.id for p in prompts], "machine": machine_info()},

@@ -45,8 +45,8 @@ def test_medusa_checkpoint_runs_in_vllm(tmp_path):
     from specstream_vllm.training.recipe import load_recipe
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+    cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,  # head_dim 64 (vLLM CPU attention)
                       tie_word_embeddings=True, initializer_range=0.2)
     cfg.architectures = ["LlamaForCausalLM"]
     base = tmp_path / "base"

@@ -244,10 +244,11 @@ def stream_logits(model: nn.Module, params: StreamParams, main: MainPass,
         ks_ = ks.repeat_interleave(rep, 1).view(B, H, A, g, hd)
         vs_ = vs.repeat_interleave(rep, 1).view(B, H, A, g, hd)
         scale = hd ** -0.5
-        s_main = (q @ km_.transpose(-1, -2)).float() * scale  # [B, H, A*g, T]
+        acc = torch.promote_types(q.dtype, torch.float32)  # softmax in >= fp32
+        s_main = (q @ km_.transpose(-1, -2)).to(acc) * scale  # [B, H, A*g, T]
         s_main = s_main.masked_fill(~main_ok[:, None], float("-inf"))
         qa = q.view(B, H, A, g, hd)
-        s_str = (qa @ ks_.transpose(-1, -2)).float() * scale  # [B, H, A, g, g]
+        s_str = (qa @ ks_.transpose(-1, -2)).to(acc) * scale  # [B, H, A, g, g]
         s_str = s_str.masked_fill(~tri, float("-inf")).view(B, H, A * g, g)
         p = torch.softmax(torch.cat([s_main, s_str], dim=-1), dim=-1).to(q.dtype)
         out = p[..., :T] @ vm_ + (p[..., T:].view(B, H, A, g, g) @ vs_).view(B, H, A * g, hd)

@@ -1,0 +1,59 @@
+"""Run one real vLLM engine in a fresh process and write its results as JSON.
+
+Used by the integration tests so every engine gets its own process (vLLM on CPU
+spawns workers; a subprocess also returns all memory when it ends).
+Usage: python -m tests.engine_job JOB.json OUT.json
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+
+def run(job: dict) -> dict:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    kwargs = dict(model=job["model"], dtype=job.get("dtype", "float32"), enforce_eager=True,
+                  max_model_len=job.get("max_model_len", 1024), seed=0, disable_log_stats=False,
+                  speculative_config=job.get("spec"),
+                  tensor_parallel_size=job.get("tp", 1),
+                  skip_tokenizer_init=job.get("skip_tokenizer_init", False),
+                  max_num_seqs=job.get("max_num_seqs", 16))
+    llm = LLM(**kwargs)
+    tok = None if job.get("skip_tokenizer_init") else llm.get_tokenizer()
+    prompts = []
+    for p in job["prompts"]:
+        if isinstance(p, list) and p and isinstance(p[0], int):
+            prompts.append(TokensPrompt(prompt_token_ids=p))
+        else:
+            text = tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                           add_generation_prompt=True)
+            prompts.append(TokensPrompt(prompt_token_ids=tok(text, add_special_tokens=False).input_ids))
+    max_tokens = job.get("max_tokens", [32] * len(prompts))
+    temp = job.get("temperature", 0.0)
+    params = [SamplingParams(temperature=temp, max_tokens=m, seed=(1234 + i) if temp else None,
+                             ignore_eos=job.get("ignore_eos", False))
+              for i, m in enumerate(max_tokens)]
+    result: dict = {"batches": []}
+    for batch in job.get("batches", [list(range(len(prompts)))]):
+        t = time.perf_counter()
+        outs = llm.generate([prompts[i] for i in batch], [params[i] for i in batch], use_tqdm=False)
+        result["batches"].append({"indices": batch, "seconds": time.perf_counter() - t,
+                                  "outputs": [list(o.outputs[0].token_ids) for o in outs]})
+    metrics = {}
+    for m in llm.get_metrics():
+        if m.name.startswith("vllm:spec_decode"):
+            metrics[m.name] = getattr(m, "values", None) or getattr(m, "value", None)
+    result["metrics"] = metrics
+    return result
+
+
+if __name__ == "__main__":
+    job = json.loads(open(sys.argv[1]).read())
+    os.environ.update(job.get("env", {}))
+    out = run(job)
+    with open(sys.argv[2], "w") as f:
+        json.dump(out, f)

@@ -1,0 +1,129 @@
+"""Checkpoint format: round trip and every bad checkpoint's error."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from specstream_vllm.checkpoint import (LoraSpec, base_fingerprint, load_checkpoint,
+                                        load_checkpoint_config)
+from specstream_vllm.errors import BaseModelMismatchError, CheckpointError
+from specstream_vllm.reference.init import init_checkpoint
+from tests.conftest import make_tiny_llama
+
+
+@pytest.fixture
+def ckpt(tiny_llama_dir, tmp_path):
+    return init_checkpoint(tiny_llama_dir, tmp_path / "streams", num_streams=4, num_stream_layers=2,
+                           lora=LoraSpec(rank=2, target_modules=["q_proj", "down_proj"]))
+
+
+def test_round_trip(ckpt, tiny_llama_dir):
+    cfg, tensors = load_checkpoint(ckpt, base_model_dir=tiny_llama_dir, num_speculative_tokens=3)
+    assert cfg.num_streams == 4 and cfg.num_stream_layers == 2 and cfg.first_stream_layer == 2
+    assert tensors["stream_embeddings"].shape == (4, 64)
+    assert tensors["layers.3.down_proj.lora_A"].shape == (2, 128)
+    assert tensors["layers.2.q_proj.lora_B"].shape == (64, 2)
+    assert cfg.base_model.fingerprint == base_fingerprint(tiny_llama_dir)
+    from transformers import AutoConfig
+    from specstream_vllm.reference.streams import StreamParams
+    p = StreamParams.from_checkpoint(AutoConfig.from_pretrained(str(tiny_llama_dir)), cfg, tensors)
+    for k, v in p.state_tensors().items():
+        assert torch.equal(v, tensors[k])
+
+
+def test_fingerprint_ignores_dtype_but_not_weights(tiny_llama_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+    m = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.bfloat16)
+    m.save_pretrained(str(tmp_path / "bf16"))
+    assert base_fingerprint(tmp_path / "bf16") == base_fingerprint(tiny_llama_dir)
+    other = make_tiny_llama(tmp_path / "other", seed=7)
+    assert base_fingerprint(other) != base_fingerprint(tiny_llama_dir)
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope")
+
+
+def test_missing_config(ckpt):
+    (ckpt / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_checkpoint(ckpt)
+
+
+def test_missing_weights(ckpt):
+    (ckpt / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        load_checkpoint(ckpt)
+
+
+def test_not_json(ckpt):
+    (ckpt / "config.json").write_text("{oops")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_checkpoint(ckpt)
+
+
+def test_base_model_directory_is_not_a_checkpoint(tiny_llama_dir):
+    with pytest.raises(CheckpointError, match="not a specstream checkpoint"):
+        load_checkpoint(tiny_llama_dir)
+
+
+def test_unknown_format_version(ckpt):
+    raw = json.loads((ckpt / "config.json").read_text())
+    raw["format_version"] = 99
+    (ckpt / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match="format_version=99"):
+        load_checkpoint(ckpt)
+
+
+def test_malformed_field(ckpt):
+    raw = json.loads((ckpt / "config.json").read_text())
+    raw["num_streams"] = "four"
+    (ckpt / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match="malformed"):
+        load_checkpoint(ckpt)
+
+
+def test_wrong_base_model(ckpt, tmp_path):
+    other = make_tiny_llama(tmp_path / "other", seed=3)
+    with pytest.raises(BaseModelMismatchError, match="trained for base model"):
+        load_checkpoint(ckpt, base_model_dir=other)
+
+
+def test_gamma_above_trained_streams(ckpt, tiny_llama_dir):
+    with pytest.raises(CheckpointError, match="only 4 trained streams"):
+        load_checkpoint(ckpt, base_model_dir=tiny_llama_dir, num_speculative_tokens=6)
+
+
+def test_stream_layers_above_layer_count(ckpt):
+    raw = json.loads((ckpt / "config.json").read_text())
+    raw["num_stream_layers"] = 9
+    (ckpt / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match="exceeds the base model's 4 layers"):
+        load_checkpoint_config(ckpt)
+
+
+def test_stream_layers_above_served_model(ckpt, tmp_path):
+    shallow = make_tiny_llama(tmp_path / "shallow", layers=1)
+    with pytest.raises(CheckpointError, match="only 1 layers|trained for base model"):
+        load_checkpoint(ckpt, base_model_dir=shallow)
+
+
+def test_embedding_shape_checked(ckpt):
+    from safetensors.torch import load_file, save_file
+    t = load_file(str(ckpt / "model.safetensors"))
+    t["stream_embeddings"] = torch.zeros(2, 64)
+    save_file(t, str(ckpt / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="shape"):
+        load_checkpoint(ckpt)
+
+
+def test_finetuned_directory_carries_streams(ckpt, tiny_llama_dir, tmp_path):
+    model_dir = tmp_path / "ft"
+    shutil.copytree(tiny_llama_dir, model_dir)
+    shutil.copytree(ckpt, model_dir / "specstream")
+    cfg, _ = load_checkpoint(model_dir)
+    assert cfg.num_streams == 4

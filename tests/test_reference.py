@@ -1,0 +1,145 @@
+"""The reference Multi-Stream Attention and the reference speculative decoder."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from specstream_vllm.checkpoint import LoraSpec
+from specstream_vllm.reference.decoder import speculative_generate
+from specstream_vllm.reference.streams import StreamParams, main_pass, stream_logits
+
+
+def _rope(model, vec_heads: torch.Tensor, pos: int) -> torch.Tensor:
+    """vec_heads: [heads, hd] at one position, rotated with HF's own helper."""
+    cos, sin = model.model.rotary_emb(vec_heads[None], torch.tensor([[pos]]))
+    q = vec_heads[None, :, None, :]  # [1, heads, 1, hd]
+    out, _ = apply_rotary_pos_emb(q, q, cos, sin)
+    return out[0, :, 0, :]
+
+
+def _lin(params, li, name, mod, x):
+    y = mod(x)
+    key = f"layers_{li}_{name}"
+    if params.lora is not None and key in params.lora_A:
+        y = y + x @ params.lora_A[key].t() @ params.lora_B[key].t() * params.lora.scaling
+    return y
+
+
+def naive_stream_logits(model, params, ids, t, g):
+    """Build each stream's context by hand: main keys <= t, then streams 1..j."""
+    cfg = model.config
+    H, KV = cfg.num_attention_heads, cfg.num_key_value_heads
+    hd = cfg.hidden_size // H
+    main = main_pass(model, ids, params.layer_ids)
+    xs = [main.layer_inputs[params.first_layer][0, t] + params.stream_embeddings[j] for j in range(g)]
+    for li in params.layer_ids:
+        layer = model.model.layers[li]
+        att, mlp = layer.self_attn, layer.mlp
+        mk, mv = [], []
+        for tp in range(t + 1):
+            hm = layer.input_layernorm(main.layer_inputs[li][0, tp])
+            mk.append(_rope(model, att.k_proj(hm).view(KV, hd), tp))
+            mv.append(att.v_proj(hm).view(KV, hd))
+        sk, sv, new = [], [], []
+        for j in range(g):
+            hs = layer.input_layernorm(xs[j])
+            q = _rope(model, _lin(params, li, "q_proj", att.q_proj, hs).view(H, hd), t + 1 + j)
+            sk.append(_rope(model, _lin(params, li, "k_proj", att.k_proj, hs).view(KV, hd), t + 1 + j))
+            sv.append(_lin(params, li, "v_proj", att.v_proj, hs).view(KV, hd))
+            keys = torch.stack(mk + sk[: j + 1])  # [ctx, KV, hd]
+            vals = torch.stack(mv + sv[: j + 1])
+            heads = []
+            for h in range(H):
+                kvh = h // (H // KV)
+                w = torch.softmax(keys[:, kvh] @ q[h] / hd ** 0.5, dim=0)
+                heads.append(w @ vals[:, kvh])
+            o = torch.cat(heads)
+            x = xs[j] + _lin(params, li, "o_proj", att.o_proj, o)
+            m = layer.post_attention_layernorm(x)
+            a = mlp.act_fn(_lin(params, li, "gate_proj", mlp.gate_proj, m)) * \
+                _lin(params, li, "up_proj", mlp.up_proj, m)
+            new.append(x + _lin(params, li, "down_proj", mlp.down_proj, a))
+        xs = new
+    return torch.stack([model.lm_head(model.model.norm(x)) for x in xs])
+
+
+@pytest.mark.parametrize("g,ns,lora", [(1, 1, None), (3, 2, None), (4, 4, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]), (5, 3, ["q_proj", "down_proj"])])
+def test_stream_attention_matches_naive_loop(tiny_llama_dir, g, ns, lora):
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float64).eval()
+    torch.manual_seed(1)
+    params = StreamParams(model.config, g, ns, LoraSpec(rank=4, target_modules=lora) if lora else None,
+                          init_std=0.5).double()
+    with torch.no_grad():
+        for b in params.lora_B.values():
+            b.normal_(0, 0.1)
+        ids = torch.randint(3, 256, (2, 12))
+        anchors = torch.tensor([[0, 5, 11], [2, 3, 7]])
+        fast = stream_logits(model, params, main_pass(model, ids, params.layer_ids), anchors)
+        for b in range(2):
+            for a, t in enumerate(anchors[b].tolist()):
+                slow = naive_stream_logits(model, params, ids[b:b + 1], t, g)
+                torch.testing.assert_close(fast[b, a], slow, rtol=1e-9, atol=1e-9)
+
+
+def test_streams_ignore_future_main_tokens(tiny_llama_dir):
+    """Changing tokens after the anchor must not change its streams."""
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float64).eval()
+    params = StreamParams(model.config, 3, 2, init_std=0.5).double()
+    ids = torch.randint(3, 256, (1, 10))
+    ids2 = ids.clone()
+    ids2[0, 6:] = torch.randint(3, 256, (4,))
+    with torch.no_grad():
+        a = stream_logits(model, params, main_pass(model, ids, params.layer_ids), torch.tensor([[5]]))
+        b = stream_logits(model, params, main_pass(model, ids2, params.layer_ids), torch.tensor([[5]]))
+    torch.testing.assert_close(a, b)
+
+
+def _generate(model, ids, n, eos=None):
+    return model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+                          eos_token_id=eos, pad_token_id=0)[0, ids.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("gamma", [1, 3, 5])
+def test_reference_decoder_is_lossless_tiny(tiny_llama_dir, gamma):
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32).eval()
+    torch.manual_seed(gamma)
+    params = StreamParams(model.config, 5, 2, LoraSpec(rank=2), init_std=0.3)
+    for seed in range(3):
+        ids = torch.randint(3, 256, (1, 6 + seed), generator=torch.Generator().manual_seed(seed))
+        out, stats = speculative_generate(model, params, ids, 30, gamma)
+        assert out == _generate(model, ids, 30)
+        assert stats.num_drafts > 0 and len(stats.accepted_per_position) == gamma
+
+
+def test_reference_decoder_accepts_when_streams_are_oracles(tiny_llama_dir, monkeypatch):
+    """Acceptance accounting: with perfect drafts every step accepts all γ tokens."""
+    import specstream_vllm.reference.decoder as dec
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32).eval()
+    ids = torch.randint(3, 256, (1, 5), generator=torch.Generator().manual_seed(0))
+    truth = _generate(model, ids, 40)
+    params = StreamParams(model.config, 3, 1)
+
+    def oracle(model_, params_, seq_ids, anchor, gamma, main=None):
+        full = ids[0].tolist() + truth
+        return torch.tensor(full[anchor + 2: anchor + 2 + gamma])
+
+    monkeypatch.setattr(dec, "draft_tokens", oracle)
+    out, stats = dec.speculative_generate(model, params, ids, 33, 3)
+    assert out == truth[:33]
+    assert stats.num_accepted == 3 * stats.num_drafts
+    assert stats.mean_acceptance_length == 4.0
+
+
+def test_reference_decoder_is_lossless_smollm2(smollm2_fp32):
+    model, tok = smollm2_fp32
+    torch.manual_seed(0)
+    params = StreamParams(model.config, 4, 4, LoraSpec(rank=4), init_std=0.02)
+    for q in ["What is the capital of France?", "Name three colours."]:
+        text = tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                       add_generation_prompt=True)
+        ids = tok(text, return_tensors="pt").input_ids
+        out, _ = speculative_generate(model, params, ids, 16, 4, eos_token_id=tok.eos_token_id)
+        assert out == _generate(model, ids, 16, eos=tok.eos_token_id)[: len(out)]
+        assert len(out) == 16 or out[-1] == tok.eos_token_id

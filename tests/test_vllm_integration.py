@@ -1,0 +1,166 @@
+"""The ``specstream`` method inside real vLLM engines (no mocks).
+
+Every engine runs in its own process (tests/engine_job.py); each module-scoped
+fixture starts one engine, so the whole file costs a handful of engine starts.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from specstream_vllm.checkpoint import LoraSpec
+from specstream_vllm.reference.init import init_checkpoint
+from tests.conftest import make_tiny_llama
+
+pytestmark = pytest.mark.vllm
+ROOT = Path(__file__).resolve().parents[1]
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about autumn leaves.",
+    "Explain what a binary search does, briefly.",
+    "List three uses of a paperclip.",
+    "Why is the sky blue? Answer in two sentences.",
+    "Translate 'good morning' into Spanish and French.",
+    "Give me a short tip for learning to cook.",
+    "What does HTTP stand for?",
+]
+MAX_TOKENS = [48, 20, 64, 33, 40, 17, 56, 25]
+
+
+def run_engine(job: dict, tmp: Path, name: str) -> dict:
+    jp, op = tmp / f"{name}.job.json", tmp / f"{name}.out.json"
+    jp.write_text(json.dumps(job))
+    env = dict(os.environ, **job.get("env", {}))
+    proc = subprocess.run([sys.executable, "-m", "tests.engine_job", str(jp), str(op)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        raise AssertionError(f"engine job {name} failed:\n{proc.stderr[-6000:]}")
+    return json.loads(op.read_text())
+
+
+def outputs(result) -> dict[int, list[int]]:
+    return {i: o for b in result["batches"] for i, o in zip(b["indices"], b["outputs"])}
+
+
+def streams_for_smollm2(smollm2_dir, shipped_streams, tmp: Path) -> Path:
+    if shipped_streams is not None:
+        return shipped_streams
+    return init_checkpoint(smollm2_dir, tmp / "untrained", num_streams=4, num_stream_layers=4,
+                           lora=LoraSpec(rank=4, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"]),
+                           random_lora_b=True)
+
+
+@pytest.fixture(scope="module")
+def smollm2_runs(smollm2_dir, shipped_streams, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("smol")
+    streams = streams_for_smollm2(smollm2_dir, shipped_streams, tmp)
+    batches = [[i] for i in range(len(PROMPTS))] + [list(range(len(PROMPTS)))]
+    base_job = {"model": str(smollm2_dir), "prompts": PROMPTS, "max_tokens": MAX_TOKENS,
+                "batches": batches}
+    base = run_engine(base_job, tmp, "base")
+    log = tmp / "drafts.jsonl"
+    spec_job = dict(base_job, spec={"method": "specstream", "model": str(streams),
+                                    "num_speculative_tokens": 4},
+                    env={"SPECSTREAM_DRAFT_LOG": str(log)})
+    spec = run_engine(spec_job, tmp, "spec")
+    return base, spec, streams, log
+
+
+def test_greedy_float32_token_identical_batch1(smollm2_runs):
+    base, spec, _, _ = smollm2_runs
+    for b0, b1 in zip(base["batches"][:-1], spec["batches"][:-1]):
+        assert b0["outputs"] == b1["outputs"], f"prompt {b0['indices']} differs"
+
+
+def test_greedy_float32_token_identical_batch8_mixed_lengths(smollm2_runs):
+    base, spec, _, _ = smollm2_runs
+    assert base["batches"][-1]["outputs"] == spec["batches"][-1]["outputs"]
+    assert [len(o) for o in spec["batches"][-1]["outputs"]] <= MAX_TOKENS
+
+
+def test_spec_decode_metrics_filled(smollm2_runs):
+    _, spec, _, _ = smollm2_runs
+    m = spec["metrics"]
+    assert m["vllm:spec_decode_num_drafts"] > 0
+    assert m["vllm:spec_decode_num_draft_tokens"] == 4 * m["vllm:spec_decode_num_drafts"]
+    assert len(m["vllm:spec_decode_num_accepted_tokens_per_pos"]) == 4
+
+
+def test_drafts_equal_reference_model(smollm2_runs, smollm2_fp32):
+    """Drafts made inside vLLM equal the reference streams for the same context."""
+    from specstream_vllm.checkpoint import load_checkpoint
+    from specstream_vllm.reference.decoder import draft_tokens
+    from specstream_vllm.reference.streams import StreamParams
+    _, _, streams, log = smollm2_runs
+    model, _ = smollm2_fp32
+    cfg, tensors = load_checkpoint(streams)
+    params = StreamParams.from_checkpoint(model.config, cfg, tensors)
+    rows = [json.loads(x) for x in log.read_text().splitlines()]
+    assert len(rows) > 20
+    rows = rows[:: max(1, len(rows) // 40)]  # a spread of contexts, bounded cost
+    same = total = 0
+    for r in rows:
+        ctx = r["context"]
+        ref = draft_tokens(model, params, torch.tensor([ctx]), len(ctx) - 1, 4).tolist()
+        same += sum(a == b for a, b in zip(ref, r["drafts"]))
+        total += 4
+    assert same / total >= 0.97, f"only {same}/{total} draft tokens match the reference"
+
+
+@pytest.fixture(scope="module")
+def tiny_tp_dir(tmp_path_factory):
+    return make_tiny_llama(tmp_path_factory.mktemp("tp") / "llama8", heads=8, kv_heads=4,
+                           hidden=512, layers=4, vocab=512, seed=5)  # CPU attention needs head_dim 64
+
+
+def test_tensor_parallel_2_matches_tp2_without_speculation(tiny_tp_dir, tmp_path):
+    streams = init_checkpoint(tiny_tp_dir, tmp_path / "streams", num_streams=3, num_stream_layers=2,
+                              lora=LoraSpec(rank=4, target_modules=list(
+                                  ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))),
+                              random_lora_b=True, init_std=0.5)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (5, 11, 17, 8)]
+    env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+    job = {"model": str(tiny_tp_dir), "prompts": prompts, "max_tokens": [24, 31, 16, 40],
+           "tp": 2, "skip_tokenizer_init": True, "ignore_eos": True, "env": env, "max_model_len": 256,
+           "batches": [[0], [0, 1, 2, 3]]}
+    base = run_engine(job, tmp_path, "tp-base")
+    log = tmp_path / "tp-drafts.jsonl"
+    spec = run_engine(dict(job, spec={"method": "specstream", "model": str(streams),
+                                      "num_speculative_tokens": 3},
+                           env=dict(env, SPECSTREAM_DRAFT_LOG=str(log))), tmp_path, "tp-spec")
+    assert outputs(base) == outputs(spec)
+    assert spec["metrics"]["vllm:spec_decode_num_drafts"] > 0
+    # the sharded stream LoRA (column- and row-parallel) drafts what the reference drafts
+    from transformers import AutoModelForCausalLM
+    from specstream_vllm.checkpoint import load_checkpoint
+    from specstream_vllm.reference.decoder import draft_tokens
+    from specstream_vllm.reference.streams import StreamParams
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_tp_dir), dtype=torch.float32).eval()
+    cfg, tensors = load_checkpoint(streams)
+    params = StreamParams.from_checkpoint(model.config, cfg, tensors)
+    rows = [json.loads(x) for x in log.read_text().splitlines()][:60]
+    same = sum(a == b for r in rows for a, b in zip(
+        draft_tokens(model, params, torch.tensor([r["context"]]), len(r["context"]) - 1, 3).tolist(),
+        r["drafts"]))
+    assert same / (3 * len(rows)) >= 0.97
+
+
+def test_seeded_sampling_runs_through_rejection_sampler(smollm2_dir, shipped_streams, tmp_path):
+    streams = streams_for_smollm2(smollm2_dir, shipped_streams, tmp_path)
+    job = {"model": str(smollm2_dir), "dtype": "bfloat16", "prompts": PROMPTS[:3],
+           "max_tokens": [24, 24, 24], "temperature": 0.8,
+           "spec": {"method": "specstream", "model": str(streams), "num_speculative_tokens": 3},
+           "batches": [[0, 1, 2]]}
+    res = run_engine(job, tmp_path, "sampled")
+    assert all(0 < len(o) <= 24 for o in res["batches"][0]["outputs"])
+    m = res["metrics"]
+    assert m["vllm:spec_decode_num_drafts"] > 0
+    assert 0 <= m["vllm:spec_decode_num_accepted_tokens"] <= m["vllm:spec_decode_num_draft_tokens"]
