@@ -22,7 +22,7 @@ from typing import Any
 
 import aiohttp
 
-from .offline import REPO_ROOT, engine_env, error_tail
+from .offline import REPO_ROOT, WARMUP_CONVERSATIONS, engine_env, error_tail
 from .specmetrics import SpecCounters, from_prometheus_text
 from .system import PeakRSS
 
@@ -118,11 +118,11 @@ async def _scrape(session: aiohttp.ClientSession, base: str) -> SpecCounters:
 
 async def drive(base: str, conversations: list[list[dict[str, str]]], concurrencies: list[int],
                 max_tokens: int, request_timeout_s: float) -> list[dict[str, Any]]:
-    """Warm up with one request, then run every concurrency level over all conversations."""
+    """Warm up with one unrelated request, then run each concurrency level over all prompts."""
     url = base + "/v1/chat/completions"
     timeout = aiohttp.ClientTimeout(total=request_timeout_s)
     async with aiohttp.ClientSession(timeout=timeout) as session:
-        await _one_request(session, url, conversations[0], min(16, max_tokens))
+        await _one_request(session, url, WARMUP_CONVERSATIONS[0], min(16, max_tokens))
         levels = []
         for conc in concurrencies:
             sem = asyncio.Semaphore(conc)

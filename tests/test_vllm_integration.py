@@ -6,9 +6,6 @@ fixture starts one engine, so the whole file costs a handful of engine starts.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -35,14 +32,8 @@ MAX_TOKENS = [48, 20, 64, 33, 40, 17, 56, 25]
 
 
 def run_engine(job: dict, tmp: Path, name: str) -> dict:
-    jp, op = tmp / f"{name}.job.json", tmp / f"{name}.out.json"
-    jp.write_text(json.dumps(job))
-    env = dict(os.environ, **job.get("env", {}))
-    proc = subprocess.run([sys.executable, "-m", "tests.engine_job", str(jp), str(op)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        raise AssertionError(f"engine job {name} failed:\n{proc.stderr[-6000:]}")
-    return json.loads(op.read_text())
+    from specstream_vllm.engine_job import run_in_subprocess
+    return run_in_subprocess(job, tmp, name, timeout=900)
 
 
 def outputs(result) -> dict[int, list[int]]:

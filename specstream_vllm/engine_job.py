@@ -1,8 +1,8 @@
 """Run one real vLLM engine in a fresh process and write its results as JSON.
 
-Used by the integration tests so every engine gets its own process (vLLM on CPU
-spawns workers; a subprocess also returns all memory when it ends).
-Usage: python -m tests.engine_job JOB.json OUT.json
+The main job and the integration tests give every engine its own process (vLLM on
+CPU spawns workers; a subprocess also returns all memory when it ends).
+Usage: python -m specstream_vllm.engine_job JOB.json OUT.json
 """
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ def run(job: dict) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    kwargs = dict(model=job["model"], dtype=job.get("dtype", "float32"), enforce_eager=True,
+    kwargs = dict(model=job["model"], dtype=job.get("dtype", "float32"),
+                  enforce_eager=job.get("enforce_eager", True),
                   max_model_len=job.get("max_model_len", 1024), seed=0, disable_log_stats=False,
                   speculative_config=job.get("spec"),
                   tensor_parallel_size=job.get("tp", 1),
@@ -49,6 +50,24 @@ def run(job: dict) -> dict:
             metrics[m.name] = getattr(m, "values", None) or getattr(m, "value", None)
     result["metrics"] = metrics
     return result
+
+
+def run_in_subprocess(job: dict, workdir, name: str, timeout: float = 1800) -> dict:
+    """Run ``job`` in a fresh interpreter; raise with the engine's log tail on failure."""
+    import subprocess
+    from pathlib import Path
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    jp, op, lp = workdir / f"{name}.job.json", workdir / f"{name}.out.json", workdir / f"{name}.log"
+    jp.write_text(json.dumps(job))
+    env = dict(os.environ, **job.get("env", {}))
+    with open(lp, "w") as log:
+        proc = subprocess.run([sys.executable, "-m", "specstream_vllm.engine_job", str(jp), str(op)],
+                              env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"engine job {name} failed (log: {lp}):\n{lp.read_text()[-5000:]}")
+    return json.loads(op.read_text())
 
 
 if __name__ == "__main__":

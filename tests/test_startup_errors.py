@@ -1,0 +1,96 @@
+"""Bad input fails at start-up, in the front-end process, with words (no worker trace).
+
+``EngineArgs.create_engine_config`` is exactly what ``LLM(...)`` and ``vllm serve`` run
+before any engine process exists; the plugin loads inside it as it does in vLLM.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from specstream_vllm.checkpoint import LoraSpec
+from specstream_vllm.reference.init import init_checkpoint
+from tests.conftest import make_tiny_llama
+
+
+def engine_config(model, spec):
+    from vllm.engine.arg_utils import EngineArgs
+    return EngineArgs(model=str(model), speculative_config=spec, max_model_len=256,
+                      skip_tokenizer_init=True).create_engine_config()
+
+
+@pytest.fixture(scope="module")
+def streams(tiny_llama_dir, tmp_path_factory):
+    return init_checkpoint(tiny_llama_dir, tmp_path_factory.mktemp("s") / "streams",
+                           num_streams=3, num_stream_layers=2, lora=LoraSpec(rank=2))
+
+
+def test_valid_config_swaps_in_the_msa_model(tiny_llama_dir, streams):
+    cfg = engine_config(tiny_llama_dir, {"method": "specstream", "model": str(streams)})
+    spec = cfg.speculative_config
+    assert spec.method == "specstream" and spec.num_speculative_tokens == 3
+    assert cfg.model_config.hf_config.architectures == ["SpecStreamLlamaForCausalLM"]
+    assert cfg.model_config.hf_config.specstream["num_stream_layers"] == 2
+    assert cfg.num_lookahead_tokens == 3  # the scheduler reserves the stream slots
+
+
+def test_other_methods_untouched(tiny_llama_dir):
+    cfg = engine_config(tiny_llama_dir, {"method": "ngram", "num_speculative_tokens": 2,
+                                         "prompt_lookup_max": 3})
+    assert cfg.model_config.hf_config.architectures == ["LlamaForCausalLM"]
+    assert cfg.num_lookahead_tokens == 0
+    cfg = engine_config(tiny_llama_dir, None)
+    assert cfg.speculative_config is None
+
+
+def test_missing_checkpoint(tiny_llama_dir, tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        engine_config(tiny_llama_dir, {"method": "specstream", "model": str(tmp_path / "x"),
+                                       "num_speculative_tokens": 2})
+
+
+def test_malformed_checkpoint(tiny_llama_dir, streams, tmp_path):
+    import shutil
+    bad = tmp_path / "bad"
+    shutil.copytree(streams, bad)
+    (bad / "config.json").write_text(json.dumps({"model_type": "specstream", "format_version": 1}))
+    with pytest.raises(ValueError, match="malformed"):
+        engine_config(tiny_llama_dir, {"method": "specstream", "model": str(bad)})
+
+
+def test_checkpoint_for_another_base_model(streams, tmp_path):
+    other = make_tiny_llama(tmp_path / "other", seed=11)
+    with pytest.raises(ValueError, match="trained for base model"):
+        engine_config(other, {"method": "specstream", "model": str(streams)})
+
+
+def test_gamma_above_trained_streams(tiny_llama_dir, streams):
+    with pytest.raises(ValueError, match="only 3 trained streams"):
+        engine_config(tiny_llama_dir, {"method": "specstream", "model": str(streams),
+                                       "num_speculative_tokens": 5})
+
+
+def test_missing_model_field(tiny_llama_dir):
+    with pytest.raises(ValueError, match="needs \"model\""):
+        engine_config(tiny_llama_dir, {"method": "specstream", "num_speculative_tokens": 2})
+
+
+def test_unsupported_architecture(tmp_path, streams):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    d = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=256)).save_pretrained(str(d))
+    with pytest.raises(ValueError, match="does not support architecture GPT2LMHeadModel"):
+        engine_config(d, {"method": "specstream", "model": str(streams)})
+
+
+def test_version_mismatch_is_refused(monkeypatch):
+    from specstream_vllm.errors import VersionMismatchError
+    from specstream_vllm.vllm_integration import compat
+    monkeypatch.setattr("importlib.metadata.version", lambda name: "0.31.9")
+    with pytest.raises(VersionMismatchError, match="pinned to vLLM 0.32.0 but vLLM 0.31.9"):
+        compat.check_vllm_version()
+    monkeypatch.setenv(compat.VERSION_OVERRIDE_ENV, "1")
+    assert compat.check_vllm_version() == "0.31.9"
