@@ -6,12 +6,11 @@ knows about particular methods.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 ALL_METHODS = ("baseline", "ngram", "suffix", "medusa", "specstream")
-DEFAULT_METHODS = ALL_METHODS
 
 
 @dataclass
@@ -22,7 +21,7 @@ class Method:
     speculative_config: dict[str, Any] | None
     weights_dir: str | None = None  # where its extra parameters live (for counting)
     skip_reason: str | None = None
-    extra_params: int | None = field(default=None)
+    extra_params: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "speculative_config": self.speculative_config,

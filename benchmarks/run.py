@@ -23,6 +23,9 @@ from .system import machine_info
 from .workloads import Prompt, load_workload, prompts_digest
 
 
+DEFAULT_RESULTS = Path(__file__).resolve().parent / "results"
+
+
 def _int_list(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
@@ -57,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--engine-timeout", type=float, default=3600, help="offline s per engine")
     p.add_argument("--startup-timeout", type=float, default=600, help="online s to /health")
     p.add_argument("--request-timeout", type=float, default=600, help="online s per request")
-    p.add_argument("--out", help="results folder (default results/<timestamp>)")
+    p.add_argument("--out", help="results folder (default benchmarks/results/<timestamp>)")
     return p.parse_args(argv)
 
 
@@ -136,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
 
         args.model = str(default_model_dir())
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    folder = Path(args.out or Path("results") / stamp)
+    folder = Path(args.out or DEFAULT_RESULTS / stamp)
     folder.mkdir(parents=True, exist_ok=True)
 
     names = [n.strip() for n in args.methods.split(",") if n.strip()]

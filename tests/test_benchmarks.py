@@ -190,3 +190,27 @@ def test_offline_smoke(tmp_path: Path) -> None:
         assert agg[name]["status"] == "ok", agg[name]["errors"]
         assert agg[name]["rows"][0]["tokens_per_s"]["median"] > 0
     assert (out / "report.md").is_file()
+
+
+def test_run_offline_fresh_engine_per_batch_size(monkeypatch: pytest.MonkeyPatch,
+                                                 tmp_path: Path) -> None:
+    from benchmarks import offline, run
+
+    calls: list[list[int]] = []
+
+    def fake(job: dict, logs: Path, tag: str, *rest: object) -> dict:
+        calls.append(job["batch_sizes"])
+        bs = job["batch_sizes"][0]
+        return {"status": "ok", "engine_start_s": 10.0 * bs, "peak_rss_mib": 100.0 + bs,
+                "max_load1": 1.0, "wall_s": 5.0, "log": tag,
+                "phases": [{"batch_size": bs, "tokens_per_s": 1.0}]}
+
+    monkeypatch.setattr(offline, "run_method", fake)
+    args = run.parse_args(["--batch-sizes", "1,4"])
+    res = run.run_offline({"batch_sizes": [1, 4]}, tmp_path, "t", args)
+    assert calls == [[1], [4]]
+    assert [p["batch_size"] for p in res["phases"]] == [1, 4]
+    assert res["peak_rss_mib"] == 104.0 and res["engine_start_s"] == 40.0
+    calls.clear()
+    run.run_offline({"batch_sizes": [1, 4]}, tmp_path, "t", run.parse_args(["--shared-engine"]))
+    assert calls == [[1, 4]]

@@ -198,6 +198,52 @@ class GPUModelRunnerPatch(Patch):
         )
 
 
+class RunnerProfilePatch(Patch):
+    """Timing spans for ``SPECSTREAM_PROFILE`` (applied only when it is set)."""
+
+    target = None
+
+    def execute_model(self, *args, **kwargs):
+        from .profiling import timer
+        with timer("worker").span("execute_model"):
+            return RunnerProfilePatch.original("execute_model")(self, *args, **kwargs)
+
+    def _model_forward(self, *args, **kwargs):
+        from .profiling import timer
+        with timer("worker").span("target_forward"):
+            return RunnerProfilePatch.original("_model_forward")(self, *args, **kwargs)
+
+    def _sample(self, *args, **kwargs):
+        from .profiling import timer
+        with timer("worker").span("sample_and_verify"):
+            return RunnerProfilePatch.original("_sample")(self, *args, **kwargs)
+
+    def sample_tokens(self, *args, **kwargs):
+        from .profiling import timer
+        t = timer("worker")
+        with t.span("sample_tokens"):
+            out = RunnerProfilePatch.original("sample_tokens")(self, *args, **kwargs)
+        t.step_done()
+        return out
+
+
+class SchedulerProfilePatch(Patch):
+    target = None
+
+    def schedule(self, *args, **kwargs):
+        from .profiling import timer
+        with timer("core").span("schedule"):
+            return SchedulerProfilePatch.original("schedule")(self, *args, **kwargs)
+
+    def update_from_output(self, *args, **kwargs):
+        from .profiling import timer
+        t = timer("core")
+        with t.span("update_from_output"):
+            out = SchedulerProfilePatch.original("update_from_output")(self, *args, **kwargs)
+        t.step_done()
+        return out
+
+
 # --------------------------------------------------------------------------- runner helpers
 
 def runner_block_size(runner, kv_cache_gid: int = 0) -> int:
@@ -294,6 +340,9 @@ _RUNNER_MODULE = "vllm.v1.worker.gpu_model_runner"
 def _patch_runner(module=None) -> None:
     GPUModelRunnerPatch.target = _runner_cls()
     GPUModelRunnerPatch.apply_once()
+    if os.environ.get("SPECSTREAM_PROFILE"):
+        RunnerProfilePatch.target = _runner_cls()
+        RunnerProfilePatch.apply_once()
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):
@@ -334,6 +383,10 @@ def apply_patches() -> None:
     _extend_method_literal()
     SpeculativeConfigPatch.apply_once()
     VllmConfigPatch.apply_once()
+    if os.environ.get("SPECSTREAM_PROFILE"):
+        from vllm.v1.core.sched.scheduler import Scheduler
+        SchedulerProfilePatch.target = Scheduler
+        SchedulerProfilePatch.apply_once()
     if _RUNNER_MODULE in sys.modules:
         _patch_runner()
     elif not any(isinstance(f, _AfterImport) for f in sys.meta_path):

@@ -29,7 +29,7 @@ class Patch:
     @classmethod
     def _members(cls) -> dict[str, Any]:
         return {k: v for k, v in vars(cls).items()
-                if k not in _SKIP and not (k.startswith("_") and not k.startswith("__"))}
+                if k not in _SKIP and not k.startswith("_abc")}
 
     @classmethod
     def apply(cls) -> None:

@@ -19,6 +19,7 @@ from . import compat
 
 #: set SPECSTREAM_DRAFT_LOG=path to append every draft with its context (tests only)
 _DRAFT_LOG = os.environ.get("SPECSTREAM_DRAFT_LOG")
+_PROFILE = bool(os.environ.get("SPECSTREAM_PROFILE"))
 
 
 class SpecStreamProposer:
@@ -50,8 +51,15 @@ class SpecStreamProposer:
             self._kv_gid, self._groups = compat.attention_groups_for(self.runner, self._layer_names)
             self._block_size = compat.runner_block_size(self.runner, self._kv_gid)
 
+    def propose(self, **kwargs) -> torch.Tensor:
+        if _PROFILE:
+            from .profiling import timer
+            with timer("worker").span("draft"):
+                return self._propose(**kwargs)
+        return self._propose(**kwargs)
+
     @torch.inference_mode()
-    def propose(self, *, sampled_token_ids, aux_hidden_states, spec_decode_metadata,
+    def _propose(self, *, sampled_token_ids, aux_hidden_states, spec_decode_metadata,
                 common_attn_metadata, num_speculative_tokens: int | None = None) -> torch.Tensor:
         self._ensure_groups()
         cm = common_attn_metadata
