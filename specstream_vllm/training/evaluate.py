@@ -84,7 +84,7 @@ def evaluate(checkpoint: str | Path, *, base_dir: str | Path | None = None,
              data_spec: DataSpec | None = None, max_examples: int | None = None,
              dtype: str = "float32", medusa_dir: str | Path | None = None,
              output: str | Path | None = None, generator=None, progress: bool = True,
-             log: Callable[[str], None] = print) -> dict:
+             include_streams: bool = True, log: Callable[[str], None] = print) -> dict:
     """Evaluate a stream checkpoint (and optionally Medusa heads); returns the report."""
     from .medusa import load_medusa_drafter
 
@@ -104,11 +104,16 @@ def evaluate(checkpoint: str | Path, *, base_dir: str | Path | None = None,
     gammas = gammas or list(range(1, cfg.num_streams + 1))
     model = load_base_model(base_dir, _DTYPES[dtype])
     params = StreamParams.from_checkpoint(model.config, cfg, tensors).to(_DTYPES[dtype])
-    drafters = {"specstream": (stream_drafter(params, cfg.num_streams), cfg.num_streams)}
+    drafters = {}
+    if include_streams:
+        drafters["specstream"] = (stream_drafter(params, cfg.num_streams), cfg.num_streams)
     medusa_info = None
     if medusa_dir is not None:
         mdraft, mheads, medusa_info = load_medusa_drafter(medusa_dir, model)
         drafters["medusa"] = (mdraft, mheads)
+        gammas = sorted(set(gammas) | set(range(1, mheads + 1)))
+    if not drafters:
+        raise ValueError("nothing to evaluate: streams excluded and no Medusa heads given")
     data = build_sets(base_dir, data_spec, list(sets), generator=generator, log=log)
     report = {"checkpoint": str(checkpoint), "base_model": str(base_dir), "dtype": dtype,
               "num_streams": cfg.num_streams, "num_stream_layers": cfg.num_stream_layers,
