@@ -136,7 +136,7 @@ def test_reference_decoder_is_lossless_smollm2(smollm2_fp32):
     model, tok = smollm2_fp32
     torch.manual_seed(0)
     params = StreamParams(model.config, 4, 4, LoraSpec(rank=4), init_std=0.02)
-    for q in ["What is the capital of France?", "Name three colours."]:
+    for q in ["What is the capital of France?"]:
         text = tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
                                        add_generation_prompt=True)
         ids = tok(text, return_tensors="pt").input_ids

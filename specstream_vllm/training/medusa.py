@@ -23,8 +23,8 @@ from safetensors.torch import load_file, save_file
 from .data import Example
 from .losses import chunked_argmax, chunked_lm_loss
 from .recipe import Recipe
-from .trainer import (_lr_lambda, epoch_batches, load_base_model, pad_ids, run_main,
-                      sample_anchors, to_sequences)
+from .trainer import (_lr_lambda, epoch_batches, load_base_model, pad_ids,
+                      prepare_training_sequences, run_main, sample_anchors)
 from ..reference.streams import unwrap_causal_lm
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -104,13 +104,7 @@ def train_medusa(recipe: Recipe, examples: list[Example] | None = None, *, outpu
     """Train Medusa-1 heads (frozen base) with the recipe's data, steps, anchors and budget."""
     from tqdm.auto import tqdm
 
-    if recipe.num_threads:
-        torch.set_num_threads(recipe.num_threads)
-    base_dir = Path(base_dir) if base_dir else recipe.resolve_base_model()
-    if examples is None:
-        from .data import build_sets
-        examples = build_sets(base_dir, recipe.data, ["train"], generator=generator, log=log)["train"]
-    seqs = to_sequences(examples, recipe.seq_len)
+    base_dir, seqs = prepare_training_sequences(recipe, examples, base_dir, generator, log)
     torch.manual_seed(recipe.seed)
     model = load_base_model(base_dir, _DTYPES[recipe.dtype])
     cfg = model.config

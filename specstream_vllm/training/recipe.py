@@ -61,6 +61,9 @@ class Recipe(_Strict):
     embedding_lr: Optional[float] = Field(
         None, gt=0, description="learning rate of the stream embeddings (null = lr); the "
                                 "residual stream they are added to is large (RMS ~20 in SmolLM2)")
+    embedding_init_std: float = Field(
+        0.02, gt=0, description="std of the initial stream embeddings; the residual stream "
+                                "they join is large, so a larger start separates streams sooner")
     warmup_steps: int = Field(20, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, ge=0)

@@ -177,6 +177,17 @@ def _param_count(params: StreamParams) -> int:
     return sum(p.numel() for p in params.parameters())
 
 
+def prepare_training_sequences(recipe: Recipe, examples, base_dir, generator, log):
+    """Threads, base model path and the training sequences (data generated if needed)."""
+    if recipe.num_threads:
+        torch.set_num_threads(recipe.num_threads)
+    base_dir = Path(base_dir) if base_dir else recipe.resolve_base_model()
+    if examples is None:
+        from .data import build_sets
+        examples = build_sets(base_dir, recipe.data, ["train"], generator=generator, log=log)["train"]
+    return base_dir, to_sequences(examples, recipe.seq_len)
+
+
 def train(recipe: Recipe, examples: list[Example] | None = None, *, resume: bool = False,
           generator=None, log: Callable[[str], None] = print, progress: bool = True,
           base_dir: Path | None = None) -> TrainResult:
@@ -185,13 +196,7 @@ def train(recipe: Recipe, examples: list[Example] | None = None, *, resume: bool
     from tqdm.auto import tqdm
 
     t_start = time.time()
-    if recipe.num_threads:
-        torch.set_num_threads(recipe.num_threads)
-    base_dir = Path(base_dir) if base_dir else recipe.resolve_base_model()
-    if examples is None:
-        from .data import build_sets
-        examples = build_sets(base_dir, recipe.data, ["train"], generator=generator, log=log)["train"]
-    seqs = to_sequences(examples, recipe.seq_len)
+    base_dir, seqs = prepare_training_sequences(recipe, examples, base_dir, generator, log)
     if not seqs:
         raise ValueError("no usable training sequences (each needs a prompt and >= 2 response tokens)")
     out_dir = Path(recipe.output_dir)
@@ -210,9 +215,11 @@ def train(recipe: Recipe, examples: list[Example] | None = None, *, resume: bool
         model = get_peft_model(model, LoraConfig(
             r=recipe.lora.rank, lora_alpha=recipe.lora.alpha,
             target_modules=list(recipe.lora.target_modules), lora_dropout=0.0, bias="none"))
-        params = StreamParams(cfg, recipe.num_streams, recipe.num_stream_layers, None)
+        params = StreamParams(cfg, recipe.num_streams, recipe.num_stream_layers, None,
+                              init_std=recipe.embedding_init_std)
     else:
-        params = StreamParams(cfg, recipe.num_streams, recipe.num_stream_layers, recipe.lora)
+        params = StreamParams(cfg, recipe.num_streams, recipe.num_stream_layers, recipe.lora,
+                              init_std=recipe.embedding_init_std)
     params.to(torch.float32)
     trainable = list(params.parameters())
     if finetuned:
