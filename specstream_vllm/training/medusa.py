@@ -23,8 +23,8 @@ from safetensors.torch import load_file, save_file
 from .data import Example
 from .losses import chunked_argmax, chunked_lm_loss
 from .recipe import Recipe
-from .trainer import (_lr_lambda, epoch_batches, load_base_model, pad_ids,
-                      prepare_training_sequences, run_main, sample_anchors)
+from .trainer import (_lr_lambda, load_base_model, pad_ids, prepare_training_sequences,
+                      run_main, step_batch)
 from ..reference.streams import unwrap_causal_lm
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -132,11 +132,7 @@ def train_medusa(recipe: Recipe, examples: list[Example] | None = None, *, outpu
     step, ema = 0, None
     bar = tqdm(total=total, disable=not progress, desc="medusa", dynamic_ncols=True)
     while step < total:
-        epoch, k = divmod(step, spe)
-        idx = epoch_batches(seqs, recipe.batch_size, recipe.seed, epoch)[k]
-        bseqs = [seqs[i] for i in idx]
-        rng = torch.Generator().manual_seed(recipe.seed * 1_000_003 + step)
-        anchors, avalid = sample_anchors(bseqs, recipe.anchors_per_seq, rng)
+        idx, bseqs, anchors, avalid = step_batch(seqs, recipe, step, spe)
         missing = [i for i in idx if i not in cache]
         if missing:
             with torch.no_grad():

@@ -177,6 +177,16 @@ def _param_count(params: StreamParams) -> int:
     return sum(p.numel() for p in params.parameters())
 
 
+def step_batch(seqs: list[Seq], recipe: Recipe, step: int, steps_per_epoch: int):
+    """The sequences of one step and their sampled anchors (deterministic in the step)."""
+    epoch, k = divmod(step, steps_per_epoch)
+    idx = epoch_batches(seqs, recipe.batch_size, recipe.seed, epoch)[k]
+    bseqs = [seqs[i] for i in idx]
+    rng = torch.Generator().manual_seed(recipe.seed * 1_000_003 + step)
+    anchors, avalid = sample_anchors(bseqs, recipe.anchors_per_seq, rng)
+    return idx, bseqs, anchors, avalid
+
+
 def prepare_training_sequences(recipe: Recipe, examples, base_dir, generator, log):
     """Threads, base model path and the training sequences (data generated if needed)."""
     if recipe.num_threads:
@@ -292,11 +302,7 @@ def train(recipe: Recipe, examples: list[Example] | None = None, *, resume: bool
         os.replace(tmp, state_path)
 
     while step < total:
-        epoch, k = divmod(step, steps_per_epoch)
-        idx = epoch_batches(seqs, recipe.batch_size, recipe.seed, epoch)[k]
-        bseqs = [seqs[i] for i in idx]
-        rng = torch.Generator().manual_seed(recipe.seed * 1_000_003 + step)
-        anchors, avalid = sample_anchors(bseqs, recipe.anchors_per_seq, rng)
+        idx, bseqs, anchors, avalid = step_batch(seqs, recipe, step, steps_per_epoch)
         lens = torch.tensor([s.length for s in bseqs])
         ids, mask = pad_ids(bseqs)
         main_loss = torch.zeros(())

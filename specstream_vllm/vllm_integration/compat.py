@@ -20,6 +20,7 @@ a ``SpecStream`` speculator beside its EAGLE one; until then the patch below kee
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib.abc
 import importlib.util
@@ -269,13 +270,18 @@ def attention_groups_for(runner, layer_names: list[str]):
     return gid, found
 
 
+@functools.lru_cache(maxsize=None)
+def _field_names(cls) -> frozenset[str]:
+    return frozenset(f.name for f in dataclasses.fields(cls))
+
+
 def draft_attention_metadata(base_cm, *, query_start_loc_cpu: torch.Tensor,
                              seq_lens_cpu: torch.Tensor, positions: torch.Tensor,
                              slot_mapping: torch.Tensor, block_table: torch.Tensor,
                              query_len: int, device: torch.device):
     """A ``CommonAttentionMetadata`` for ``query_len`` stream tokens per request."""
     num_reqs = seq_lens_cpu.shape[0]
-    fields = {f.name for f in dataclasses.fields(base_cm)}
+    fields = _field_names(type(base_cm))
     changes: dict[str, Any] = dict(
         query_start_loc=query_start_loc_cpu.to(device, non_blocking=True),
         query_start_loc_cpu=query_start_loc_cpu,
