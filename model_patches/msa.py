@@ -7,7 +7,10 @@ The MSA model *is* the served target model (same weights, same KV cache) plus:
   way vLLM shards the base linear it corrects (column-parallel: B rows of this
   rank; row-parallel: A columns of this rank, the rank-r partial is all-reduced);
 * the hidden state entering layer ``L - N_s`` as an auxiliary output of the main
-  forward (vLLM's EAGLE-3 mechanism), which the proposer turns into stream inputs.
+  forward (vLLM's EAGLE-3 mechanism), which the proposer turns into stream inputs;
+* the checkpoint's draft vocabulary, if any: drafts are the argmax over those LM-head
+  rows only (gathered per call, no weight copy), which is what the streams were
+  trained on and several times cheaper than the full head.
 
 Settings reach the model through ``hf_config.specstream`` (set by the config patch
 in the front-end process); the stream tensors are read from the checkpoint in
@@ -20,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from specstream_vllm.checkpoint import EMBEDDINGS_KEY, load_checkpoint
+from specstream_vllm.checkpoint import DRAFT_VOCAB_KEY, EMBEDDINGS_KEY, load_checkpoint
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,7 @@ class StreamSettings:
     lora_rank: int = 0
     lora_scaling: float = 1.0
     lora_targets: tuple[str, ...] = ()
+    min_draft_prob: float = 0.0
 
     @property
     def first_layer(self) -> int:
@@ -83,7 +87,7 @@ class ShardedLoRA(nn.Module):
 
     def load(self, parts: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         """``parts[name] = (A [r, in_full], B [out_full, r])`` for each fused member."""
-        dev, dt = self.A.device, self.A.dtype
+        dev = self.A.device
         if self.out_slices is not None:  # column parallel, possibly fused (qkv, gate_up)
             names = [n for n, _, _ in self.out_slices if n in parts]
             r = parts[names[0]][0].shape[0]
@@ -95,21 +99,22 @@ class ShardedLoRA(nn.Module):
                     k = names.index(name)
                     B[row:row + e - s, k * r:(k + 1) * r] = parts[name][1][s:e]
                 row += e - s
-            self.A = A.to(dev, dt)
-            self.B = B.to(dev, dt)
+            self.A = A.to(dev, torch.float32)
+            self.B = B.to(dev, torch.float32)
         else:  # row parallel, single member
             (a, b), = parts.values()
             if self.in_slice is not None:
                 a = a[:, self.in_slice[0]:self.in_slice[1]]
-            self.A = a.to(dev, dt).contiguous()
-            self.B = b.to(dev, dt).contiguous()
+            self.A = a.to(dev, torch.float32).contiguous()
+            self.B = b.to(dev, torch.float32).contiguous()
         self.present = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x @ self.A.t()
+        # float32: rank-r products are tiny, and CPU bf16 GEMMs this small are ~10x slower
+        h = x.to(self.A.dtype) @ self.A.t()
         if self.in_slice is not None:
             h = _all_reduce(h)
-        return (h @ self.B.t()) * self.scaling
+        return ((h @ self.B.t()) * self.scaling).to(x.dtype)
 
 
 class MSAMixin:
@@ -124,11 +129,12 @@ class MSAMixin:
         self.register_buffer("stream_embeddings",
                              torch.zeros(s.num_streams, cfg.hidden_size, dtype=dtype),
                              persistent=False)
+        self.stream_draft_vocab: torch.Tensor | None = None
         self.stream_lora = nn.ModuleDict()
         if s.lora_rank:
             for li in range(s.first_layer, s.num_layers):
                 for key, mod in self._lora_modules_for_layer(cfg, li, s).items():
-                    self.stream_lora[key] = mod.to(dtype)
+                    self.stream_lora[key] = mod  # float32, see ShardedLoRA.forward
         self.model._set_aux_hidden_state_layers((s.first_layer,))
 
     # ---- vLLM's EAGLE-3 aux-hidden-state interface: always our one layer ----
@@ -155,6 +161,28 @@ class MSAMixin:
                 groups.setdefault(key, {})[name] = (a, b)
         for key, parts in groups.items():
             self.stream_lora[key].load(parts)
+        vocab = tensors.get(DRAFT_VOCAB_KEY)
+        if vocab is not None:
+            self.stream_draft_vocab = vocab.to(self.stream_embeddings.device, torch.int64)
+
+    def draft_token_ids(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Top-1 token of each stream hidden state (final-normed) over the draft vocabulary,
+        with its probability under the softmax over that vocabulary (float32)."""
+        vocab = self.stream_draft_vocab
+        from vllm.distributed import get_tensor_model_parallel_world_size
+        if vocab is not None and get_tensor_model_parallel_world_size() == 1:
+            w = self.lm_head.weight.index_select(0, vocab)
+            logits = (hidden.to(w.dtype) @ w.t()).float()
+        else:
+            logits = self.compute_logits(hidden)  # full head: vocab-parallel shards gathered
+            if logits is None:  # ranks that do not receive the gathered logits
+                return None
+            logits = logits.float()
+            if vocab is not None:
+                logits = logits.index_select(-1, vocab)
+        top, idx = logits.max(dim=-1)
+        prob = torch.exp(top - torch.logsumexp(logits, dim=-1))
+        return (idx if vocab is None else vocab[idx]), prob
 
     def stream_lora_delta(self, layer: int, fused: str, x: torch.Tensor) -> torch.Tensor | None:
         key = f"{layer}_{fused}"

@@ -6,7 +6,11 @@ and ``model.safetensors`` holding
 * ``stream_embeddings``: ``[num_streams, hidden_size]`` -- the e_j of DESIGN.md;
 * optionally ``layers.{i}.{module}.lora_A`` ``[rank, in]`` and ``.lora_B``
   ``[out, rank]`` for absolute layer index ``i`` in the top ``num_stream_layers``
-  layers: the stream-only LoRA delta (lossless mode).
+  layers: the stream-only LoRA delta (lossless mode);
+* optionally ``draft_vocab``: sorted int64 token ids the streams may draft (the
+  tokens they were trained to predict). Drafting only over these rows of the LM
+  head makes the draft pass's LM head several times cheaper; verification still
+  uses the full vocabulary, so outputs do not change.
 
 A fine-tuned model directory carries its streams in a ``specstream/`` subfolder.
 The base model is identified by a fingerprint of its config and a few weight
@@ -31,6 +35,7 @@ FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 EMBEDDINGS_KEY = "stream_embeddings"
+DRAFT_VOCAB_KEY = "draft_vocab"
 STREAMS_SUBDIR = "specstream"
 MODEL_TYPE = "specstream"
 
@@ -67,6 +72,18 @@ class BaseModelRef(BaseModel):
     fingerprint: str
 
 
+class GreedyProposal(BaseModel):
+    """How the proposer turns stream outputs into a draft: the top-1 chain of the streams,
+    cut at the first stream whose top-1 probability (softmax over the draft vocabulary)
+    is below ``min_draft_prob`` -- a draft token that would likely be rejected costs
+    verification compute for nothing, most of all at large batch sizes."""
+
+    model_config = ConfigDict(extra="forbid")
+    proposal_type: Literal["greedy"] = "greedy"
+    speculative_tokens: Optional[int] = Field(None, ge=1)
+    min_draft_prob: float = Field(0.0, ge=0.0, lt=1.0)
+
+
 class SpeculatorsInfo(BaseModel):
     """Mirrors vllm-project/speculators' ``speculators_config`` where it fits."""
 
@@ -75,6 +92,12 @@ class SpeculatorsInfo(BaseModel):
     proposal_methods: list[dict] = Field(default_factory=list)
     default_proposal_method: str = "greedy"
     verifier: dict = Field(default_factory=dict)
+
+    def greedy_proposal(self) -> GreedyProposal:
+        for m in self.proposal_methods:
+            if m.get("proposal_type") == "greedy":
+                return GreedyProposal.model_validate(m)
+        return GreedyProposal()
 
 
 class StreamCheckpointConfig(BaseModel):
@@ -88,6 +111,7 @@ class StreamCheckpointConfig(BaseModel):
     lora: Optional[LoraSpec] = None
     base_model: BaseModelRef
     torch_dtype: str = "float32"
+    draft_vocab_size: Optional[int] = Field(None, ge=1)
     speculators_config: SpeculatorsInfo = Field(default_factory=SpeculatorsInfo)
     training: dict = Field(default_factory=dict)
 
@@ -210,7 +234,9 @@ def load_checkpoint_config(path: str | Path) -> StreamCheckpointConfig:
             f"{cfg_path} has format_version={version!r}, this specstream-vllm reads version "
             f"{FORMAT_VERSION}; re-export it with a matching specstream-vllm release")
     try:
-        return StreamCheckpointConfig.model_validate(raw)
+        cfg = StreamCheckpointConfig.model_validate(raw)
+        cfg.speculators_config.greedy_proposal()
+        return cfg
     except ValidationError as e:
         raise CheckpointError(f"{cfg_path} is malformed:\n{e}") from None
 
@@ -236,7 +262,29 @@ def load_checkpoint(path: str | Path, *, base_model_dir: str | Path | None = Non
         raise CheckpointError(
             f"{wpath}: '{EMBEDDINGS_KEY}' has shape {None if emb is None else tuple(emb.shape)}, "
             f"config says {want}")
+    _check_draft_vocab(cfg, tensors, wpath)
     return cfg, tensors
+
+
+def _check_draft_vocab(cfg: StreamCheckpointConfig, tensors: dict[str, torch.Tensor],
+                       wpath: Path) -> None:
+    vocab = tensors.get(DRAFT_VOCAB_KEY)
+    if cfg.draft_vocab_size is None:
+        if vocab is not None:
+            raise CheckpointError(f"{wpath} holds '{DRAFT_VOCAB_KEY}' but config.json has no "
+                                  "draft_vocab_size; re-export the checkpoint")
+        return
+    if vocab is None or vocab.dim() != 1 or vocab.numel() != cfg.draft_vocab_size:
+        raise CheckpointError(
+            f"{wpath}: '{DRAFT_VOCAB_KEY}' must be a 1-D tensor of draft_vocab_size="
+            f"{cfg.draft_vocab_size} token ids, found "
+            f"{None if vocab is None else tuple(vocab.shape)}")
+    if vocab.dtype not in (torch.int32, torch.int64):
+        raise CheckpointError(f"{wpath}: '{DRAFT_VOCAB_KEY}' must hold integer token ids")
+    if (vocab.numel() and (int(vocab.min()) < 0 or int(vocab.max()) >= cfg.base_model.vocab_size)) \
+            or bool((vocab[1:] <= vocab[:-1]).any()):
+        raise CheckpointError(f"{wpath}: '{DRAFT_VOCAB_KEY}' must be sorted, unique token ids "
+                              f"below the base vocabulary size {cfg.base_model.vocab_size}")
 
 
 def validate_against_base(cfg: StreamCheckpointConfig, base_model_dir: str | Path | None,

@@ -151,3 +151,41 @@ def test_default_model_conversion_is_atomic(tmp_path, monkeypatch):
         default_model.default_model_dir()
     models = tmp_path / "models"
     assert not any(models.iterdir()), list(models.iterdir())
+
+
+def _with_draft_vocab(ckpt, vocab: torch.Tensor, size: int | None):
+    from safetensors.torch import load_file, save_file
+    w = ckpt / "model.safetensors"
+    tensors = load_file(str(w))
+    tensors["draft_vocab"] = vocab
+    save_file(tensors, str(w))
+    raw = json.loads((ckpt / "config.json").read_text())
+    raw["draft_vocab_size"] = size
+    (ckpt / "config.json").write_text(json.dumps(raw))
+
+
+def test_draft_vocab_round_trip(ckpt, tiny_llama_dir):
+    from transformers import AutoConfig
+    from specstream_vllm.reference.streams import StreamParams
+    _with_draft_vocab(ckpt, torch.tensor([3, 7, 20], dtype=torch.int64), 3)
+    cfg, tensors = load_checkpoint(ckpt, base_model_dir=tiny_llama_dir)
+    p = StreamParams.from_checkpoint(AutoConfig.from_pretrained(str(tiny_llama_dir)), cfg, tensors)
+    assert p.draft_vocab.tolist() == [3, 7, 20]
+    lm = torch.randn(cfg.base_model.vocab_size, 64)
+    assert torch.equal(p.draft_lm_weight(lm), lm[[3, 7, 20]])
+    assert p.draft_ids(torch.tensor([2, 0])).tolist() == [20, 3]
+    assert torch.equal(p.state_tensors()["draft_vocab"], tensors["draft_vocab"])
+
+
+@pytest.mark.parametrize("vocab,size,words", [
+    (torch.tensor([3, 7, 20]), 4, "draft_vocab_size=4"),
+    (torch.tensor([7, 3, 20]), 3, "sorted, unique"),
+    (torch.tensor([3, 7, 7]), 3, "sorted, unique"),
+    (torch.tensor([3, 7, 10 ** 6]), 3, "below the base vocabulary size"),
+    (torch.tensor([3.0, 7.0, 20.0]), 3, "integer token ids"),
+    (torch.tensor([3, 7, 20]), None, "no draft_vocab_size"),
+])
+def test_bad_draft_vocab(ckpt, vocab, size, words):
+    _with_draft_vocab(ckpt, vocab, size)
+    with pytest.raises(CheckpointError, match=words):
+        load_checkpoint(ckpt)

@@ -94,3 +94,24 @@ def test_version_mismatch_is_refused(monkeypatch):
         compat.check_vllm_version()
     monkeypatch.setenv(compat.VERSION_OVERRIDE_ENV, "1")
     assert compat.check_vllm_version() == "0.31.9"
+
+
+def test_min_draft_prob_from_checkpoint_and_env(tiny_llama_dir, streams, tmp_path, monkeypatch):
+    import shutil
+    ck = tmp_path / "cut"
+    shutil.copytree(streams, ck)
+    raw = json.loads((ck / "config.json").read_text())
+    raw["speculators_config"]["proposal_methods"] = [{"proposal_type": "greedy", "min_draft_prob": 0.25}]
+    (ck / "config.json").write_text(json.dumps(raw))
+    spec = {"method": "specstream", "model": str(ck)}
+    assert engine_config(tiny_llama_dir, spec).model_config.hf_config.specstream["min_draft_prob"] == 0.25
+    monkeypatch.setenv("SPECSTREAM_MIN_DRAFT_PROB", "0.5")
+    assert engine_config(tiny_llama_dir, spec).model_config.hf_config.specstream["min_draft_prob"] == 0.5
+    monkeypatch.setenv("SPECSTREAM_MIN_DRAFT_PROB", "1.5")
+    with pytest.raises(ValueError, match="must be a probability"):
+        engine_config(tiny_llama_dir, spec)
+    monkeypatch.delenv("SPECSTREAM_MIN_DRAFT_PROB")
+    raw["speculators_config"]["proposal_methods"] = [{"proposal_type": "greedy", "min_draft_prob": -1}]
+    (ck / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="malformed"):
+        engine_config(tiny_llama_dir, spec)

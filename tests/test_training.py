@@ -112,6 +112,13 @@ def test_tiny_training_loss_goes_down_and_checkpoint_loads(tmp_path, tiny_model,
     assert cfg.training["steps"] == res.steps and cfg.training["stream_parameters"] == res.stream_params
     assert tensors["stream_embeddings"].shape == (3, 64)
     assert "layers.3.q_proj.lora_A" in tensors and "layers.1.q_proj.lora_A" not in tensors
+    assert cfg.speculators_config.greedy_proposal().speculative_tokens == 3
+    if vocab == "data":  # drafts are restricted to the tokens of the training responses
+        want = torch.unique(torch.tensor([t for e in _examples() for t in e.response_ids]))
+        assert cfg.draft_vocab_size == want.numel()
+        assert torch.equal(tensors["draft_vocab"], want)
+    else:
+        assert cfg.draft_vocab_size is None and "draft_vocab" not in tensors
     # lossless: the base weights are untouched, bit for bit
     after = load_file(str(tiny_model / "model.safetensors"))
     assert before.keys() == after.keys()
@@ -210,18 +217,21 @@ def test_data_cache_reused(tmp_path, tiny_model, monkeypatch):
 
 # --------------------------------------------------------------------------- evaluation
 
-def test_eval_matches_reference_speculative_decoder(tmp_path, tiny_model, monkeypatch):
-    """One-forward acceptance == step-by-step greedy speculative decoding, draft by draft."""
+@pytest.mark.parametrize("vocab", ["full", "data"])
+def test_eval_matches_reference_speculative_decoder(tmp_path, tiny_model, monkeypatch, vocab):
+    """One-forward acceptance == step-by-step greedy speculative decoding, draft by draft
+    (with and without a draft vocabulary)."""
     from specstream_vllm.reference import decoder as dec
     from specstream_vllm.reference.streams import StreamParams
     from specstream_vllm.training.evaluate import acceptance_on, stream_drafter
     from specstream_vllm.training.trainer import load_base_model, train
 
-    res = train(_recipe(tmp_path, tiny_model, epochs=3, lr=3e-2), _examples(), progress=False,
-                log=lambda s: None)
+    res = train(_recipe(tmp_path, tiny_model, epochs=3, lr=3e-2, train_vocab=vocab), _examples(),
+                progress=False, log=lambda s: None)
     model = load_base_model(tiny_model, torch.float32)
     cfg, tensors = load_checkpoint(res.checkpoint_dir)
     params = StreamParams.from_checkpoint(model.config, cfg, tensors)
+    assert (params.draft_vocab is not None) == (vocab == "data")
     records: list[tuple[int, int]] = []
     orig = dec.AcceptanceStats.record
 

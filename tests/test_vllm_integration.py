@@ -105,6 +105,21 @@ def test_drafts_equal_reference_model(smollm2_runs, smollm2_fp32):
     assert same / total >= 0.97, f"only {same}/{total} draft tokens match the reference"
 
 
+def test_low_confidence_drafts_are_cut_output_unchanged(smollm2_runs, smollm2_dir, tmp_path):
+    """min_draft_prob: shorter, better drafts (variable-length path), same greedy tokens."""
+    base, spec, streams, _ = smollm2_runs
+    job = {"model": str(smollm2_dir), "prompts": PROMPTS, "max_tokens": MAX_TOKENS,
+           "batches": [list(range(len(PROMPTS)))],
+           "spec": {"method": "specstream", "model": str(streams), "num_speculative_tokens": 4},
+           "env": {"SPECSTREAM_MIN_DRAFT_PROB": "0.2"}}
+    res = run_engine(job, tmp_path, "cut")
+    assert res["batches"][0]["outputs"] == base["batches"][-1]["outputs"]
+    m, full = res["metrics"], spec["metrics"]
+    assert 0 < m["vllm:spec_decode_num_draft_tokens"] < 4 * m["vllm:spec_decode_num_drafts"]
+    rate = lambda x: x["vllm:spec_decode_num_accepted_tokens"] / x["vllm:spec_decode_num_draft_tokens"]  # noqa: E731
+    assert rate(m) > rate(full)
+
+
 @pytest.fixture(scope="module")
 def tiny_tp_dir(tmp_path_factory):
     return make_tiny_llama(tmp_path_factory.mktemp("tp") / "llama8", heads=8, kv_heads=4,
@@ -115,7 +130,8 @@ def test_tensor_parallel_2_matches_tp2_without_speculation(tiny_tp_dir, tmp_path
     streams = init_checkpoint(tiny_tp_dir, tmp_path / "streams", num_streams=3, num_stream_layers=2,
                               lora=LoraSpec(rank=4, target_modules=list(
                                   ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))),
-                              random_lora_b=True, init_std=0.5)
+                              random_lora_b=True, init_std=0.5,
+                              draft_vocab=list(range(3, 512, 2)))  # vocab-parallel head + restriction
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (5, 11, 17, 8)]
     env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
@@ -142,6 +158,7 @@ def test_tensor_parallel_2_matches_tp2_without_speculation(tiny_tp_dir, tmp_path
         draft_tokens(model, params, torch.tensor([r["context"]]), len(r["context"]) - 1, 3).tolist(),
         r["drafts"]))
     assert same / (3 * len(rows)) >= 0.97
+    assert all(t % 2 == 1 for r in rows for t in r["drafts"])  # drafts stay in the draft vocabulary
 
 
 def test_seeded_sampling_runs_through_rejection_sampler(smollm2_dir, shipped_streams, tmp_path):

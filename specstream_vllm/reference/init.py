@@ -12,8 +12,10 @@ from .streams import StreamParams, check_architecture
 
 def init_checkpoint(base_model_dir: str | Path, out_dir: str | Path, *, num_streams: int = 4,
                     num_stream_layers: int = 4, lora: LoraSpec | None = None, seed: int = 0,
-                    init_std: float = 0.02, random_lora_b: bool = False) -> Path:
-    """Random stream embeddings (and LoRA; B zero unless ``random_lora_b``)."""
+                    init_std: float = 0.02, random_lora_b: bool = False,
+                    draft_vocab: list[int] | None = None) -> Path:
+    """Random stream embeddings (and LoRA; B zero unless ``random_lora_b``), optionally
+    with a draft vocabulary (token ids drafts are restricted to)."""
     cfg = AutoConfig.from_pretrained(str(base_model_dir))
     check_architecture(cfg)
     torch.manual_seed(seed)
@@ -22,7 +24,10 @@ def init_checkpoint(base_model_dir: str | Path, out_dir: str | Path, *, num_stre
         with torch.no_grad():
             for b in params.lora_B.values():
                 b.normal_(0, 0.02)
+    if draft_vocab is not None:
+        params.set_draft_vocab(torch.tensor(draft_vocab))
     ckpt = StreamCheckpointConfig(
+        draft_vocab_size=None if params.draft_vocab is None else params.draft_vocab.numel(),
         num_streams=num_streams, num_stream_layers=num_stream_layers, lora=lora,
         base_model=base_model_ref(base_model_dir), training={"untrained": True, "seed": seed})
     return save_checkpoint(out_dir, ckpt, params.state_tensors())

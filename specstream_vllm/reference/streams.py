@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..checkpoint import (EMBEDDINGS_KEY, SUPPORTED_ARCHITECTURES, LoraSpec,
+from ..checkpoint import (DRAFT_VOCAB_KEY, EMBEDDINGS_KEY, SUPPORTED_ARCHITECTURES, LoraSpec,
                           StreamCheckpointConfig)
 from ..errors import UnsupportedArchitectureError
 
@@ -75,6 +75,8 @@ class StreamParams(nn.Module):
         self.stream_embeddings = nn.Parameter(torch.randn(num_streams, config.hidden_size) * init_std)
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
+        #: token ids the streams may draft (None: the whole vocabulary); see checkpoint.py
+        self.register_buffer("draft_vocab", None)
         if lora is not None:
             shapes = module_shapes(config)
             for layer in self.layer_ids:
@@ -111,7 +113,22 @@ class StreamParams(nn.Module):
             _, layer, name = key.split("_", 2)
             out[f"layers.{layer}.{name}.lora_A"] = a.detach()
             out[f"layers.{layer}.{name}.lora_B"] = self.lora_B[key].detach()
+        if self.draft_vocab is not None:
+            out[DRAFT_VOCAB_KEY] = self.draft_vocab.to(torch.int64)
         return out
+
+    def set_draft_vocab(self, vocab: torch.Tensor | None) -> None:
+        self.draft_vocab = None if vocab is None else torch.unique(vocab.to(torch.int64))
+
+    def draft_lm_weight(self, lm_weight: torch.Tensor) -> torch.Tensor:
+        """The LM-head rows drafts are chosen from (all rows without a draft vocabulary)."""
+        if self.draft_vocab is None:
+            return lm_weight
+        return lm_weight[self.draft_vocab.to(lm_weight.device)]
+
+    def draft_ids(self, idx: torch.Tensor) -> torch.Tensor:
+        """Map argmax indices over :meth:`draft_lm_weight` rows back to token ids."""
+        return idx if self.draft_vocab is None else self.draft_vocab.to(idx.device)[idx]
 
     @classmethod
     def from_checkpoint(cls, model_config, cfg: StreamCheckpointConfig,
@@ -123,6 +140,8 @@ class StreamParams(nn.Module):
                 _, layer, name = key.split("_", 2)
                 p.lora_A[key].copy_(tensors[f"layers.{layer}.{name}.lora_A"])
                 p.lora_B[key].copy_(tensors[f"layers.{layer}.{name}.lora_B"])
+        if DRAFT_VOCAB_KEY in tensors:
+            p.set_draft_vocab(tensors[DRAFT_VOCAB_KEY])
         return p
 
     def num_parameters(self) -> int:

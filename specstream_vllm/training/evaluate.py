@@ -35,12 +35,12 @@ def stream_drafter(params: StreamParams, gamma: int, chunk: int = 128) -> Drafte
 
         T = final.shape[1]
         main = MainPass(None, layers, torch.arange(T).unsqueeze(0))
-        lm = unwrap_causal_lm(model).lm_head.weight
+        lm = params.draft_lm_weight(unwrap_causal_lm(model).lm_head.weight)
         out = []
         for s in range(0, anchors.numel(), chunk):
             a = anchors[s:s + chunk].unsqueeze(0)
             h = stream_logits(model, params, main, a, gamma, return_hidden=True)[0]  # [a, g, d]
-            out.append(chunked_argmax(h.reshape(-1, h.shape[-1]), lm).view(-1, gamma))
+            out.append(params.draft_ids(chunked_argmax(h.reshape(-1, h.shape[-1]), lm)).view(-1, gamma))
         return torch.cat(out)
     return draft
 

@@ -90,6 +90,10 @@ class Recipe(_Strict):
     time_budget_minutes: Optional[float] = Field(
         None, gt=0, description="stop training (and save) after this many minutes")
     eval_gammas: list[int] = Field(default_factory=lambda: [2, 3, 4])
+    min_draft_prob: float = Field(
+        0.0, ge=0.0, lt=1.0,
+        description="written to the checkpoint's greedy proposal: the proposer cuts a draft at "
+                    "the first stream whose top-1 probability is below this (0 = never)")
 
     @model_validator(mode="after")
     def _consistent(self) -> "Recipe":

@@ -21,8 +21,8 @@ from typing import Callable, Optional
 
 import torch
 
-from ..checkpoint import (STREAMS_SUBDIR, StreamCheckpointConfig, base_model_ref,
-                          save_checkpoint)
+from ..checkpoint import (DRAFT_VOCAB_KEY, STREAMS_SUBDIR, GreedyProposal, SpeculatorsInfo,
+                          StreamCheckpointConfig, base_model_ref, save_checkpoint)
 from ..reference.streams import (MainPass, StreamParams, capture_layer_inputs, check_architecture,
                                  decoder_of, stream_logits, unwrap_causal_lm)
 from .data import Example
@@ -142,6 +142,12 @@ class MainCache:
         return main, fin
 
 
+def response_vocab(seqs: list[Seq]) -> torch.Tensor:
+    """Sorted ids of every token in the training responses: the training softmax and,
+    saved as the checkpoint's ``draft_vocab``, the tokens the proposer may draft."""
+    return torch.unique(torch.cat([s.ids[s.prompt_len:] for s in seqs]))
+
+
 def pad_ids(seqs: list[Seq]) -> tuple[torch.Tensor, torch.Tensor]:
     T = max(s.length for s in seqs)
     ids = torch.zeros(len(seqs), T, dtype=torch.long)
@@ -254,7 +260,7 @@ def train(recipe: Recipe, examples: list[Example] | None = None, *, resume: bool
     state_path = out_dir / STATE_NAME
     if resume and state_path.is_file():
         st = torch.load(state_path, weights_only=False)
-        params.load_state_dict(st["params"])
+        params.load_state_dict({k: v for k, v in st["params"].items() if k != "draft_vocab"})
         if finetuned and st.get("peft") is not None:
             from peft import set_peft_model_state_dict
             set_peft_model_state_dict(model, st["peft"])
@@ -277,7 +283,8 @@ def train(recipe: Recipe, examples: list[Example] | None = None, *, resume: bool
     lm_weight = unwrap_causal_lm(model).lm_head.weight
     vocab_map = None
     if recipe.train_vocab == "data" and not finetuned:
-        vocab = torch.unique(torch.cat([s.ids[s.prompt_len:] for s in seqs]))
+        vocab = response_vocab(seqs)
+        params.set_draft_vocab(vocab)  # drafts are chosen from the tokens the streams learn
         vocab_map = torch.full((lm_weight.shape[0],), -1, dtype=torch.long)
         vocab_map[vocab] = torch.arange(vocab.numel())
         lm_weight = lm_weight[vocab].contiguous()
@@ -420,5 +427,11 @@ def _export(recipe: Recipe, model, params: StreamParams, base_dir: Path, out_dir
         lora = recipe.lora
     cfg = StreamCheckpointConfig(mode=recipe.mode, num_streams=recipe.num_streams,
                                  num_stream_layers=recipe.num_stream_layers, lora=lora,
-                                 base_model=ref, torch_dtype="float32", training=meta)
-    return save_checkpoint(target, cfg, {k: v.float() for k, v in params.state_tensors().items()})
+                                 base_model=ref, torch_dtype="float32", training=meta,
+                                 speculators_config=SpeculatorsInfo(proposal_methods=[GreedyProposal(
+                                     speculative_tokens=recipe.num_streams,
+                                     min_draft_prob=recipe.min_draft_prob).model_dump()]),
+                                 draft_vocab_size=None if params.draft_vocab is None
+                                 else params.draft_vocab.numel())
+    tensors = {k: v if k == DRAFT_VOCAB_KEY else v.float() for k, v in params.state_tensors().items()}
+    return save_checkpoint(target, cfg, tensors)

@@ -5,6 +5,7 @@ result is a plain dict that travels to the workers inside ``hf_config.specstream
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -15,6 +16,8 @@ from ..errors import CheckpointError, UnsupportedArchitectureError
 from specstream_vllm.model_patches import MSA_ARCHITECTURES
 
 METHOD = "specstream"
+#: overrides the checkpoint's ``min_draft_prob`` (see checkpoint.GreedyProposal)
+MIN_DRAFT_PROB_ENV = "SPECSTREAM_MIN_DRAFT_PROB"
 
 
 class SpecStreamSettings(BaseModel):
@@ -28,6 +31,7 @@ class SpecStreamSettings(BaseModel):
     lora_rank: int = 0
     lora_scaling: float = 1.0
     lora_targets: tuple[str, ...] = ()
+    min_draft_prob: float = Field(0.0, ge=0.0, lt=1.0)
 
 
 def resolve_settings(streams_path: str | None, base_model: str, base_architecture: str,
@@ -68,5 +72,20 @@ def resolve_settings(streams_path: str | None, base_model: str, base_architectur
         lora_rank=lora.rank if lora else 0,
         lora_scaling=lora.scaling if lora else 1.0,
         lora_targets=tuple(lora.target_modules) if lora else (),
+        min_draft_prob=_min_draft_prob(cfg.speculators_config.greedy_proposal().min_draft_prob),
     )
     return settings, num_speculative_tokens, MSA_ARCHITECTURES[base_architecture][0]
+
+
+def _min_draft_prob(from_checkpoint: float) -> float:
+    raw = os.environ.get(MIN_DRAFT_PROB_ENV)
+    if raw is None or raw == "":
+        return from_checkpoint
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{MIN_DRAFT_PROB_ENV}={raw!r} must be a probability in [0, 1) "
+                         "(0 drafts every stream; higher values cut low-confidence drafts)")
+    return value

@@ -29,6 +29,7 @@ class SpecStreamProposer:
         self.runner = runner
         self.num_speculative_tokens = vllm_config.speculative_config.num_speculative_tokens
         self.model = None
+        self.min_draft_prob = 0.0
         self._layer_names: list[str] = []
         self._groups = None
         self._kv_gid = 0
@@ -43,6 +44,7 @@ class SpecStreamProposer:
             raise RuntimeError("the served model is not a SpecStream MSA model; was the "
                                "specstream plugin loaded in this worker?")
         self.model = model
+        self.min_draft_prob = model.stream_settings.min_draft_prob
         self._layer_names = model.stream_attention_layer_names()
         self.embeddings = model.stream_embeddings
 
@@ -106,12 +108,29 @@ class SpecStreamProposer:
         with compat.forward_context(per_layer, self.vllm_config, R * g, draft_cm.slot_mapping,
                                     self._layer_names):
             hidden = self.model.stream_forward(x, positions)
-        logits = self.model.compute_logits(hidden)
-        if logits is not None:
-            out[active.to(self.device), :g] = logits.argmax(dim=-1).view(R, g)
-            if _DRAFT_LOG:
-                self._log_drafts(active, anchor_pos, out)
-        return out
+        res = self.model.draft_token_ids(hidden)
+        if res is None:  # a rank without gathered logits; the driver rank's drafts are used
+            return out
+        ids, prob = res
+        out[active.to(self.device), :g] = ids.view(R, g)
+        if _DRAFT_LOG:
+            self._log_drafts(active, anchor_pos, out)
+        if self.min_draft_prob <= 0.0:
+            return out
+        return self._cut_low_confidence(out, active, prob.view(R, g), num_reqs, g)
+
+    def _cut_low_confidence(self, out: torch.Tensor, active: torch.Tensor, prob: torch.Tensor,
+                            num_reqs: int, g: int) -> list[list[int]]:
+        """Per request, keep the chain up to the first stream below ``min_draft_prob``.
+
+        Returned as lists (vLLM's variable-length draft path, as for ngram); requests
+        without a new token get no draft."""
+        keep = (prob >= self.min_draft_prob).to(torch.int64).cumprod(dim=1).sum(dim=1).tolist()
+        rows = out[:, :g].tolist()
+        drafts: list[list[int]] = [[] for _ in range(num_reqs)]
+        for r, n in zip(active.tolist(), keep):
+            drafts[r] = rows[r][:n]
+        return drafts
 
     def _log_drafts(self, active, anchor_pos, out) -> None:
         """Debug/test hook: record (context, drafts) so tests can replay the reference."""
