@@ -23,10 +23,17 @@ class Method:
     skip_reason: str | None = None
     extra_params: int | None = None
 
+    @property
+    def keeps_request_state(self) -> bool:
+        """suffix caches earlier responses: an engine that already answered a prompt would
+        look better on it, so it gets a fresh engine per batch size / concurrency level."""
+        return bool(self.speculative_config) and self.speculative_config.get("method") == "suffix"
+
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "speculative_config": self.speculative_config,
                 "weights_dir": self.weights_dir, "skip_reason": self.skip_reason,
-                "extra_params": self.extra_params}
+                "extra_params": self.extra_params,
+                "fresh_engine_per_level": self.keeps_request_state}
 
 
 def count_safetensors_params(path: str | Path) -> int:

@@ -198,8 +198,9 @@ def render_markdown(results: dict[str, Any]) -> str:
         out.append(f"- note: {meta['note']}")
     out.append("")
     if "offline" in results:
-        engines = ("one engine per method for all batch sizes (suffix's response cache sees "
-                   "each prompt again at later sizes)" if meta.get("shared_engine")
+        engines = ("one engine per method for all batch sizes, except suffix (its response "
+                   "cache would see each prompt again): a fresh engine per batch size"
+                   if meta.get("shared_engine")
                    else "a fresh engine per method and batch size")
         out += ["## Offline (`vllm.LLM`, b prompts per generate call)", "",
                 f"Warm-up on unrelated prompts, then timed; {engines}.", "",

@@ -52,8 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--enforce-eager", action="store_true", help="skip torch.compile (fast start)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shared-engine", action="store_true",
-                   help="offline: one engine for all batch sizes (faster; but suffix's "
-                        "response cache then sees each prompt's output again at later sizes)")
+                   help="offline: one engine per method for all batch sizes (faster); suffix, "
+                        "which caches earlier responses, still gets a fresh engine per size")
     p.add_argument("--repeats", type=int, default=1, help="engine runs per method (order rotated)")
     p.add_argument("--kv-cache-gib", type=int, default=4, help="VLLM_CPU_KVCACHE_SPACE per engine")
     p.add_argument("--threads", type=int, help="OMP_NUM_THREADS for engines (default: vLLM's)")
@@ -93,30 +93,44 @@ def run_mode(mode: str, methods: list[Method], base_job: dict[str, Any], args: a
             tag = f"{mode}-{m.name}-r{r}"
             print(f"[bench] {tag}: starting engine", flush=True)
             if mode == "offline":
-                res = run_offline(job, folder / "logs", tag, args)
+                res = run_offline(job, folder / "logs", tag, args, m.keeps_request_state)
             else:
-                res = online.run_method(job, folder / "logs", tag, args.startup_timeout,
-                                        args.request_timeout, args.kv_cache_gib, args.threads)
+                res = run_online(job, folder / "logs", tag, args, m.keeps_request_state)
             runs.append({"method": m.name, "repeat": r, **res})
             print(f"[bench] {tag}: {_one_line(res, mode)}", flush=True)
             save()
 
 
-def run_offline(job: dict[str, Any], logs: Path, tag: str,
-                args: argparse.Namespace) -> dict[str, Any]:
-    """One engine for all batch sizes (--shared-engine), else a fresh engine per batch size,
-    merged into one record (phases concatenated; peak RSS and start time: the worst)."""
-    if args.shared_engine or len(job["batch_sizes"]) == 1:
-        return offline.run_method(job, logs, tag, args.engine_timeout, args.kv_cache_gib,
-                                  args.threads)
-    parts = []
-    for bs in job["batch_sizes"]:
-        part = offline.run_method({**job, "batch_sizes": [bs]}, logs, f"{tag}-b{bs}",
-                                  args.engine_timeout, args.kv_cache_gib, args.threads)
-        parts.append(part)
+def run_offline(job: dict[str, Any], logs: Path, tag: str, args: argparse.Namespace,
+                keeps_request_state: bool) -> dict[str, Any]:
+    """One engine for all batch sizes (--shared-engine, except for methods that keep state
+    across requests), else a fresh engine per batch size, merged into one record."""
+    run = lambda j, t: offline.run_method(j, logs, t, args.engine_timeout,  # noqa: E731
+                                          args.kv_cache_gib, args.threads)
+    if (args.shared_engine and not keeps_request_state) or len(job["batch_sizes"]) == 1:
+        return run(job, tag)
+    return _merge([run({**job, "batch_sizes": [bs]}, f"{tag}-b{bs}") for bs in job["batch_sizes"]],
+                  "phases")
+
+
+def run_online(job: dict[str, Any], logs: Path, tag: str, args: argparse.Namespace,
+               keeps_request_state: bool) -> dict[str, Any]:
+    """One server for all concurrency levels, or one per level for a method that keeps state
+    across requests (it would otherwise see each prompt's answer again)."""
+    run = lambda j, t: online.run_method(j, logs, t, args.startup_timeout,  # noqa: E731
+                                         args.request_timeout, args.kv_cache_gib, args.threads)
+    if not keeps_request_state or len(job["concurrencies"]) == 1:
+        return run(job, tag)
+    return _merge([run({**job, "concurrencies": [c]}, f"{tag}-c{c}") for c in job["concurrencies"]],
+                  "levels")
+
+
+def _merge(parts: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """Per-level records of one method as one record (peak RSS and start time: the worst)."""
+    for part in parts:
         if part["status"] != "ok":
             return part
-    return {"status": "ok", "phases": [p for part in parts for p in part["phases"]],
+    return {"status": "ok", key: [p for part in parts for p in part[key]],
             "engine_start_s": max(p["engine_start_s"] for p in parts),
             "peak_rss_mib": max(p["peak_rss_mib"] for p in parts),
             "max_load1": max(p.get("max_load1", 0.0) for p in parts),

@@ -6,6 +6,8 @@ stream-layer function serves the whole family. The main forward is untouched.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn as nn
 from vllm.model_executor.models.llama import LlamaForCausalLM
@@ -15,6 +17,7 @@ from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from .msa import MSAMixin, ShardedLoRA, StreamSettings, _tp
 
 _QKV = ("q_proj", "k_proj", "v_proj")
+_COMPILE_DRAFT = os.environ.get("SPECSTREAM_COMPILE_DRAFT") == "1"
 _GATE_UP = ("gate_proj", "up_proj")
 
 
@@ -104,7 +107,15 @@ class LlamaFamilyMSA(MSAMixin):
 
         Must be called inside a forward context whose attention metadata describes
         the stream tokens; returns final-normed hidden states for ``compute_logits``.
+        ``SPECSTREAM_COMPILE_DRAFT=1`` runs it through torch.compile (experimental).
         """
+        if _COMPILE_DRAFT:
+            if getattr(self, "_compiled_stream_forward", None) is None:
+                self._compiled_stream_forward = torch.compile(self._stream_forward, dynamic=True)
+            return self._compiled_stream_forward(stream_inputs, positions)
+        return self._stream_forward(stream_inputs, positions)
+
+    def _stream_forward(self, stream_inputs: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         s = self.stream_settings
         hidden, residual = stream_inputs, None
         for li in range(s.first_layer, s.num_layers):

@@ -207,10 +207,38 @@ def test_run_offline_fresh_engine_per_batch_size(monkeypatch: pytest.MonkeyPatch
 
     monkeypatch.setattr(offline, "run_method", fake)
     args = run.parse_args(["--batch-sizes", "1,4"])
-    res = run.run_offline({"batch_sizes": [1, 4]}, tmp_path, "t", args)
+    res = run.run_offline({"batch_sizes": [1, 4]}, tmp_path, "t", args, False)
     assert calls == [[1], [4]]
     assert [p["batch_size"] for p in res["phases"]] == [1, 4]
     assert res["peak_rss_mib"] == 104.0 and res["engine_start_s"] == 40.0
     calls.clear()
-    run.run_offline({"batch_sizes": [1, 4]}, tmp_path, "t", run.parse_args(["--shared-engine"]))
+    shared = run.parse_args(["--shared-engine"])
+    run.run_offline({"batch_sizes": [1, 4]}, tmp_path, "t", shared, False)
     assert calls == [[1, 4]]
+    calls.clear()  # suffix caches responses: fresh engines even with --shared-engine
+    run.run_offline({"batch_sizes": [1, 4]}, tmp_path, "t", shared, True)
+    assert calls == [[1], [4]]
+
+
+def test_run_online_fresh_server_per_level_only_for_suffix(monkeypatch: pytest.MonkeyPatch,
+                                                           tmp_path: Path) -> None:
+    from benchmarks import methods, online, run
+
+    calls: list[list[int]] = []
+
+    def fake(job: dict, logs: Path, tag: str, *rest: object) -> dict:
+        calls.append(job["concurrencies"])
+        return {"status": "ok", "engine_start_s": 1.0, "peak_rss_mib": 1.0, "max_load1": 1.0,
+                "wall_s": 1.0, "log": tag,
+                "levels": [{"concurrency": c, "tokens_per_s": 1.0} for c in job["concurrencies"]]}
+
+    monkeypatch.setattr(online, "run_method", fake)
+    args = run.parse_args([])
+    suffix = methods.Method("suffix", {"method": "suffix", "num_speculative_tokens": 8})
+    ngram = methods.Method("ngram", {"method": "ngram", "num_speculative_tokens": 4})
+    assert suffix.keeps_request_state and not ngram.keeps_request_state
+    res = run.run_online({"concurrencies": [1, 4, 16]}, tmp_path, "t", args, ngram.keeps_request_state)
+    assert calls == [[1, 4, 16]] and len(res["levels"]) == 3
+    calls.clear()
+    res = run.run_online({"concurrencies": [1, 4, 16]}, tmp_path, "t", args, suffix.keeps_request_state)
+    assert calls == [[1], [4], [16]] and [x["concurrency"] for x in res["levels"]] == [1, 4, 16]

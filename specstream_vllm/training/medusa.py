@@ -24,7 +24,7 @@ from .data import Example
 from .losses import chunked_argmax, chunked_lm_loss
 from .recipe import Recipe
 from .trainer import (_lr_lambda, load_base_model, pad_ids, prepare_training_sequences,
-                      run_main, step_batch)
+                      response_vocab, run_main, step_batch)
 from ..reference.streams import unwrap_causal_lm
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -122,7 +122,7 @@ def train_medusa(recipe: Recipe, examples: list[Example] | None = None, *, outpu
     vocab_map = None
     lm_train = lm_weight.float()
     if recipe.train_vocab == "data":  # same restricted softmax as the stream trainer
-        vocab = torch.unique(torch.cat([s.ids[s.prompt_len:] for s in seqs]))
+        vocab = response_vocab(seqs)
         vocab_map = torch.full((lm_weight.shape[0],), -1, dtype=torch.long)
         vocab_map[vocab] = torch.arange(vocab.numel())
         lm_train = lm_train[vocab].contiguous()
