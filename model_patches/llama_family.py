@@ -6,6 +6,7 @@ stream-layer function serves the whole family. The main forward is untouched.
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -17,7 +18,7 @@ from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from .msa import MSAMixin, ShardedLoRA, StreamSettings, _tp
 
 _QKV = ("q_proj", "k_proj", "v_proj")
-_COMPILE_DRAFT = os.environ.get("SPECSTREAM_COMPILE_DRAFT") == "1"
+logger = logging.getLogger(__name__)
 _GATE_UP = ("gate_proj", "up_proj")
 
 
@@ -27,6 +28,9 @@ class LlamaFamilyMSA(MSAMixin):
     def __init__(self, *, vllm_config, prefix: str = "", **kwargs):
         super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
         self._init_streams(vllm_config)
+        self._compiled_stream_forward = None
+        if not vllm_config.model_config.enforce_eager and os.environ.get("SPECSTREAM_COMPILE_DRAFT") != "0":
+            self._compiled_stream_forward = torch.compile(self._stream_forward, dynamic=True)
         first = self.model.layers[self.stream_settings.first_layer].self_attn
         if hasattr(first, "q_norm") or hasattr(first, "k_norm"):
             raise ValueError("q/k-norm attention is not supported by the SpecStream Llama family")
@@ -107,12 +111,17 @@ class LlamaFamilyMSA(MSAMixin):
 
         Must be called inside a forward context whose attention metadata describes
         the stream tokens; returns final-normed hidden states for ``compute_logits``.
-        ``SPECSTREAM_COMPILE_DRAFT=1`` runs it through torch.compile (experimental).
+        Compiled with torch.compile (dynamic shapes) unless the engine runs eagerly
+        (``enforce_eager``) or ``SPECSTREAM_COMPILE_DRAFT=0``; if compilation fails the
+        pass falls back to eager for good (rerunning it rewrites the same cache slots).
         """
-        if _COMPILE_DRAFT:
-            if getattr(self, "_compiled_stream_forward", None) is None:
-                self._compiled_stream_forward = torch.compile(self._stream_forward, dynamic=True)
-            return self._compiled_stream_forward(stream_inputs, positions)
+        if self._compiled_stream_forward is not None:
+            try:
+                return self._compiled_stream_forward(stream_inputs, positions)
+            except Exception as exc:  # noqa: BLE001 - a compiler problem must not stop serving
+                logger.warning("specstream: compiled stream pass failed (%s: %s); running it "
+                               "eagerly from now on", type(exc).__name__, exc)
+                self._compiled_stream_forward = None
         return self._stream_forward(stream_inputs, positions)
 
     def _stream_forward(self, stream_inputs: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

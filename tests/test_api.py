@@ -104,6 +104,9 @@ def test_other_bad_arguments(streams, smollm2_dir, tmp_path):
         SpeculativeEngine(streams=str(streams), temperature=-1)
     with pytest.raises(ConfigError, match="dtype"):
         SpeculativeEngine(streams=str(streams), dtype="int3")
+    for bad in (1.0, -0.1, "0.2"):
+        with pytest.raises(ConfigError, match="min_draft_prob"):
+            SpeculativeEngine(streams=str(streams), min_draft_prob=bad, lazy=True)
     with pytest.raises(StreamsNotFoundError, match="streams="):
         SpeculativeEngine(model=str(smollm2_dir))  # base model without specstream/ folder
     with pytest.raises(CheckpointError):

@@ -120,6 +120,33 @@ def test_low_confidence_drafts_are_cut_output_unchanged(smollm2_runs, smollm2_di
     assert rate(m) > rate(full)
 
 
+def test_compiled_engine_and_stream_pass_token_identical(smollm2_dir, smollm2_runs, smollm2_fp32,
+                                                         tmp_path):
+    """torch.compile'd target and stream pass (the default without enforce_eager): greedy
+    float32 output equals the compiled engine without speculation; drafts equal the reference."""
+    from specstream_vllm.checkpoint import load_checkpoint
+    from specstream_vllm.reference.decoder import draft_tokens
+    from specstream_vllm.reference.streams import StreamParams
+    _, _, streams, _ = smollm2_runs
+    job = {"model": str(smollm2_dir), "prompts": PROMPTS[:4], "max_tokens": MAX_TOKENS[:4],
+           "batches": [[0], [1], [0, 1, 2, 3]], "enforce_eager": False}
+    base = run_engine(job, tmp_path, "compiled-base")
+    log = tmp_path / "compiled-drafts.jsonl"
+    spec = run_engine(dict(job, spec={"method": "specstream", "model": str(streams),
+                                      "num_speculative_tokens": 4},
+                           env={"SPECSTREAM_DRAFT_LOG": str(log)}), tmp_path, "compiled-spec")
+    assert outputs(base) == outputs(spec)
+    model, _ = smollm2_fp32
+    cfg, tensors = load_checkpoint(streams)
+    params = StreamParams.from_checkpoint(model.config, cfg, tensors)
+    rows = [json.loads(x) for x in log.read_text().splitlines()]
+    rows = rows[:: max(1, len(rows) // 30)]
+    same = sum(a == b for r in rows for a, b in zip(
+        draft_tokens(model, params, torch.tensor([r["context"]]), len(r["context"]) - 1, 4).tolist(),
+        r["drafts"]))
+    assert same / (4 * len(rows)) >= 0.97
+
+
 @pytest.fixture(scope="module")
 def tiny_tp_dir(tmp_path_factory):
     return make_tiny_llama(tmp_path_factory.mktemp("tp") / "llama8", heads=8, kv_heads=4,

@@ -10,6 +10,7 @@ acceptance from the difference of vLLM's own spec-decode counters before and aft
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import math
@@ -41,6 +42,23 @@ def _is_messages(x: Any) -> bool:
             and all(isinstance(m, dict) and "role" in m and "content" in m for m in x))
 
 
+@contextlib.contextmanager
+def _min_draft_prob_env(value: Optional[float]):
+    from ..vllm_integration.config import MIN_DRAFT_PROB_ENV
+    if value is None:
+        yield
+        return
+    old = os.environ.get(MIN_DRAFT_PROB_ENV)
+    os.environ[MIN_DRAFT_PROB_ENV] = repr(float(value))
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(MIN_DRAFT_PROB_ENV, None)
+        else:
+            os.environ[MIN_DRAFT_PROB_ENV] = old
+
+
 class SpeculativeEngine:
     """A vLLM engine serving ``model`` with Speculative Streaming drafts.
 
@@ -60,6 +78,8 @@ class SpeculativeEngine:
             one (instruct models answer instead of continuing the text); ``False`` sends
             strings as raw completion prompts. Chat messages always use the template.
         lazy: start the engine on first use instead of in the constructor.
+        min_draft_prob: cut each draft at the first stream whose top-1 probability is
+            below this, in [0, 1); ``None`` = the checkpoint's value (see README).
         **engine_kwargs: passed to ``vllm.LLM`` (``max_model_len``, ``enforce_eager``,
             ``kv_cache_memory_bytes``, ``tensor_parallel_size``, ...).
 
@@ -70,7 +90,7 @@ class SpeculativeEngine:
     def __init__(self, model: Optional[str] = None, tokenizer: Optional[str] = None,
                  gamma: int = 4, streams: Optional[str] = None, temperature: float = 0.0,
                  device: str = "auto", dtype: str = "auto", *, chat_template: Union[bool, str] = "auto",
-                 lazy: bool = False,
+                 lazy: bool = False, min_draft_prob: Optional[float] = None,
                  tree_depth: Optional[int] = None, tree_width: Optional[int] = None,
                  early_exit: Optional[bool] = None, **engine_kwargs: Any):
         reject_tree_parameters({"tree_depth": tree_depth, "tree_width": tree_width,
@@ -87,6 +107,10 @@ class SpeculativeEngine:
         if chat_template not in ("auto", True, False):
             raise ConfigError(f"chat_template must be 'auto', True or False, got {chat_template!r}")
         self.chat_template = chat_template
+        if min_draft_prob is not None and not (isinstance(min_draft_prob, (int, float))
+                                               and 0.0 <= min_draft_prob < 1.0):
+            raise ConfigError(f"min_draft_prob must be a probability in [0, 1), got {min_draft_prob!r}")
+        self.min_draft_prob = min_draft_prob
         self.tokenizer_name = tokenizer
         self.temperature = float(temperature)
         self.engine_kwargs = dict(engine_kwargs)
@@ -145,7 +169,8 @@ class SpeculativeEngine:
         from ._memory import owner_rss
         kwargs = self.llm_kwargs()
         self._owner_base_rss = owner_rss()
-        self._llm = LLM(**kwargs)
+        with _min_draft_prob_env(self.min_draft_prob):  # read once, in this front-end process
+            self._llm = LLM(**kwargs)
         self._base_counters = read_spec_counters(self._llm)
         return self._llm
 

@@ -373,7 +373,7 @@ def train(recipe: Recipe, examples: list[Example] | None = None, *, resume: bool
         bar.set_postfix(loss=f"{ema_loss:.3f}", acc="/".join(f"{a:.2f}" for a in ema_acc),
                         refresh=False)
         rec = {"step": step, "loss": round(lv, 5), "acc": [round(a, 4) for a in acc],
-               "lr": sched.get_last_lr()[0], "time": round(elapsed_before + time.time() - t_loop, 1)}
+               "lr": opt.param_groups[0]["lr"], "time": round(elapsed_before + time.time() - t_loop, 1)}
         log_f.write(json.dumps(rec) + "\n")
         if step % recipe.log_every == 0 or step == total:
             history.append({"step": step, "loss_ema": round(ema_loss, 5),
