@@ -59,7 +59,8 @@ def smollm2_runs(smollm2_dir, shipped_streams, tmp_path_factory):
     log = tmp / "drafts.jsonl"
     spec_job = dict(base_job, spec={"method": "specstream", "model": str(streams),
                                     "num_speculative_tokens": 4},
-                    env={"SPECSTREAM_DRAFT_LOG": str(log)})
+                    env={"SPECSTREAM_DRAFT_LOG": str(log),
+                         "SPECSTREAM_MIN_DRAFT_PROB": "0"})  # every stream drafts (full chains)
     spec = run_engine(spec_job, tmp, "spec")
     return base, spec, streams, log
 
