@@ -185,7 +185,8 @@ def render_markdown(results: dict[str, Any]) -> str:
            f"greedy, chat template, max_model_len {meta['max_model_len']}, "
            f"{'eager' if meta['enforce_eager'] else 'torch.compile'}",
            f"- workload: {meta['workload']} ({meta['num_prompts']} prompts, digest "
-           f"{meta['prompts_digest']}), repeats {meta['repeats']} (method order rotated per repeat)",
+           f"{meta['prompts_digest']}), repeats {meta['repeats']} offline / "
+           f"{meta.get('online_repeats', meta['repeats'])} online (method order rotated per repeat)",
            f"- machine: {mach['cpu_model']}, {mach['logical_cores']} logical cores "
            f"({mach.get('affinity_cores')} usable), {mach['ram_gib']} GiB RAM, GPU {mach.get('gpu') or 'none'}; "
            f"{mach['vllm_dist']} {mach['vllm']}, torch {mach['torch']}, "

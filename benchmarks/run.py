@@ -55,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="offline: one engine per method for all batch sizes (faster); suffix, "
                         "which caches earlier responses, still gets a fresh engine per size")
     p.add_argument("--repeats", type=int, default=1, help="engine runs per method (order rotated)")
+    p.add_argument("--online-repeats", type=int, default=None,
+                   help="online server runs per method (default: --repeats)")
     p.add_argument("--kv-cache-gib", type=int, default=4, help="VLLM_CPU_KVCACHE_SPACE per engine")
     p.add_argument("--threads", type=int, help="OMP_NUM_THREADS for engines (default: vLLM's)")
     p.add_argument("--engine-timeout", type=float, default=3600, help="offline s per engine")
@@ -85,9 +87,11 @@ def rotated(items: list[Any], r: int) -> list[Any]:
 
 def run_mode(mode: str, methods: list[Method], base_job: dict[str, Any], args: argparse.Namespace,
              folder: Path, save: Callable[[], None], runs: list[dict[str, Any]]) -> None:
-    """Run every runnable method ``args.repeats`` times in rotated order, appending to ``runs``."""
+    """Run every runnable method ``args.repeats`` times (online: ``--online-repeats`` if
+    given) in rotated order, appending to ``runs``."""
     runnable = [m for m in methods if not m.skip_reason]
-    for r in range(args.repeats):
+    repeats = args.online_repeats if mode == "online" and args.online_repeats else args.repeats
+    for r in range(repeats):
         for m in rotated(runnable, r):
             job = {**base_job, "speculative_config": m.speculative_config}
             tag = f"{mode}-{m.name}-r{r}"
@@ -181,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                  "args": vars(args), "model": args.model, "dtype": args.dtype,
                  "max_tokens": args.max_tokens, "max_model_len": args.max_model_len,
                  "enforce_eager": args.enforce_eager, "repeats": args.repeats,
+                 "online_repeats": args.online_repeats or args.repeats,
                  "shared_engine": args.shared_engine,
                  "workload": workload, "num_prompts": len(prompts),
                  "prompts_dropped_too_long": dropped, "prompts_digest": prompts_digest(prompts),
