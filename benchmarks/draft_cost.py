@@ -12,7 +12,6 @@ draft, sampling, scheduler).
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import os
@@ -72,24 +71,15 @@ def measure(model: str, streams: str | None, gamma: int, prompts: list[str], max
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.draft_cost")
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--streams", default=None)
-    ap.add_argument("--gamma", type=int, default=4)
-    ap.add_argument("--num-prompts", type=int, default=3)
-    ap.add_argument("--max-tokens", type=int, default=128)
+    from .profile_step import batch1_inputs, batch1_parser
+    ap = batch1_parser("python -m benchmarks.draft_cost", num_prompts=3)
     ap.add_argument("--baseline", action="store_true", help="measure vLLM without speculation instead")
-    ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    from specstream_vllm.assets import shipped_streams_dir
-    from specstream_vllm.default_model import default_model_dir
-
-    from .workloads import load_mtbench
-    model = a.model or str(default_model_dir())
-    prompts = [p.messages[0]["content"] for p in load_mtbench()[: a.num_prompts]]
-    streams = None if a.baseline else (a.streams or str(shipped_streams_dir()))
+    model, streams, prompts = batch1_inputs(a)
+    if a.baseline:
+        streams = None
     res = {"method": "baseline" if a.baseline else "specstream", "gamma": None if a.baseline else a.gamma,
            **measure(model, streams, a.gamma, prompts, a.max_tokens)}
     text = json.dumps(res, indent=2)

@@ -54,21 +54,31 @@ def breakdown(spec_run: dict, base_run: dict) -> dict:
     }
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.profile_step")
+def batch1_parser(prog: str, num_prompts: int) -> argparse.ArgumentParser:
+    """Options shared by the batch-1 step profilers (this module, ``draft_cost``)."""
+    ap = argparse.ArgumentParser(prog=prog)
     ap.add_argument("--model", default=None)
     ap.add_argument("--streams", default=None)
     ap.add_argument("--gamma", type=int, default=4)
-    ap.add_argument("--num-prompts", type=int, default=8)
+    ap.add_argument("--num-prompts", type=int, default=num_prompts)
     ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--out", default=None)
-    a = ap.parse_args(argv)
+    return ap
+
+
+def batch1_inputs(a: argparse.Namespace) -> tuple[str, str, list[str]]:
+    """Model dir, streams dir (shipped defaults) and the first MT-Bench turns to run."""
     from specstream_vllm.assets import shipped_streams_dir
     from specstream_vllm.default_model import default_model_dir
-    model = a.model or str(default_model_dir())
-    streams = a.streams or str(shipped_streams_dir())
     prompts = [p.messages[0]["content"] for p in load_mtbench()[: a.num_prompts]]
+    return a.model or str(default_model_dir()), a.streams or str(shipped_streams_dir()), prompts
+
+
+def main(argv=None) -> int:
+    ap = batch1_parser("python -m benchmarks.profile_step", num_prompts=8)
+    ap.add_argument("--dtype", default="bfloat16")
+    a = ap.parse_args(argv)
+    model, streams, prompts = batch1_inputs(a)
     out = Path(a.out or tempfile.mkdtemp(prefix="specstream-profile-"))
     spec = {"method": "specstream", "model": streams, "num_speculative_tokens": a.gamma}
     base_run = profile(model, None, prompts, a.max_tokens, a.dtype, out, "baseline")

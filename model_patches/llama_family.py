@@ -18,8 +18,8 @@ from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from .msa import MSAMixin, ShardedLoRA, StreamSettings, _tp
 
 _QKV = ("q_proj", "k_proj", "v_proj")
-logger = logging.getLogger(__name__)
 _GATE_UP = ("gate_proj", "up_proj")
+logger = logging.getLogger(__name__)
 
 
 class LlamaFamilyMSA(MSAMixin):

@@ -164,13 +164,14 @@ class MSAMixin:
         vocab = tensors.get(DRAFT_VOCAB_KEY)
         if vocab is not None:
             self.stream_draft_vocab = vocab.to(self.stream_embeddings.device, torch.int64)
+        # with one rank the LM head holds every row: draft over the vocabulary's rows only
+        self._local_draft_head = _tp()[1] == 1
 
     def draft_token_ids(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Top-1 token of each stream hidden state (final-normed) over the draft vocabulary,
         with its probability under the softmax over that vocabulary (float32)."""
         vocab = self.stream_draft_vocab
-        from vllm.distributed import get_tensor_model_parallel_world_size
-        if vocab is not None and get_tensor_model_parallel_world_size() == 1:
+        if vocab is not None and self._local_draft_head:
             w = self.lm_head.weight.index_select(0, vocab)
             logits = (hidden.to(w.dtype) @ w.t()).float()
         else:

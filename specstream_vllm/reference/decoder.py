@@ -64,10 +64,7 @@ def draft_tokens(model, params: StreamParams, input_ids: torch.Tensor, anchor: i
     if main is None:
         main = main_pass(model, input_ids, params.layer_ids, with_logits=False)
     anchors = torch.tensor([[anchor]], device=input_ids.device)
-    logits = stream_logits(model, params, main, anchors, gamma)[0, 0]
-    if params.draft_vocab is not None:
-        logits = logits[:, params.draft_vocab.to(logits.device)]
-    return params.draft_ids(logits.argmax(-1))
+    return params.draft_argmax(stream_logits(model, params, main, anchors, gamma)[0, 0])
 
 
 @torch.no_grad()

@@ -130,6 +130,12 @@ class StreamParams(nn.Module):
         """Map argmax indices over :meth:`draft_lm_weight` rows back to token ids."""
         return idx if self.draft_vocab is None else self.draft_vocab.to(idx.device)[idx]
 
+    def draft_argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """Top-1 token ids of full-vocabulary ``logits`` [..., V], within the draft vocabulary."""
+        if self.draft_vocab is not None:
+            logits = logits[..., self.draft_vocab.to(logits.device)]
+        return self.draft_ids(logits.argmax(-1))
+
     @classmethod
     def from_checkpoint(cls, model_config, cfg: StreamCheckpointConfig,
                         tensors: dict[str, torch.Tensor]) -> "StreamParams":
