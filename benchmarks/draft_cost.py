@@ -29,7 +29,8 @@ def _timed(table, counts, name, fn):
     return run
 
 
-def measure(model: str, streams: str | None, gamma: int, prompts: list[str], max_tokens: int) -> dict:
+def measure(model: str, streams: str | None, gamma: int, prompts: list[str], max_tokens: int,
+            dtype: str = "auto") -> dict:
     from vllm import LLM, SamplingParams
 
     from specstream_vllm.vllm_integration import compat
@@ -52,7 +53,8 @@ def measure(model: str, streams: str | None, gamma: int, prompts: list[str], max
         spec = {"method": "specstream", "model": streams, "num_speculative_tokens": gamma}
     else:
         spec = None
-    llm = LLM(model=model, dtype="bfloat16", max_model_len=2048, speculative_config=spec)
+    from specstream_vllm.hardware import resolve_dtype
+    llm = LLM(model=model, dtype=resolve_dtype(dtype), max_model_len=2048, speculative_config=spec)
     sp = SamplingParams(max_tokens=max_tokens, temperature=0)
     llm.chat([{"role": "user", "content": "Write a short story about a dragon."}], sp)  # warm-up
     T.clear()
@@ -74,6 +76,8 @@ def main(argv=None) -> int:
     from .profile_step import batch1_inputs, batch1_parser
     ap = batch1_parser("python -m benchmarks.draft_cost", num_prompts=3)
     ap.add_argument("--baseline", action="store_true", help="measure vLLM without speculation instead")
+    ap.add_argument("--dtype", default="auto",
+                    help="auto: bfloat16 on CPUs with native bf16, else float32 (specstream_vllm.hardware)")
     a = ap.parse_args(argv)
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
@@ -81,7 +85,7 @@ def main(argv=None) -> int:
     if a.baseline:
         streams = None
     res = {"method": "baseline" if a.baseline else "specstream", "gamma": None if a.baseline else a.gamma,
-           **measure(model, streams, a.gamma, prompts, a.max_tokens)}
+           **measure(model, streams, a.gamma, prompts, a.max_tokens, a.dtype)}
     text = json.dumps(res, indent=2)
     print(text)
     if a.out:

@@ -48,7 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=_int_list, default=[1, 4, 16], help="online, e.g. 1,4,16")
     p.add_argument("--max-tokens", type=int, default=192)
     p.add_argument("--max-model-len", type=int, default=2048)
-    p.add_argument("--dtype", default="bfloat16", help="bfloat16 or float32 (exact-equality check)")
+    p.add_argument("--dtype", default="auto",
+                   help="auto, bfloat16 or float32 (exact-equality check); auto = bfloat16 on CPUs "
+                        "with native bf16, else float32 (compiled bf16 is wrong there)")
     p.add_argument("--enforce-eager", action="store_true", help="skip torch.compile (fast start)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shared-engine", action="store_true",
@@ -156,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         from specstream_vllm.default_model import default_model_dir
 
         args.model = str(default_model_dir())
+    from specstream_vllm.hardware import resolve_dtype
+
+    args.dtype = resolve_dtype(args.dtype)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     folder = Path(args.out or DEFAULT_RESULTS / stamp)
     folder.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ METHOD = "specstream"
 _API = ("SpeculativeEngine", "LoRAAdapter", "DeploymentConfig", "GenerationResult",
         "BenchmarkResult", "EngineMetrics", "AcceptanceStats", "MemoryOverhead",
         "TreeDraftingNotSupportedError", "DeviceError", "StreamsNotFoundError",
-        "EngineClosedError", "TrainingNotDoneError")
+        "EngineClosedError", "TrainingNotDoneError", "SamplingParameterNotSupportedError")
 __all__ = ["METHOD", "__version__", *_API]
 
 

@@ -32,6 +32,11 @@ def _rate(res: dict) -> tuple[float, int]:
     return toks / secs, toks
 
 
+def _dtype_reason(dtype: str) -> str:
+    return {"bfloat16": "this CPU has native bf16",
+            "float32": "this CPU has no native bf16"}.get(dtype, "chosen by vLLM")
+
+
 def acceptance(metrics: dict) -> tuple[float, list[float]]:
     drafts = metrics.get("vllm:spec_decode_num_drafts") or 0
     acc = metrics.get("vllm:spec_decode_num_accepted_tokens") or 0
@@ -42,10 +47,13 @@ def acceptance(metrics: dict) -> tuple[float, list[float]]:
 
 
 def run_demo(model: str | None = None, streams: str | None = None, gamma: int = 4,
-             max_tokens: int = 128, dtype: str = "bfloat16", prompts: list[str] | None = None,
+             max_tokens: int = 128, dtype: str = "auto", prompts: list[str] | None = None,
              enforce_eager: bool = False, workdir: str | None = None) -> dict:
     from .assets import shipped_streams_dir
     from .default_model import default_model_dir
+    from .hardware import resolve_dtype
+
+    requested, dtype = dtype, resolve_dtype(dtype)  # compiled bf16 is wrong on CPUs without bf16
 
     model = model or str(default_model_dir())
     if streams is None:
@@ -60,7 +68,8 @@ def run_demo(model: str | None = None, streams: str | None = None, gamma: int = 
     job = {"model": model, "dtype": dtype, "prompts": prompts, "max_tokens": [max_tokens] * len(prompts),
            "batches": batches, "enforce_eager": enforce_eager, "max_model_len": 2048}
     spec = {"method": "specstream", "model": streams, "num_speculative_tokens": gamma}
-    print(f"[specstream] model {model}\n[specstream] streams {streams} (γ={gamma}), dtype {dtype}, "
+    how = f" ({requested}: {_dtype_reason(dtype)})" if requested == "auto" else ""
+    print(f"[specstream] model {model}\n[specstream] streams {streams} (γ={gamma}), dtype {dtype}{how}, "
           f"{len(prompts)} prompts, batch 1, up to {max_tokens} new tokens, greedy", flush=True)
     print("[specstream] running vLLM without speculation ...", flush=True)
     base = run_in_subprocess(job, workdir, "baseline")

@@ -34,10 +34,12 @@ def run(job: dict) -> dict:
                                            add_generation_prompt=True)
             prompts.append(TokensPrompt(prompt_token_ids=tok(text, add_special_tokens=False).input_ids))
     max_tokens = job.get("max_tokens", [32] * len(prompts))
-    temp = job.get("temperature", 0.0)
-    params = [SamplingParams(temperature=temp, max_tokens=m, seed=(1234 + i) if temp else None,
+    # one temperature for all, or one per prompt (mixed greedy/sampled batches); sampled
+    # requests are seeded by their index, so runs are reproducible
+    temps = job.get("temperatures") or [job.get("temperature", 0.0)] * len(prompts)
+    params = [SamplingParams(temperature=t, max_tokens=m, seed=(1234 + i) if t else None,
                              ignore_eos=job.get("ignore_eos", False))
-              for i, m in enumerate(max_tokens)]
+              for i, (m, t) in enumerate(zip(max_tokens, temps))]
     result: dict = {"batches": []}
     for batch in job.get("batches", [list(range(len(prompts)))]):
         t = time.perf_counter()

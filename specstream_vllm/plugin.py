@@ -2,7 +2,9 @@
 
 vLLM calls ``register()`` in every process it starts (front end, engine core,
 workers, Ray workers), possibly several times: it must be idempotent and cheap,
-and it changes nothing for models or methods that do not use ``specstream``.
+and it changes nothing for models or methods that do not use ``specstream``, except
+that on CPU it repairs vLLM-CPU kernel overrides that return wrong values
+(``vllm_integration/kernel_fixes.py``; they affect vLLM's own methods too).
 """
 from __future__ import annotations
 

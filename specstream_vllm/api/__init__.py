@@ -18,6 +18,7 @@ _EXPORTS = {
     "StreamsNotFoundError": ".errors",
     "EngineClosedError": ".errors",
     "TrainingNotDoneError": ".errors",
+    "SamplingParameterNotSupportedError": ".errors",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -24,7 +24,7 @@ from typing import Any, Optional, Sequence, Union
 
 from ..errors import ConfigError
 from ._resolve import ResolvedSpec, check_device, check_dtype, resolve_spec
-from .errors import EngineClosedError, reject_tree_parameters
+from .errors import EngineClosedError, reject_refused_sampling, reject_tree_parameters
 from .results import (AcceptanceStats, BenchmarkResult, EngineMetrics, GenerationResult,
                       MemoryOverhead, read_spec_counters)
 
@@ -72,7 +72,9 @@ class SpeculativeEngine:
         temperature: default sampling temperature of :meth:`generate` (0 = greedy).
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``; vLLM picks the device by its installed
             build, so a request that does not match it raises :class:`DeviceError`.
-        dtype: ``"auto"``, ``"bfloat16"``, ``"float16"``, ``"float32"``.
+        dtype: ``"auto"``, ``"bfloat16"``, ``"float16"``, ``"float32"``. ``"auto"`` takes
+            bfloat16 only on CPUs with native bf16 (float32 on others, where vLLM-CPU's
+            compiled bf16 returns wrong text); on a GPU vLLM chooses.
         chat_template: how plain-string prompts are sent: ``"auto"`` (default) wraps each
             string as one user turn of the model's chat template when the tokenizer has
             one (instruct models answer instead of continuing the text); ``False`` sends
@@ -85,6 +87,8 @@ class SpeculativeEngine:
 
     ``tree_depth`` / ``tree_width`` / ``early_exit`` (SpecStream package) raise
     :class:`TreeDraftingNotSupportedError`: vLLM verifies a single chain of drafts.
+    ``min_p`` / ``logit_bias`` raise :class:`SamplingParameterNotSupportedError`: vLLM
+    refuses them with any speculative method.
     """
 
     def __init__(self, model: Optional[str] = None, tokenizer: Optional[str] = None,
@@ -95,6 +99,7 @@ class SpeculativeEngine:
                  early_exit: Optional[bool] = None, **engine_kwargs: Any):
         reject_tree_parameters({"tree_depth": tree_depth, "tree_width": tree_width,
                                 "early_exit": early_exit, **engine_kwargs}, "SpeculativeEngine")
+        reject_refused_sampling(engine_kwargs, "SpeculativeEngine")
         if "speculative_config" in engine_kwargs:
             raise ConfigError("SpeculativeEngine builds the speculative_config itself; pass "
                               "gamma= and streams= instead of speculative_config=")
@@ -138,13 +143,20 @@ class SpeculativeEngine:
         return self.spec.gamma
 
     @property
+    def resolved_dtype(self) -> str:
+        """The dtype given to vLLM: ``"auto"`` is bfloat16 only on CPUs with native bf16,
+        float32 on other CPUs (see specstream_vllm/hardware.py), vLLM's choice on a GPU."""
+        from ..hardware import resolve_dtype
+        return resolve_dtype(self.dtype)
+
+    @property
     def llm(self):
         """The underlying ``vllm.LLM`` (started on first access)."""
         return self._ensure()
 
     def llm_kwargs(self, speculative: bool = True) -> dict:
         """The exact keyword arguments given to ``vllm.LLM``."""
-        kw = dict(model=self.spec.model, dtype=self.dtype, disable_log_stats=False)
+        kw = dict(model=self.spec.model, dtype=self.resolved_dtype, disable_log_stats=False)
         if self.tokenizer_name:
             kw["tokenizer"] = self.tokenizer_name
         kw.update(self.engine_kwargs)
@@ -284,6 +296,7 @@ class SpeculativeEngine:
         acceptance of this call (difference of vLLM's counters around it).
         """
         reject_tree_parameters(kwargs, "generate()")
+        reject_refused_sampling(kwargs, "generate()")
         if kwargs:
             raise TypeError(f"generate() got unexpected keyword arguments {sorted(kwargs)}")
         llm = self._ensure()

@@ -8,6 +8,14 @@ TREE_PARAMETERS = ("tree_depth", "tree_width", "tree_top_k", "top_k_tree", "num_
                    "early_exit", "early_exit_layer")
 
 
+#: Sampling parameters vLLM 0.32 refuses with every speculative method (the server answers 400).
+SPEC_DECODE_REFUSED_SAMPLING = ("min_p", "logit_bias")
+
+
+class SamplingParameterNotSupportedError(ConfigError):
+    """A sampling parameter that vLLM refuses whenever speculative decoding is on."""
+
+
 class TreeDraftingNotSupportedError(SpecStreamError, NotImplementedError):
     """Tree drafting / early exit was requested; vLLM verifies a single chain of γ drafts."""
 
@@ -42,3 +50,15 @@ def reject_tree_parameters(params: dict, where: str) -> None:
             "supported yet by the vLLM specstream method, which drafts one chain of `gamma` tokens "
             "per step and verifies it with vLLM's rejection sampler. Remove these arguments and "
             "tune `gamma` (2..8, <= the checkpoint's num_streams) instead.")
+
+
+def reject_refused_sampling(params: dict, where: str) -> None:
+    """Raise for ``min_p`` / ``logit_bias`` before vLLM does (it refuses them per request with
+    any speculative method). ``min_p=0`` and an empty ``logit_bias`` mean "off" and pass."""
+    bad = {k: params[k] for k in SPEC_DECODE_REFUSED_SAMPLING if params.get(k)}
+    if bad:
+        raise SamplingParameterNotSupportedError(
+            f"{where}: {', '.join(f'{k}={v!r}' for k, v in bad.items())} is not supported: vLLM "
+            "refuses min_p and logit_bias with every speculative decoding method (specstream, "
+            "ngram, EAGLE, ...; a server answers 400). Remove them (top_p / top_k / temperature "
+            "work), or send such requests to an engine without speculative decoding.")

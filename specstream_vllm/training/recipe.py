@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..checkpoint import LoraSpec
 from ..errors import ConfigError
@@ -31,9 +31,18 @@ class DataSpec(_Strict):
     seed: int = 0
     heldout_fraction: float = Field(0.05, gt=0, lt=1,
                                     description="share of conversation-id hash space held out")
-    vllm_dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
+    vllm_dtype: Literal["auto", "bfloat16", "float32", "float16"] = Field(
+        "auto", validate_default=True,
+        description='dtype of the vLLM engine that generates the answers; "auto" is resolved '
+                    "here: bfloat16 on CPUs with native bf16, else float32 (specstream_vllm.hardware)")
     kv_cache_gib: float = Field(4.0, gt=0)
     max_num_seqs: int = Field(64, ge=1)
+
+    @field_validator("vllm_dtype")
+    @classmethod
+    def _resolve_auto_dtype(cls, value: str) -> str:
+        from ..hardware import resolve_dtype
+        return resolve_dtype(value)
 
 
 class LossSpec(_Strict):

