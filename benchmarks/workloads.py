@@ -14,7 +14,7 @@ import tempfile
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 Message = dict[str, str]
 
@@ -137,6 +137,45 @@ def sharegpt_prompts(first_turns: Iterable[tuple[str, str]], exclude: set[str] =
     return [p for _, p in out]
 
 
+def iter_json_array(path: Path, chunk_chars: int = 1 << 20) -> Iterator[Any]:
+    """Records of a top-level JSON array, read in chunks. The packaged ShareGPT file is cut
+    mid-record (at 125.5 MB): iteration stops at the last complete record, with a warning."""
+    decoder = json.JSONDecoder()
+    with open(path, encoding="utf-8") as fh:
+        buf, pos, eof = "", 0, False
+
+        def refill() -> bool:
+            nonlocal buf, pos, eof
+            more = fh.read(chunk_chars)
+            eof = not more
+            buf, pos = buf[pos:] + more, 0
+            return bool(more)
+
+        while "[" not in buf:
+            if not refill():
+                raise ValueError(f"{path}: not a JSON array")
+        pos = buf.index("[") + 1
+        while True:
+            while pos < len(buf) and buf[pos] in " \t\r\n,":
+                pos += 1
+            if pos >= len(buf):
+                if refill():
+                    continue
+                break  # ends between records, without "]"
+            if buf[pos] == "]":
+                return
+            try:
+                record, end = decoder.raw_decode(buf, pos)
+            except json.JSONDecodeError:
+                if refill():
+                    continue  # the record runs past this chunk
+                print(f"[bench] {path}: incomplete last record ({len(buf) - pos} characters) "
+                      "skipped", file=sys.stderr)
+                return
+            yield record
+            pos = end
+
+
 def _first_turns(records: Iterable[dict[str, Any]]) -> list[tuple[str, str]]:
     out, seen = [], set()
     for rec in records:
@@ -154,8 +193,7 @@ def load_sharegpt() -> list[Prompt]:
     if data is not None and hasattr(data, "sharegpt_first_turns"):
         turns = data.sharegpt_first_turns()
     else:
-        with sharegpt_file().open(encoding="utf-8") as fh:
-            turns = _first_turns(json.load(fh))
+        turns = _first_turns(iter_json_array(sharegpt_file()))  # the file is cut mid-record
     mtbench = {_norm(t) for q in mtbench_questions() for t in q.get("turns", [])}
     return sharegpt_prompts(turns, exclude=mtbench)
 

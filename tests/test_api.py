@@ -96,6 +96,19 @@ def test_tree_parameters_off_are_accepted_but_validated(streams):
     eng.shutdown()  # never started: nothing to stop
 
 
+@pytest.mark.parametrize("kw", [{"min_p": 0.05}, {"logit_bias": {"42": 5.0}}])
+def test_sampling_parameters_vllm_refuses_with_speculation(streams, kw):
+    """vLLM answers 400 to min_p / logit_bias with any speculative method: refused up front."""
+    from specstream_vllm import SamplingParameterNotSupportedError, SpeculativeEngine
+    with pytest.raises(SamplingParameterNotSupportedError, match="refuses min_p and logit_bias"):
+        SpeculativeEngine(streams=str(streams), **kw)  # before the engine starts
+    eng = SpeculativeEngine(streams=str(streams), lazy=True)
+    with pytest.raises(SamplingParameterNotSupportedError, match=next(iter(kw))):
+        eng.generate("hi", **kw)
+    assert eng._llm is None  # refused without starting the engine
+    assert issubclass(SamplingParameterNotSupportedError, ConfigError)
+
+
 def test_other_bad_arguments(streams, smollm2_dir, tmp_path):
     from specstream_vllm import SpeculativeEngine, StreamsNotFoundError
     with pytest.raises(ConfigError, match="speculative_config"):

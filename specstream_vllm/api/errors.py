@@ -54,8 +54,8 @@ def reject_tree_parameters(params: dict, where: str) -> None:
 
 def reject_refused_sampling(params: dict, where: str) -> None:
     """Raise for ``min_p`` / ``logit_bias`` before vLLM does (it refuses them per request with
-    any speculative method). ``min_p=0`` and an empty ``logit_bias`` mean "off" and pass."""
-    bad = {k: params[k] for k in SPEC_DECODE_REFUSED_SAMPLING if params.get(k)}
+    any speculative method); the API has no such parameters, so any value but None is refused."""
+    bad = {k: params[k] for k in SPEC_DECODE_REFUSED_SAMPLING if params.get(k) is not None}
     if bad:
         raise SamplingParameterNotSupportedError(
             f"{where}: {', '.join(f'{k}={v!r}' for k, v in bad.items())} is not supported: vLLM "
