@@ -8,6 +8,8 @@ The MSA model *is* the served target model (same weights, same KV cache) plus:
   rank; row-parallel: A columns of this rank, the rank-r partial is all-reduced);
 * the hidden state entering layer ``L - N_s`` as an auxiliary output of the main
   forward (vLLM's EAGLE-3 mechanism), which the proposer turns into stream inputs;
+* in the next-token-aware form, the map g of the token sampled at the anchor
+  (``token_map_A/B``, float32, replicated; the input embedding is the target's own);
 * the checkpoint's draft vocabulary, if any: drafts are the argmax over those LM-head
   rows only (gathered per call, no weight copy), which is what the streams were
   trained on and several times cheaper than the full head.
@@ -23,7 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from specstream_vllm.checkpoint import DRAFT_VOCAB_KEY, EMBEDDINGS_KEY, load_checkpoint
+from specstream_vllm.checkpoint import (DRAFT_VOCAB_KEY, EMBEDDINGS_KEY, TOKEN_MAP_A_KEY,
+                                        TOKEN_MAP_B_KEY, load_checkpoint, next_token_features)
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,12 @@ class StreamSettings:
     lora_scaling: float = 1.0
     lora_targets: tuple[str, ...] = ()
     min_draft_prob: float = 0.0
+    stream_input: str = "paper"
+    token_map_rank: int = 0
+
+    @property
+    def next_token_aware(self) -> bool:
+        return self.stream_input == "next_token"
 
     @property
     def first_layer(self) -> int:
@@ -130,6 +139,9 @@ class MSAMixin:
                              torch.zeros(s.num_streams, cfg.hidden_size, dtype=dtype),
                              persistent=False)
         self.stream_draft_vocab: torch.Tensor | None = None
+        r = s.token_map_rank if s.next_token_aware else 0
+        self.register_buffer("token_map_A", torch.zeros(r, cfg.hidden_size), persistent=False)
+        self.register_buffer("token_map_B", torch.zeros(cfg.hidden_size, r), persistent=False)
         self.stream_lora = nn.ModuleDict()
         if s.lora_rank:
             for li in range(s.first_layer, s.num_layers):
@@ -152,6 +164,9 @@ class MSAMixin:
         _, tensors = load_checkpoint(s.checkpoint, check_fingerprint=False)
         emb = tensors[EMBEDDINGS_KEY][: s.num_streams]
         self.stream_embeddings.copy_(emb.to(self.stream_embeddings.dtype))
+        if s.next_token_aware:
+            self.token_map_A.copy_(tensors[TOKEN_MAP_A_KEY].float())
+            self.token_map_B.copy_(tensors[TOKEN_MAP_B_KEY].float())
         groups: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         for li in range(s.first_layer, s.num_layers):
             for name in s.lora_targets:
@@ -166,6 +181,16 @@ class MSAMixin:
             self.stream_draft_vocab = vocab.to(self.stream_embeddings.device, torch.int64)
         # with one rank the LM head holds every row: draft over the vocabulary's rows only
         self._local_draft_head = _tp()[1] == 1
+
+    def stream_inputs(self, h: torch.Tensor, next_token_ids: torch.Tensor, g: int) -> torch.Tensor:
+        """``[R * g, d]`` stream inputs h_t + e_j (+ g(x_{t+1}) in the next-token-aware form),
+        in the order and dtype of the reference model (reference/streams.py)."""
+        x = h[:, None, :] + self.stream_embeddings[:g].to(h.dtype)
+        if self.stream_settings.next_token_aware:
+            emb = self.model.embed_tokens(next_token_ids)  # vocab-parallel: whole rows on every rank
+            gx = next_token_features(emb) @ self.token_map_A.t() @ self.token_map_B.t()
+            x = x + gx.to(h.dtype)[:, None, :]
+        return x.reshape(-1, h.shape[-1])
 
     def draft_token_ids(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Top-1 token of each stream hidden state (final-normed) over the draft vocabulary,

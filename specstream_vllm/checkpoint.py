@@ -10,7 +10,11 @@ and ``model.safetensors`` holding
 * optionally ``draft_vocab``: sorted int64 token ids the streams may draft (the
   tokens they were trained to predict). Drafting only over these rows of the LM
   head makes the draft pass's LM head several times cheaper; verification still
-  uses the full vocabulary, so outputs do not change.
+  uses the full vocabulary, so outputs do not change;
+* with ``stream_input: "next_token"`` also ``token_map.A`` ``[r, d]`` and
+  ``token_map.B`` ``[d, r]``: the map g of DESIGN.md's next-token-aware form,
+  ``g(x) = B A n(E[x])`` with E the base model's frozen input embedding and n an
+  RMS normalisation (see :func:`next_token_features`).
 
 A fine-tuned model directory carries its streams in a ``specstream/`` subfolder.
 The base model is identified by a fingerprint of its config and a few weight
@@ -36,6 +40,9 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 EMBEDDINGS_KEY = "stream_embeddings"
 DRAFT_VOCAB_KEY = "draft_vocab"
+TOKEN_MAP_A_KEY = "token_map.A"
+TOKEN_MAP_B_KEY = "token_map.B"
+TOKEN_MAP_EPS = 1e-6
 STREAMS_SUBDIR = "specstream"
 MODEL_TYPE = "specstream"
 
@@ -112,6 +119,10 @@ class StreamCheckpointConfig(BaseModel):
     base_model: BaseModelRef
     torch_dtype: str = "float32"
     draft_vocab_size: Optional[int] = Field(None, ge=1)
+    stream_input: Literal["paper", "next_token"] = Field(
+        "paper", description='"paper": stream j gets h_t + e_j (Bhendawade et al.); "next_token": '
+                             "h_t + e_j + g(x_{t+1}), x_{t+1} the token sampled at the anchor")
+    token_map_rank: Optional[int] = Field(None, ge=1, description="rank r of g (next_token form)")
     speculators_config: SpeculatorsInfo = Field(default_factory=SpeculatorsInfo)
     training: dict = Field(default_factory=dict)
 
@@ -121,6 +132,10 @@ class StreamCheckpointConfig(BaseModel):
             raise ValueError(
                 f"num_stream_layers={self.num_stream_layers} exceeds the base model's "
                 f"{self.base_model.num_hidden_layers} layers")
+        if (self.stream_input == "next_token") != (self.token_map_rank is not None):
+            raise ValueError("token_map_rank must be set exactly when stream_input is "
+                             f"'next_token' (stream_input={self.stream_input!r}, "
+                             f"token_map_rank={self.token_map_rank})")
         return self
 
     @property
@@ -256,14 +271,67 @@ def load_checkpoint(path: str | Path, *, base_model_dir: str | Path | None = Non
         tensors = load_file(str(wpath))
     except Exception as e:  # safetensors raises its own error types
         raise CheckpointError(f"{wpath} cannot be read as safetensors ({e})") from None
-    emb = tensors.get(EMBEDDINGS_KEY)
-    want = (cfg.num_streams, cfg.base_model.hidden_size)
-    if emb is None or tuple(emb.shape) != want:
-        raise CheckpointError(
-            f"{wpath}: '{EMBEDDINGS_KEY}' has shape {None if emb is None else tuple(emb.shape)}, "
-            f"config says {want}")
+    base_cfg = None
+    if base_model_dir is not None and (Path(base_model_dir) / "config.json").is_file():
+        base_cfg = _read_base_config(Path(base_model_dir))
+    check_tensor_shapes(cfg, tensors, wpath, base_cfg)
     _check_draft_vocab(cfg, tensors, wpath)
     return cfg, tensors
+
+
+def lora_module_shapes(config) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of each LoRA-able linear of a Llama-layout decoder layer.
+
+    ``config`` is an HF config object or its ``config.json`` dict."""
+    get = (lambda k: config.get(k)) if isinstance(config, dict) else (lambda k: getattr(config, k, None))
+    d, H = get("hidden_size"), get("num_attention_heads")
+    hd = get("head_dim") or d // H
+    q, kv = H * hd, (get("num_key_value_heads") or H) * hd
+    i = get("intermediate_size")
+    return {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
+            "gate_proj": (d, i), "up_proj": (d, i), "down_proj": (i, d)}
+
+
+def expected_tensor_shapes(cfg: StreamCheckpointConfig,
+                           base_config: dict | None = None) -> dict[str, tuple[int, ...]]:
+    """Every tensor the config implies, with its shape. LoRA shapes need the base model's
+    config (head counts, intermediate size); without it only hidden-size tensors are listed."""
+    d = cfg.base_model.hidden_size
+    out: dict[str, tuple[int, ...]] = {EMBEDDINGS_KEY: (cfg.num_streams, d)}
+    if cfg.stream_input == "next_token":
+        out[TOKEN_MAP_A_KEY] = (cfg.token_map_rank, d)
+        out[TOKEN_MAP_B_KEY] = (d, cfg.token_map_rank)
+    if cfg.lora is not None and base_config is not None:
+        shapes = lora_module_shapes(base_config)
+        for layer in range(cfg.first_stream_layer, cfg.base_model.num_hidden_layers):
+            for name in cfg.lora.target_modules:
+                fan_in, fan_out = shapes[name]
+                out[f"layers.{layer}.{name}.lora_A"] = (cfg.lora.rank, fan_in)
+                out[f"layers.{layer}.{name}.lora_B"] = (fan_out, cfg.lora.rank)
+    return out
+
+
+def check_tensor_shapes(cfg: StreamCheckpointConfig, tensors: dict[str, torch.Tensor], wpath,
+                        base_config: dict | None = None) -> None:
+    """One clear error if a tensor is missing, unexpected or of the wrong shape."""
+    want = expected_tensor_shapes(cfg, base_config)
+    problems = []
+    for name, shape in want.items():
+        t = tensors.get(name)
+        if t is None:
+            problems.append(f"'{name}' is missing (config implies shape {shape})")
+        elif tuple(t.shape) != shape:
+            problems.append(f"'{name}' has shape {tuple(t.shape)}, config says {shape}")
+    known = set(want) | {DRAFT_VOCAB_KEY}
+    extra = [k for k in tensors if k not in known
+             and not (base_config is None and k.startswith("layers.") and cfg.lora is not None)]
+    if extra:
+        problems.append(f"unexpected tensors {sorted(extra)[:4]} for this config")
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CheckpointError(f"{wpath} does not match its config.json: {problems[0]}{more}; the "
+                              "config was edited or belongs to another checkpoint: re-export it "
+                              "with `specstream train`")
 
 
 def _check_draft_vocab(cfg: StreamCheckpointConfig, tensors: dict[str, torch.Tensor],
@@ -316,3 +384,17 @@ def validate_against_base(cfg: StreamCheckpointConfig, base_model_dir: str | Pat
             f"fingerprint {cfg.base_model.fingerprint}) but is being loaded on '{base_dir}' "
             f"(fingerprint {ref.fingerprint}); serve the base model it was trained for or train "
             "streams for this model with `specstream train --base-model ...`")
+    for key in ("hidden_size", "num_hidden_layers", "vocab_size"):
+        if base_cfg.get(key) is not None and base_cfg.get(key) != getattr(cfg.base_model, key):
+            raise BaseModelMismatchError(
+                f"stream checkpoint says its base model has {key}={getattr(cfg.base_model, key)} "
+                f"but {base_dir} has {key}={base_cfg.get(key)}; serve the base model the streams "
+                "were trained for (or train streams for this one with `specstream train`)")
+
+
+def next_token_features(embeddings: torch.Tensor) -> torch.Tensor:
+    """n(E[x]) of the next-token-aware form: the input embedding of x_{t+1}, RMS-normalised
+    per row in float32, so g's scale does not depend on the embedding's. Trainer, reference
+    and vLLM proposer all call this one function."""
+    e = embeddings.to(torch.promote_types(embeddings.dtype, torch.float32))
+    return e * torch.rsqrt(e.pow(2).mean(-1, keepdim=True) + TOKEN_MAP_EPS)

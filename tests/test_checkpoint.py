@@ -189,3 +189,64 @@ def test_bad_draft_vocab(ckpt, vocab, size, words):
     _with_draft_vocab(ckpt, vocab, size)
     with pytest.raises(CheckpointError, match=words):
         load_checkpoint(ckpt)
+
+
+def _edit_config(ckpt, **changes):
+    raw = json.loads((ckpt / "config.json").read_text())
+    for key, value in changes.items():
+        node = raw
+        *path, last = key.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = value
+    (ckpt / "config.json").write_text(json.dumps(raw))
+
+
+@pytest.mark.parametrize("change,words", [
+    ({"base_model.hidden_size": 96}, "'stream_embeddings' has shape (4, 64), config says (4, 96)"),
+    ({"lora.rank": 3}, "lora_A' has shape (2, 64), config says (3, 64)"),
+    ({"lora.target_modules": ["q_proj", "down_proj", "up_proj"]}, "lora_A' is missing"),
+    ({"lora.target_modules": ["q_proj"]}, "unexpected tensors"),
+    ({"num_streams": 5}, "'stream_embeddings' has shape (4, 64), config says (5, 64)"),
+])
+def test_tensor_shapes_checked_against_config_and_base(ckpt, tiny_llama_dir, change, words):
+    """An edited config (or mixed-up files) fails in one line naming the tensor."""
+    _edit_config(ckpt, **change)
+    with pytest.raises((CheckpointError, BaseModelMismatchError)) as e:
+        load_checkpoint(ckpt, base_model_dir=tiny_llama_dir, check_fingerprint=False)
+    msg = str(e.value)
+    assert words in msg or (any("hidden_size" in k for k in change) and "hidden_size=96" in msg), msg
+    assert "\n" not in msg
+
+
+def test_config_hidden_size_must_match_the_base(ckpt, tiny_llama_dir):
+    _edit_config(ckpt, **{"base_model.hidden_size": 96})
+    with pytest.raises(BaseModelMismatchError, match="hidden_size=96"):
+        load_checkpoint(ckpt, base_model_dir=tiny_llama_dir, check_fingerprint=False)
+
+
+def test_next_token_checkpoint_round_trip_and_shapes(tiny_llama_dir, tmp_path):
+    from transformers import AutoConfig
+    from specstream_vllm.reference.streams import StreamParams
+    ck = init_checkpoint(tiny_llama_dir, tmp_path / "nt", num_streams=3, num_stream_layers=2,
+                         lora=LoraSpec(rank=2), stream_input="next_token", token_map_rank=5,
+                         random_lora_b=True)
+    cfg, tensors = load_checkpoint(ck, base_model_dir=tiny_llama_dir)
+    assert cfg.stream_input == "next_token" and cfg.token_map_rank == 5
+    assert tensors["token_map.A"].shape == (5, 64) and tensors["token_map.B"].shape == (64, 5)
+    p = StreamParams.from_checkpoint(AutoConfig.from_pretrained(str(tiny_llama_dir)), cfg, tensors)
+    assert p.next_token_aware and torch.equal(p.token_map_B.detach(), tensors["token_map.B"])
+    _edit_config(ck, token_map_rank=6)
+    with pytest.raises(CheckpointError, match="token_map.A' has shape"):
+        load_checkpoint(ck)
+    _edit_config(ck, token_map_rank=None)
+    with pytest.raises(CheckpointError, match="token_map_rank must be set"):
+        load_checkpoint(ck)
+
+
+def test_paper_form_is_the_default_for_older_checkpoints(ckpt):
+    raw = json.loads((ckpt / "config.json").read_text())
+    raw.pop("stream_input"), raw.pop("token_map_rank")
+    (ckpt / "config.json").write_text(json.dumps(raw))
+    cfg, _ = load_checkpoint(ckpt)
+    assert cfg.stream_input == "paper"

@@ -27,13 +27,20 @@ def _lin(params, li, name, mod, x):
     return y
 
 
-def naive_stream_logits(model, params, ids, t, g):
-    """Build each stream's context by hand: main keys <= t, then streams 1..j."""
+def naive_stream_logits(model, params, ids, t, g, next_token=None):
+    """Build each stream's context by hand: main keys <= t, then streams 1..j. In the
+    next-token-aware form the input also gets B A (E[x] / rms(E[x])) of ``next_token``."""
     cfg = model.config
     H, KV = cfg.num_attention_heads, cfg.num_key_value_heads
     hd = cfg.hidden_size // H
     main = main_pass(model, ids, params.layer_ids)
-    xs = [main.layer_inputs[params.first_layer][0, t] + params.stream_embeddings[j] for j in range(g)]
+    extra = 0.0
+    if next_token is not None:
+        e = model.model.embed_tokens.weight[next_token]
+        e = e / torch.sqrt((e * e).mean() + 1e-6)
+        extra = params.token_map_B @ (params.token_map_A @ e)
+    xs = [main.layer_inputs[params.first_layer][0, t] + params.stream_embeddings[j] + extra
+          for j in range(g)]
     for li in params.layer_ids:
         layer = model.model.layers[li]
         att, mlp = layer.self_attn, layer.mlp
@@ -83,6 +90,47 @@ def test_stream_attention_matches_naive_loop(tiny_llama_dir, g, ns, lora):
                 torch.testing.assert_close(fast[b, a], slow, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("g,ns", [(1, 1), (4, 2)])
+def test_next_token_streams_match_naive_loop(tiny_llama_dir, g, ns):
+    """Next-token-aware form: h_t + e_j + g(x_{t+1}), everything else as the paper's form."""
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float64).eval()
+    torch.manual_seed(2)
+    params = StreamParams(model.config, g, ns, LoraSpec(rank=4, target_modules=["q_proj", "up_proj"]),
+                          init_std=0.5, stream_input="next_token", token_map_rank=6).double()
+    with torch.no_grad():
+        params.token_map_B.normal_(0, 0.5)
+        for b in params.lora_B.values():
+            b.normal_(0, 0.1)
+        ids = torch.randint(3, 256, (2, 12))
+        anchors = torch.tensor([[0, 5, 10], [2, 3, 7]])
+        nxt = torch.randint(3, 256, (2, 3))  # any token: in serving it is the one just sampled
+        fast = stream_logits(model, params, main_pass(model, ids, params.layer_ids), anchors,
+                             next_tokens=nxt)
+        plain = stream_logits(model, params, main_pass(model, ids, params.layer_ids), anchors,
+                              next_tokens=torch.full_like(nxt, 5))
+        assert not torch.allclose(fast, plain)  # the token really enters the streams
+        for b in range(2):
+            for a, t in enumerate(anchors[b].tolist()):
+                slow = naive_stream_logits(model, params, ids[b:b + 1], t, g, int(nxt[b, a]))
+                torch.testing.assert_close(fast[b, a], slow, rtol=1e-9, atol=1e-9)
+        with pytest.raises(ValueError, match="next"):
+            stream_logits(model, params, main_pass(model, ids, params.layer_ids), anchors)
+
+
+@pytest.mark.parametrize("gamma", [1, 4])
+def test_reference_decoder_is_lossless_next_token(tiny_llama_dir, gamma):
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32).eval()
+    torch.manual_seed(gamma)
+    params = StreamParams(model.config, 4, 2, LoraSpec(rank=2), init_std=0.3,
+                          stream_input="next_token", token_map_rank=4)
+    with torch.no_grad():
+        params.token_map_B.normal_(0, 0.3)
+    ids = torch.randint(3, 256, (1, 7), generator=torch.Generator().manual_seed(3))
+    out, stats = speculative_generate(model, params, ids, 30, gamma)
+    assert out == _generate(model, ids, 30)
+    assert stats.num_drafts > 0
+
+
 def test_streams_ignore_future_main_tokens(tiny_llama_dir):
     """Changing tokens after the anchor must not change its streams."""
     model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float64).eval()
@@ -121,7 +169,7 @@ def test_reference_decoder_accepts_when_streams_are_oracles(tiny_llama_dir, monk
     truth = _generate(model, ids, 40)
     params = StreamParams(model.config, 3, 1)
 
-    def oracle(model_, params_, seq_ids, anchor, gamma, main=None):
+    def oracle(model_, params_, seq_ids, anchor, gamma, main=None, next_token=None):
         full = ids[0].tolist() + truth
         return torch.tensor(full[anchor + 2: anchor + 2 + gamma])
 

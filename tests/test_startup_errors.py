@@ -115,3 +115,15 @@ def test_min_draft_prob_from_checkpoint_and_env(tiny_llama_dir, streams, tmp_pat
     (ck / "config.json").write_text(json.dumps(raw))
     with pytest.raises(ValueError, match="malformed"):
         engine_config(tiny_llama_dir, spec)
+
+
+def test_tensor_shape_mismatch_fails_in_the_front_end(tiny_llama_dir, streams, tmp_path):
+    """An edited config.json no longer matching the tensors: one line, before any worker."""
+    import shutil
+    bad = tmp_path / "edited"
+    shutil.copytree(streams, bad)
+    raw = json.loads((bad / "config.json").read_text())
+    raw["lora"]["rank"] = 4
+    (bad / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="does not match its config.json: 'layers.2.q_proj.lora_A'"):
+        engine_config(tiny_llama_dir, {"method": "specstream", "model": str(bad)})

@@ -40,6 +40,26 @@ def outputs(result) -> dict[int, list[int]]:
     return {i: o for b in result["batches"] for i, o in zip(b["indices"], b["outputs"])}
 
 
+def draft_match_rate(model, streams, log: Path, gamma: int, max_rows: int = 40) -> float:
+    """Share of vLLM's logged draft tokens that the reference model drafts for the same
+    context (and, for next-token-aware streams, the same token sampled at the anchor)."""
+    from specstream_vllm.checkpoint import load_checkpoint
+    from specstream_vllm.reference.decoder import draft_tokens
+    from specstream_vllm.reference.streams import StreamParams
+    cfg, tensors = load_checkpoint(streams)
+    params = StreamParams.from_checkpoint(model.config, cfg, tensors)
+    rows = [json.loads(x) for x in log.read_text().splitlines()]
+    assert len(rows) > 10
+    rows = rows[:: max(1, len(rows) // max_rows)]  # a spread of contexts, bounded cost
+    same = 0
+    for r in rows:
+        ctx = r["context"]
+        ref = draft_tokens(model, params, torch.tensor([ctx]), len(ctx) - 1, gamma,
+                           next_token=r["next_token"]).tolist()
+        same += sum(a == b for a, b in zip(ref, r["drafts"]))
+    return same / (gamma * len(rows))
+
+
 def streams_for_smollm2(smollm2_dir, shipped_streams, tmp: Path) -> Path:
     if shipped_streams is not None:
         return shipped_streams
@@ -87,23 +107,40 @@ def test_spec_decode_metrics_filled(smollm2_runs):
 
 def test_drafts_equal_reference_model(smollm2_runs, smollm2_fp32):
     """Drafts made inside vLLM equal the reference streams for the same context."""
-    from specstream_vllm.checkpoint import load_checkpoint
-    from specstream_vllm.reference.decoder import draft_tokens
-    from specstream_vllm.reference.streams import StreamParams
     _, _, streams, log = smollm2_runs
-    model, _ = smollm2_fp32
-    cfg, tensors = load_checkpoint(streams)
-    params = StreamParams.from_checkpoint(model.config, cfg, tensors)
-    rows = [json.loads(x) for x in log.read_text().splitlines()]
-    assert len(rows) > 20
-    rows = rows[:: max(1, len(rows) // 40)]  # a spread of contexts, bounded cost
-    same = total = 0
-    for r in rows:
-        ctx = r["context"]
-        ref = draft_tokens(model, params, torch.tensor([ctx]), len(ctx) - 1, 4).tolist()
-        same += sum(a == b for a, b in zip(ref, r["drafts"]))
-        total += 4
-    assert same / total >= 0.97, f"only {same}/{total} draft tokens match the reference"
+    rate = draft_match_rate(smollm2_fp32[0], streams, log, 4)
+    assert rate >= 0.97, f"only {rate:.1%} of draft tokens match the reference"
+
+
+@pytest.fixture(scope="module")
+def other_form_runs(smollm2_dir, smollm2_runs, tmp_path_factory):
+    """Streams of the input form the shipped checkpoint does not use (paper vs
+    next-token-aware), random but sharp, through the same prompts and batches."""
+    from specstream_vllm.checkpoint import load_checkpoint_config
+    base, _, shipped, _ = smollm2_runs
+    form = "paper" if load_checkpoint_config(shipped).stream_input == "next_token" else "next_token"
+    tmp = tmp_path_factory.mktemp("form")
+    streams = init_checkpoint(smollm2_dir, tmp / form, num_streams=4, num_stream_layers=4,
+                              lora=LoraSpec(rank=4, target_modules=["q_proj", "v_proj", "down_proj"]),
+                              random_lora_b=True, init_std=2.0, stream_input=form, token_map_rank=16)
+    log = tmp / "drafts.jsonl"
+    job = {"model": str(smollm2_dir), "prompts": PROMPTS, "max_tokens": MAX_TOKENS,
+           "batches": [[i] for i in range(len(PROMPTS))] + [list(range(len(PROMPTS)))],
+           "spec": {"method": "specstream", "model": str(streams), "num_speculative_tokens": 4},
+           "env": {"SPECSTREAM_DRAFT_LOG": str(log), "SPECSTREAM_MIN_DRAFT_PROB": "0"}}
+    return base, run_engine(job, tmp, f"spec-{form}"), streams, log
+
+
+def test_other_stream_form_token_identical_batch1_and_batch8(other_form_runs):
+    base, spec, _, _ = other_form_runs
+    assert outputs(base) == outputs(spec)
+    assert spec["metrics"]["vllm:spec_decode_num_drafts"] > 0
+
+
+def test_other_stream_form_drafts_equal_reference(other_form_runs, smollm2_fp32):
+    _, _, streams, log = other_form_runs
+    rate = draft_match_rate(smollm2_fp32[0], streams, log, 4)
+    assert rate >= 0.97, f"only {rate:.1%} of draft tokens match the reference"
 
 
 def test_low_confidence_drafts_are_cut_output_unchanged(smollm2_runs, smollm2_dir, tmp_path):
@@ -125,9 +162,6 @@ def test_compiled_engine_and_stream_pass_token_identical(smollm2_dir, smollm2_ru
                                                          tmp_path):
     """torch.compile'd target and stream pass (the default without enforce_eager): greedy
     float32 output equals the compiled engine without speculation; drafts equal the reference."""
-    from specstream_vllm.checkpoint import load_checkpoint
-    from specstream_vllm.reference.decoder import draft_tokens
-    from specstream_vllm.reference.streams import StreamParams
     _, _, streams, _ = smollm2_runs
     job = {"model": str(smollm2_dir), "prompts": PROMPTS[:4], "max_tokens": MAX_TOKENS[:4],
            "batches": [[0], [1], [0, 1, 2, 3]], "enforce_eager": False}
@@ -137,15 +171,7 @@ def test_compiled_engine_and_stream_pass_token_identical(smollm2_dir, smollm2_ru
                                       "num_speculative_tokens": 4},
                            env={"SPECSTREAM_DRAFT_LOG": str(log)}), tmp_path, "compiled-spec")
     assert outputs(base) == outputs(spec)
-    model, _ = smollm2_fp32
-    cfg, tensors = load_checkpoint(streams)
-    params = StreamParams.from_checkpoint(model.config, cfg, tensors)
-    rows = [json.loads(x) for x in log.read_text().splitlines()]
-    rows = rows[:: max(1, len(rows) // 30)]
-    same = sum(a == b for r in rows for a, b in zip(
-        draft_tokens(model, params, torch.tensor([r["context"]]), len(r["context"]) - 1, 4).tolist(),
-        r["drafts"]))
-    assert same / (4 * len(rows)) >= 0.97
+    assert draft_match_rate(smollm2_fp32[0], streams, log, 4, max_rows=30) >= 0.97
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +185,8 @@ def test_tensor_parallel_2_matches_tp2_without_speculation(tiny_tp_dir, tmp_path
                               lora=LoraSpec(rank=4, target_modules=list(
                                   ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))),
                               random_lora_b=True, init_std=0.5,
-                              draft_vocab=list(range(3, 512, 2)))  # vocab-parallel head + restriction
+                              draft_vocab=list(range(3, 512, 2)),  # vocab-parallel head + restriction
+                              stream_input="next_token", token_map_rank=8)  # vocab-parallel embedding
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (5, 11, 17, 8)]
     env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
@@ -175,17 +202,9 @@ def test_tensor_parallel_2_matches_tp2_without_speculation(tiny_tp_dir, tmp_path
     assert spec["metrics"]["vllm:spec_decode_num_drafts"] > 0
     # the sharded stream LoRA (column- and row-parallel) drafts what the reference drafts
     from transformers import AutoModelForCausalLM
-    from specstream_vllm.checkpoint import load_checkpoint
-    from specstream_vllm.reference.decoder import draft_tokens
-    from specstream_vllm.reference.streams import StreamParams
     model = AutoModelForCausalLM.from_pretrained(str(tiny_tp_dir), dtype=torch.float32).eval()
-    cfg, tensors = load_checkpoint(streams)
-    params = StreamParams.from_checkpoint(model.config, cfg, tensors)
-    rows = [json.loads(x) for x in log.read_text().splitlines()][:60]
-    same = sum(a == b for r in rows for a, b in zip(
-        draft_tokens(model, params, torch.tensor([r["context"]]), len(r["context"]) - 1, 3).tolist(),
-        r["drafts"]))
-    assert same / (3 * len(rows)) >= 0.97
+    assert draft_match_rate(model, streams, log, 3, max_rows=60) >= 0.97
+    rows = [json.loads(x) for x in log.read_text().splitlines()]
     assert all(t % 2 == 1 for r in rows for t in r["drafts"])  # drafts stay in the draft vocabulary
 
 

@@ -59,12 +59,19 @@ class AcceptanceStats:
 
 @torch.no_grad()
 def draft_tokens(model, params: StreamParams, input_ids: torch.Tensor, anchor: int,
-                 gamma: int, main=None) -> torch.Tensor:
-    """Top-1 chain of the streams at main position ``anchor`` of ``input_ids`` [1, T]."""
+                 gamma: int, main=None, next_token: int | None = None) -> torch.Tensor:
+    """Top-1 chain of the streams at main position ``anchor`` of ``input_ids`` [1, T].
+
+    ``next_token`` is x_{anchor+1}, the token decoded at the anchor (default: the one in
+    ``input_ids``); next-token-aware streams are conditioned on it."""
     if main is None:
         main = main_pass(model, input_ids, params.layer_ids, with_logits=False)
     anchors = torch.tensor([[anchor]], device=input_ids.device)
-    return params.draft_argmax(stream_logits(model, params, main, anchors, gamma)[0, 0])
+    nxt = None
+    if params.next_token_aware:
+        tok = int(input_ids[0, anchor + 1]) if next_token is None else next_token
+        nxt = torch.tensor([[tok]], device=input_ids.device)
+    return params.draft_argmax(stream_logits(model, params, main, anchors, gamma, next_tokens=nxt)[0, 0])
 
 
 @torch.no_grad()
@@ -102,7 +109,7 @@ def speculative_generate(model, params: StreamParams, input_ids: torch.Tensor,
         if stop:
             break
         seq = seq + new
-        draft = draft_tokens(model, params, ids, anchor, gamma, main).tolist()
+        draft = draft_tokens(model, params, ids, anchor, gamma, main, next_token=new[-1]).tolist()
     return out, stats
 
 

@@ -24,8 +24,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..checkpoint import (DRAFT_VOCAB_KEY, EMBEDDINGS_KEY, SUPPORTED_ARCHITECTURES, LoraSpec,
-                          StreamCheckpointConfig)
+from ..checkpoint import (DRAFT_VOCAB_KEY, EMBEDDINGS_KEY, SUPPORTED_ARCHITECTURES, TOKEN_MAP_A_KEY,
+                          TOKEN_MAP_B_KEY, LoraSpec, StreamCheckpointConfig, lora_module_shapes,
+                          next_token_features)
 from ..errors import UnsupportedArchitectureError
 
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -51,23 +52,20 @@ def check_architecture(config) -> None:
             f"{list(SUPPORTED_ARCHITECTURES)} (add one under model_patches/)")
 
 
-def module_shapes(config) -> dict[str, tuple[int, int]]:
-    """(in_features, out_features) of each LoRA-able linear in a decoder layer."""
-    d = config.hidden_size
-    hd = getattr(config, "head_dim", None) or d // config.num_attention_heads
-    q = config.num_attention_heads * hd
-    kv = config.num_key_value_heads * hd
-    i = config.intermediate_size
-    return {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
-            "gate_proj": (d, i), "up_proj": (d, i), "down_proj": (i, d)}
+module_shapes = lora_module_shapes
 
 
 class StreamParams(nn.Module):
     """The only trainable parameters of lossless mode: e_j and the stream-only LoRA."""
 
     def __init__(self, config, num_streams: int, num_stream_layers: int,
-                 lora: LoraSpec | None = None, init_std: float = 0.02):
+                 lora: LoraSpec | None = None, init_std: float = 0.02,
+                 stream_input: str = "paper", token_map_rank: int | None = None):
         super().__init__()
+        if (stream_input == "next_token") != (token_map_rank is not None):
+            raise ValueError("the next_token stream input needs token_map_rank (and only it does)")
+        self.stream_input = stream_input
+        self.token_map_rank = token_map_rank
         self.num_streams = num_streams
         self.num_stream_layers = num_stream_layers
         self.num_layers = config.num_hidden_layers
@@ -77,6 +75,10 @@ class StreamParams(nn.Module):
         self.lora_B = nn.ParameterDict()
         #: token ids the streams may draft (None: the whole vocabulary); see checkpoint.py
         self.register_buffer("draft_vocab", None)
+        if token_map_rank is not None:  # g(x) = B A n(E[x]); B = 0 at start, as in LoRA
+            d = config.hidden_size
+            self.token_map_A = nn.Parameter(torch.randn(token_map_rank, d) / math.sqrt(d))
+            self.token_map_B = nn.Parameter(torch.zeros(d, token_map_rank))
         if lora is not None:
             shapes = module_shapes(config)
             for layer in self.layer_ids:
@@ -106,9 +108,30 @@ class StreamParams(nn.Module):
         a, b = self.lora_A[key], self.lora_B[key]
         return (x.to(a.dtype) @ a.t() @ b.t()).to(x.dtype) * self.lora.scaling
 
+    @property
+    def next_token_aware(self) -> bool:
+        return self.stream_input == "next_token"
+
+    def stream_inputs(self, h: torch.Tensor, num_streams: int, next_embeddings: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+        """Stream inputs ``[..., γ, d]`` at anchors with main states ``h`` ``[..., d]``:
+        ``h_t + e_j``, plus ``g(x_{t+1})`` in the next-token-aware form, where
+        ``next_embeddings`` ``[..., d]`` is the input embedding of x_{t+1}."""
+        x = h[..., None, :] + self.stream_embeddings[:num_streams].to(h.dtype)
+        if self.next_token_aware:
+            if next_embeddings is None:
+                raise ValueError("next-token-aware streams need the token sampled at the anchor")
+            f = next_token_features(next_embeddings).to(self.token_map_A.dtype)
+            g = f @ self.token_map_A.t() @ self.token_map_B.t()
+            x = x + g.to(h.dtype)[..., None, :]
+        return x
+
     # ---- checkpoint tensors (names of checkpoint.py) ----
     def state_tensors(self) -> dict[str, torch.Tensor]:
         out = {EMBEDDINGS_KEY: self.stream_embeddings.detach()}
+        if self.next_token_aware:
+            out[TOKEN_MAP_A_KEY] = self.token_map_A.detach()
+            out[TOKEN_MAP_B_KEY] = self.token_map_B.detach()
         for key, a in self.lora_A.items():
             _, layer, name = key.split("_", 2)
             out[f"layers.{layer}.{name}.lora_A"] = a.detach()
@@ -139,9 +162,13 @@ class StreamParams(nn.Module):
     @classmethod
     def from_checkpoint(cls, model_config, cfg: StreamCheckpointConfig,
                         tensors: dict[str, torch.Tensor]) -> "StreamParams":
-        p = cls(model_config, cfg.num_streams, cfg.num_stream_layers, cfg.lora)
+        p = cls(model_config, cfg.num_streams, cfg.num_stream_layers, cfg.lora,
+                stream_input=cfg.stream_input, token_map_rank=cfg.token_map_rank)
         with torch.no_grad():
             p.stream_embeddings.copy_(tensors[EMBEDDINGS_KEY])
+            if p.next_token_aware:
+                p.token_map_A.copy_(tensors[TOKEN_MAP_A_KEY])
+                p.token_map_B.copy_(tensors[TOKEN_MAP_B_KEY])
             for key in p.lora_A:
                 _, layer, name = key.split("_", 2)
                 p.lora_A[key].copy_(tensors[f"layers.{layer}.{name}.lora_A"])
@@ -222,11 +249,12 @@ def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
 
 def stream_logits(model: nn.Module, params: StreamParams, main: MainPass,
                   anchors: torch.Tensor, num_streams: int | None = None,
-                  return_hidden: bool = False) -> torch.Tensor:
+                  return_hidden: bool = False, next_tokens: torch.Tensor | None = None) -> torch.Tensor:
     """Logits of streams 1..γ at main positions ``anchors`` ([B, A] indices).
 
     Returns ``[B, A, γ, V]`` (or the final-normed hidden states ``[B, A, γ, d]`` with
-    ``return_hidden``). Stream j of anchor t predicts token ``x_{t+1+j}``.
+    ``return_hidden``). Stream j of anchor t predicts token ``x_{t+1+j}``. Next-token-aware
+    streams also need ``next_tokens`` ([B, A]): x_{t+1}, the token sampled at each anchor.
     """
     cm = unwrap_causal_lm(model)
     cfg = cm.config
@@ -239,9 +267,13 @@ def stream_logits(model: nn.Module, params: StreamParams, main: MainPass,
     h_first = main.layer_inputs[first]
     T = h_first.shape[1]
     bidx = torch.arange(B, device=anchors.device)[:, None]
-    # stream inputs: h_t + e_j at positions t + j
-    x = h_first[bidx, anchors][:, :, None, :] + params.stream_embeddings[:g].to(h_first.dtype)
-    x = x.reshape(B, A * g, -1)
+    # stream inputs: h_t + e_j (+ g(x_{t+1})) at positions t + j
+    nxt = None
+    if params.next_token_aware:
+        if next_tokens is None:
+            raise ValueError("next-token-aware streams need next_tokens (x_{t+1} per anchor)")
+        nxt = dec.embed_tokens(next_tokens)
+    x = params.stream_inputs(h_first[bidx, anchors], g, nxt).reshape(B, A * g, -1)
     js = torch.arange(1, g + 1, device=anchors.device)
     spos = (anchors[:, :, None] + js).reshape(B, A * g)
     s_cos, s_sin = _rope(model, x, spos)

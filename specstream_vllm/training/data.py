@@ -152,7 +152,7 @@ def select_prompts(tokenizer, spec: DataSpec, split: str, count: int,
                    exclude: set[str] | None = None,
                    turns: list[tuple[str, str]] | None = None) -> list[tuple[str, list[int]]]:
     """Deterministically pick ``count`` prompts of ``split`` within ``max_prompt_tokens``."""
-    turns = turns if turns is not None else sharegpt_first_turns()
+    turns = turns if turns is not None else sharegpt_first_turns(spec.sharegpt_file)
     exclude = exclude or set()
     cands = [(cid, t) for cid, t in turns
              if conversation_split(cid, spec.heldout_fraction) == split
@@ -245,6 +245,8 @@ def vllm_subprocess_generator(model_dir: Path, prompts: list[list[int]],
 
 
 def _manifest(name: str, model_dir: Path, spec: DataSpec, count: int, source: str) -> dict:
+    if spec.sharegpt_file and name != "mtbench":
+        source = f"{source}:{Path(spec.sharegpt_file).resolve()}"
     return {"manifest_version": MANIFEST_VERSION, "set": name, "source": source,
             "requested": count, "base_model_fingerprint": base_fingerprint(model_dir),
             "generation": {"greedy": True, "temperature": 0.0, "engine": "vllm",
@@ -305,7 +307,7 @@ def build_sets(model_dir: Path, spec: DataSpec, sets: list[str],
         if name == "mtbench":
             prompts[name] = mtbench_first_turn_prompts(tok)
         else:
-            turns = turns if turns is not None else sharegpt_first_turns()
+            turns = turns if turns is not None else sharegpt_first_turns(spec.sharegpt_file)
             prompts[name] = select_prompts(tok, spec, name, counts[name], exclude, turns)
     flat = [p for name in todo for _, p in prompts[name]]
     log(f"[data] generating {len(flat)} greedy responses with the base model "

@@ -25,12 +25,12 @@ from .trainer import load_base_model, run_main
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
-#: ``drafter(model, layer_inputs, final_hidden, anchors[A]) -> [A, gamma]`` top-1 tokens
-Drafter = Callable[[object, dict, torch.Tensor, torch.Tensor], torch.Tensor]
+#: ``drafter(model, layer_inputs, final_hidden, anchors[A], ids[T]) -> [A, gamma]`` top-1 tokens
+Drafter = Callable[[object, dict, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def stream_drafter(params: StreamParams, gamma: int, chunk: int = 128) -> Drafter:
-    def draft(model, layers, final, anchors):
+    def draft(model, layers, final, anchors, ids):
         from ..reference.streams import MainPass
 
         T = final.shape[1]
@@ -39,7 +39,10 @@ def stream_drafter(params: StreamParams, gamma: int, chunk: int = 128) -> Drafte
         out = []
         for s in range(0, anchors.numel(), chunk):
             a = anchors[s:s + chunk].unsqueeze(0)
-            h = stream_logits(model, params, main, a, gamma, return_hidden=True)[0]  # [a, g, d]
+            # on a greedy answer, x_{t+1} is exactly the token greedy decoding samples at t
+            nxt = ids[a + 1] if params.next_token_aware else None
+            h = stream_logits(model, params, main, a, gamma, return_hidden=True,
+                              next_tokens=nxt)[0]  # [a, g, d]
             out.append(params.draft_ids(chunked_argmax(h.reshape(-1, h.shape[-1]), lm)).view(-1, gamma))
         return torch.cat(out)
     return draft
@@ -70,7 +73,7 @@ def acceptance_on(model, examples: list[Example], drafters: dict[str, tuple[Draf
         anchors = torch.arange(p - 1, n - 1)
         for name, (drafter, gmax) in drafters.items():
             preds = torch.full((n, gmax), -1, dtype=torch.long)
-            preds[anchors] = drafter(model, layers, final, anchors)
+            preds[anchors] = drafter(model, layers, final, anchors, ids[0])
             for g, st in stats[name].items():
                 simulate_chain_acceptance(preds[:, :g], toks, p, g, st)
     return {"main_argmax_agreement_with_answer": round(agree / max(total, 1), 4),

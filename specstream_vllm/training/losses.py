@@ -17,31 +17,41 @@ def _chunk_loss(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, w: 
         nll = F.cross_entropy(logits, labels, reduction="none")
     else:  # soft targets: the base model's own distribution (self-distillation)
         with torch.no_grad():
-            p = torch.softmax((target_h.to(weight.dtype) @ weight.t()).float(), dim=-1)
+            t_logits = (target_h.to(weight.dtype) @ weight.t()).float()
+            p = torch.softmax(t_logits, dim=-1)
+            if labels is None:  # correctness against the base model's own top-1
+                labels = t_logits.argmax(-1)
         nll = -(p * torch.log_softmax(logits, dim=-1)).sum(-1)
     correct = (logits.detach().argmax(-1) == labels).float()
     return (nll * w).sum(), correct
 
 
-def chunked_lm_loss(hidden: torch.Tensor, lm_weight: torch.Tensor, labels: torch.Tensor,
+def chunked_lm_loss(hidden: torch.Tensor, lm_weight: torch.Tensor, labels: torch.Tensor | None,
                     weights: torch.Tensor, chunk: int = 1024,
                     target_hidden: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted sum of per-row losses and per-row top-1 correctness.
 
     hidden: ``[N, d]`` final-normed states; labels ``[N]``; weights ``[N]`` (0 = ignore);
     target_hidden: optional ``[N, d]`` final-normed states of the base model whose softmax
-    is the target distribution.
+    is the target distribution; with it, ``labels=None`` scores correctness against the
+    target's own top-1.
     """
+    if labels is None and target_hidden is None:
+        raise ValueError("chunked_lm_loss needs labels or target_hidden")
     total = hidden.new_zeros((), dtype=torch.float32)
     correct = []
+
+    def lab(s: int, e: int):
+        return None if labels is None else labels[s:e]
+
     for s in range(0, hidden.shape[0], chunk):
         e = s + chunk
         th = None if target_hidden is None else target_hidden[s:e]
         if hidden.requires_grad:
-            loss, corr = checkpoint(_chunk_loss, hidden[s:e], lm_weight, labels[s:e], weights[s:e],
+            loss, corr = checkpoint(_chunk_loss, hidden[s:e], lm_weight, lab(s, e), weights[s:e],
                                     th, use_reentrant=False)
         else:
-            loss, corr = _chunk_loss(hidden[s:e], lm_weight, labels[s:e], weights[s:e], th)
+            loss, corr = _chunk_loss(hidden[s:e], lm_weight, lab(s, e), weights[s:e], th)
         total = total + loss
         correct.append(corr)
     return total, torch.cat(correct) if correct else hidden.new_zeros(0)

@@ -88,7 +88,7 @@ def load_medusa_drafter(path: str | Path, model):
     heads.to(dt)
     lm = t["lm_heads.0.weight"].to(dt)
 
-    def draft(model, layers, final, anchors):
+    def draft(model, layers, final, anchors, ids=None):
         h = heads(final[0, anchors])  # [A, heads, d]
         return chunked_argmax(h.reshape(-1, h.shape[-1]), lm).view(anchors.numel(), -1)
 

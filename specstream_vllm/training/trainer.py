@@ -194,10 +194,13 @@ def step_batch(seqs: list[Seq], recipe: Recipe, step: int, steps_per_epoch: int)
 
 
 def prepare_training_sequences(recipe: Recipe, examples, base_dir, generator, log):
-    """Threads, base model path and the training sequences (data generated if needed)."""
+    """Threads, base model path and the training sequences (data generated if needed);
+    None for teacher-forced conversations, which are read as training goes."""
     if recipe.num_threads:
         torch.set_num_threads(recipe.num_threads)
     base_dir = Path(base_dir) if base_dir else recipe.resolve_base_model()
+    if examples is None and recipe.data.source == "sharegpt_conversations":
+        return base_dir, None
     if examples is None:
         from .data import build_sets
         examples = build_sets(base_dir, recipe.data, ["train"], generator=generator, log=log)["train"]
@@ -213,7 +216,8 @@ def train(recipe: Recipe, examples: list[Example] | None = None, *, resume: bool
 
     t_start = time.time()
     base_dir, seqs = prepare_training_sequences(recipe, examples, base_dir, generator, log)
-    if not seqs:
+    streaming = seqs is None
+    if not streaming and not seqs:
         raise ValueError("no usable training sequences (each needs a prompt and >= 2 response tokens)")
     out_dir = Path(recipe.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -231,27 +235,60 @@ def train(recipe: Recipe, examples: list[Example] | None = None, *, resume: bool
         model = get_peft_model(model, LoraConfig(
             r=recipe.lora.rank, lora_alpha=recipe.lora.alpha,
             target_modules=list(recipe.lora.target_modules), lora_dropout=0.0, bias="none"))
-        params = StreamParams(cfg, recipe.num_streams, recipe.num_stream_layers, None,
-                              init_std=recipe.embedding_init_std)
-    else:
-        params = StreamParams(cfg, recipe.num_streams, recipe.num_stream_layers, recipe.lora,
-                              init_std=recipe.embedding_init_std)
+    form = dict(stream_input=recipe.stream_input,
+                token_map_rank=recipe.token_map_rank if recipe.stream_input == "next_token" else None)
+    params = StreamParams(cfg, recipe.num_streams, recipe.num_stream_layers,
+                          None if finetuned else recipe.lora, init_std=recipe.embedding_init_std,
+                          **form)
     params.to(torch.float32)
+    init_manifest = _init_params(params, cfg, recipe, out_dir, resume, log)
     trainable = list(params.parameters())
     if finetuned:
         trainable += [p for p in model.parameters() if p.requires_grad]
     n_stream = _param_count(params)
     n_trainable = sum(p.numel() for p in trainable)
-    log(f"[train] {len(seqs)} sequences, {sum(s.length for s in seqs)} tokens; mode={recipe.mode}; "
-        f"stream params {n_stream:,}; trainable {n_trainable:,}")
+    tf_data, main_model = None, None
+    if streaming and recipe.main_dtype and recipe.main_dtype != recipe.dtype:
+        main_model = load_base_model(base_dir, _DTYPES[recipe.main_dtype])
+    if streaming:
+        from transformers import AutoTokenizer
+        from .teacher_forced import TeacherForcedData
+        st_path = out_dir / STATE_NAME
+        prior = None
+        if resume and st_path.is_file():
+            st0 = torch.load(st_path, weights_only=False)
+            prior = st0.get("data")
+            if st0["params"].get("draft_vocab") is not None:
+                params.set_draft_vocab(st0["params"]["draft_vocab"])
+        prior = prior or init_manifest or {}
+        tf_data = TeacherForcedData.open(recipe, base_dir, AutoTokenizer.from_pretrained(str(base_dir)),
+                                         cursor=prior.get("conversations_consumed", 0),
+                                         vocab=params.draft_vocab, log=log)
+        tf_data.tokens_seen = prior.get("tokens_seen", 0)
+        tf_data.anchors_seen = prior.get("anchors_seen", 0)
+        tf_data.segments = list(prior.get("segments", []))
+        params.set_draft_vocab(tf_data.vocab)
+        log(f"[train] teacher-forced conversations from #{tf_data.stream.cursor:,} "
+            f"({tf_data.tokens_seen:,} tokens seen before); mode={recipe.mode}; "
+            f"stream params {n_stream:,}; trainable {n_trainable:,}")
+    else:
+        log(f"[train] {len(seqs)} sequences, {sum(s.length for s in seqs)} tokens; mode={recipe.mode}; "
+            f"stream params {n_stream:,}; trainable {n_trainable:,}")
 
-    emb = [params.stream_embeddings]
-    rest = [p for p in trainable if p is not params.stream_embeddings]
-    opt = torch.optim.AdamW([{"params": emb, "lr": recipe.embedding_lr or recipe.lr},
-                             {"params": rest, "lr": recipe.lr}],
-                            lr=recipe.lr, weight_decay=recipe.weight_decay)
-    steps_per_epoch = math.ceil(len(seqs) / recipe.batch_size)
-    total = math.ceil(recipe.epochs * steps_per_epoch)
+    groups = [{"params": [params.stream_embeddings], "lr": recipe.embedding_lr or recipe.lr}]
+    special = {id(params.stream_embeddings)}
+    if params.next_token_aware:
+        groups.append({"params": [params.token_map_A, params.token_map_B],
+                       "lr": recipe.token_map_lr or recipe.lr})
+        special |= {id(params.token_map_A), id(params.token_map_B)}
+    groups.append({"params": [p for p in trainable if id(p) not in special], "lr": recipe.lr})
+    opt = torch.optim.AdamW(groups, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    if streaming:
+        steps_per_epoch = max(1, tf_data.stream.remaining // recipe.batch_size)
+        total = steps_per_epoch
+    else:
+        steps_per_epoch = math.ceil(len(seqs) / recipe.batch_size)
+        total = math.ceil(recipe.epochs * steps_per_epoch)
     if recipe.max_steps:
         total = min(total, recipe.max_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(recipe.warmup_steps, total))
@@ -260,7 +297,8 @@ def train(recipe: Recipe, examples: list[Example] | None = None, *, resume: bool
     state_path = out_dir / STATE_NAME
     if resume and state_path.is_file():
         st = torch.load(state_path, weights_only=False)
-        params.load_state_dict({k: v for k, v in st["params"].items() if k != "draft_vocab"})
+        params.set_draft_vocab(st["params"].get("draft_vocab"))
+        params.load_state_dict(st["params"])
         if finetuned and st.get("peft") is not None:
             from peft import set_peft_model_state_dict
             set_peft_model_state_dict(model, st["peft"])
@@ -268,21 +306,30 @@ def train(recipe: Recipe, examples: list[Example] | None = None, *, resume: bool
         sched.load_state_dict(st["sched"])
         step, elapsed_before, history = st["step"], st["elapsed"], st.get("history", [])
         log(f"[train] resumed from {state_path} at step {step}")
+        if streaming:  # a resumed stream run goes on for max_steps / the budget more
+            total = step + (recipe.max_steps or steps_per_epoch)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(recipe.warmup_steps, total))
+            sched.last_epoch = step
 
     # main-pass cache across epochs (lossless only: the main pass does not change)
     layer_ids = list(params.layer_ids)
     d = cfg.hidden_size
     per_tok = (len(layer_ids) + (1 if recipe.distill else 0)) * d * model.dtype.itemsize
-    est_gib = sum(s.length for s in seqs) * per_tok / 2 ** 30
-    use_cache = recipe.cache_main_pass and not finetuned and recipe.epochs > 1 and est_gib <= recipe.cache_max_gib
-    log(f"[train] main-pass cache {'on' if use_cache else 'off'} (~{est_gib:.2f} GiB needed)")
-    cache = MainCache(model, layer_ids, recipe.distill, use_cache) if not finetuned else None
+    est_gib = 0.0 if streaming else sum(s.length for s in seqs) * per_tok / 2 ** 30
+    use_cache = (not streaming and recipe.cache_main_pass and not finetuned and recipe.epochs > 1
+                 and est_gib <= recipe.cache_max_gib)
+    if not streaming:
+        log(f"[train] main-pass cache {'on' if use_cache else 'off'} (~{est_gib:.2f} GiB needed)")
+    cache = MainCache(model, layer_ids, recipe.distill, use_cache) if not (finetuned or streaming) else None
 
     weights = recipe.stream_weights()
     alpha0 = recipe.main_weight()
     lm_weight = unwrap_causal_lm(model).lm_head.weight
     vocab_map = None
-    if recipe.train_vocab == "data" and not finetuned:
+    if streaming:
+        lm_weight = lm_weight[params.draft_vocab].contiguous()
+        log(f"[train] training softmax over the {params.draft_vocab.numel():,}-token draft vocabulary")
+    elif recipe.train_vocab == "data" and not finetuned:
         vocab = response_vocab(seqs)
         params.set_draft_vocab(vocab)  # drafts are chosen from the tokens the streams learn
         vocab_map = torch.full((lm_weight.shape[0],), -1, dtype=torch.long)
@@ -297,10 +344,19 @@ def train(recipe: Recipe, examples: list[Example] | None = None, *, resume: bool
     t_loop = time.time()
     log_f = open(out_dir / "train_log.jsonl", "a")
 
+    seg = {"start_step": step, "start_conversation": tf_data.stream.cursor if streaming else None,
+           "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if streaming:
+        tf_data.segments.append(seg)
+
     def save_state():
+        if streaming:
+            seg.update(end_step=step, end_conversation=tf_data.stream.cursor,
+                       seconds=round(time.time() - t_loop, 1), tokens_seen=tf_data.tokens_seen)
+            tf_data.write_manifest(recipe, out_dir)
         st = {"step": step, "params": params.state_dict(), "opt": opt.state_dict(),
               "sched": sched.state_dict(), "elapsed": elapsed_before + time.time() - t_loop,
-              "history": history}
+              "history": history, "data": tf_data.manifest(recipe) if streaming else None}
         if finetuned:
             from peft import get_peft_model_state_dict
             st["peft"] = get_peft_model_state_dict(model)
@@ -309,52 +365,18 @@ def train(recipe: Recipe, examples: list[Example] | None = None, *, resume: bool
         os.replace(tmp, state_path)
 
     while step < total:
-        idx, bseqs, anchors, avalid = step_batch(seqs, recipe, step, steps_per_epoch)
-        lens = torch.tensor([s.length for s in bseqs])
-        ids, mask = pad_ids(bseqs)
-        main_loss = torch.zeros(())
-        if finetuned:
-            model.train()
-            layers, final = run_main(model, ids, mask, layer_ids, True)
-            main = MainPass(None, layers, torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids))
-            # main stream: position t predicts x_{t+1}, on response tokens only
-            T = ids.shape[1]
-            t = torch.arange(T - 1)
-            plen = torch.tensor([s.prompt_len for s in bseqs])
-            ok = (t[None] >= plen[:, None] - 1) & (t[None] < lens[:, None] - 1)
-            w = ok.float() / ok.sum().clamp(min=1)
-            ml, _ = chunked_lm_loss(final[:, :-1].reshape(-1, d), lm_weight,
-                                    ids[:, 1:].reshape(-1), w.reshape(-1), recipe.lm_head_chunk)
-            main_loss = alpha0 * ml
+        if streaming:
+            from .teacher_forced import tf_step
+            res = tf_step(model, params, tf_data, recipe, lm_weight, step, main_model)
+            if res is None:
+                log("[train] every training conversation has been used")
+                break
+            loss, correct, valid = res
         else:
-            main, final = cache.batch(idx, seqs)
-        hidden = stream_logits(model, params, main, anchors, g, return_hidden=True)  # [B,A,g,d]
-        B, A = anchors.shape
-        js = torch.arange(1, g + 1)
-        lab_pos = anchors[:, :, None] + 1 + js  # [B,A,g]
-        valid = avalid[:, :, None] & (lab_pos < lens[:, None, None])
-        lab_pos_c = torch.minimum(lab_pos, (lens - 1)[:, None, None])
-        labels = torch.gather(ids, 1, lab_pos_c.reshape(B, -1)).reshape(B, A, g)
-        if vocab_map is not None:
-            labels = vocab_map[labels]
-            valid = valid & (labels >= 0)
-            labels = labels.clamp(min=0)
-        counts = valid.sum(dim=(0, 1)).clamp(min=1).float()  # per stream
-        wts = valid.float() * (torch.tensor(weights) / counts)[None, None, :]
-        target_h = None
-        if recipe.distill:
-            tpos = torch.minimum(anchors[:, :, None] + js, (lens - 1)[:, None, None])
-            bidx = torch.arange(B)[:, None, None].expand_as(tpos)
-            target_h = final[bidx, tpos].reshape(-1, d)
-        sl, correct = chunked_lm_loss(hidden.reshape(-1, d), lm_weight, labels.reshape(-1),
-                                      wts.reshape(-1), recipe.lm_head_chunk, target_h)
-        loss = sl + main_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if recipe.grad_clip:
-            torch.nn.utils.clip_grad_norm_(trainable, recipe.grad_clip)
-        opt.step()
-        sched.step()
+            loss, correct, valid = _fixed_data_step(
+                recipe, model, params, seqs, cache, step, steps_per_epoch, finetuned, layer_ids,
+                lm_weight, vocab_map, weights, alpha0, d, g)
+        _optimize(loss, opt, sched, trainable, recipe.grad_clip)
         step += 1
         if budget is not None and recipe.schedule_by_time:
             frac = (elapsed_before + time.time() - t_loop) / budget
@@ -362,7 +384,6 @@ def train(recipe: Recipe, examples: list[Example] | None = None, *, resume: bool
             for grp, base_lr in zip(opt.param_groups, sched.base_lrs):
                 grp["lr"] = min(grp["lr"], base_lr * tf)
 
-        correct = correct.reshape(B, A, g)
         acc = [(correct[..., j][valid[..., j]].mean().item() if valid[..., j].any() else float("nan"))
                for j in range(g)]
         lv = loss.item()
@@ -379,10 +400,13 @@ def train(recipe: Recipe, examples: list[Example] | None = None, *, resume: bool
             history.append({"step": step, "loss_ema": round(ema_loss, 5),
                             "acc_ema": [round(a, 4) for a in ema_acc], "time": rec["time"]})
             log_f.flush()
-        if step % recipe.checkpoint_every == 0 and step < total:
+        snap = recipe.snapshot_every and step % recipe.snapshot_every == 0
+        if (step % recipe.checkpoint_every == 0 or snap) and step < total:
             save_state()
-            _export(recipe, model, params, base_dir, out_dir, step, history, n_stream,
-                    elapsed_before + time.time() - t_loop, final=False)
+            ck = _export(recipe, model, params, base_dir, out_dir, step, history, n_stream,
+                         elapsed_before + time.time() - t_loop, final=False)
+            if snap and recipe.mode == "lossless":
+                _snapshot(ck, out_dir / "snapshots" / f"step-{step:05d}")
         if budget is not None and elapsed_before + time.time() - t_loop > budget:
             log(f"[train] time budget of {recipe.time_budget_minutes} min reached at step {step}/{total}")
             stopped_early = True
@@ -397,6 +421,100 @@ def train(recipe: Recipe, examples: list[Example] | None = None, *, resume: bool
     log(f"[train] done: {step} steps in {seconds / 60:.1f} min; checkpoint {ckpt}")
     return TrainResult(out_dir, ckpt, step, seconds, ema_loss or float("nan"), n_stream, history)
 
+
+
+def _fixed_data_step(recipe: Recipe, model, params: StreamParams, seqs: list[Seq], cache, step: int,
+                     steps_per_epoch: int, finetuned: bool, layer_ids, lm_weight, vocab_map,
+                     weights, alpha0: float, d: int, g: int):
+    """Loss, correctness and validity ``[B, A, g]`` of one step on the (cached) fixed data set."""
+    idx, bseqs, anchors, avalid = step_batch(seqs, recipe, step, steps_per_epoch)
+    lens = torch.tensor([s.length for s in bseqs])
+    ids, mask = pad_ids(bseqs)
+    main_loss = torch.zeros(())
+    if finetuned:
+        model.train()
+        layers, final = run_main(model, ids, mask, layer_ids, True)
+        main = MainPass(None, layers, torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids))
+        # main stream: position t predicts x_{t+1}, on response tokens only
+        T = ids.shape[1]
+        t = torch.arange(T - 1)
+        plen = torch.tensor([s.prompt_len for s in bseqs])
+        ok = (t[None] >= plen[:, None] - 1) & (t[None] < lens[:, None] - 1)
+        w = ok.float() / ok.sum().clamp(min=1)
+        ml, _ = chunked_lm_loss(final[:, :-1].reshape(-1, d), lm_weight,
+                                ids[:, 1:].reshape(-1), w.reshape(-1), recipe.lm_head_chunk)
+        main_loss = alpha0 * ml
+    else:
+        main, final = cache.batch(idx, seqs)
+    hidden = stream_logits(model, params, main, anchors, g, return_hidden=True)  # [B,A,g,d]
+    B, A = anchors.shape
+    js = torch.arange(1, g + 1)
+    lab_pos = anchors[:, :, None] + 1 + js  # [B,A,g]
+    valid = avalid[:, :, None] & (lab_pos < lens[:, None, None])
+    lab_pos_c = torch.minimum(lab_pos, (lens - 1)[:, None, None])
+    labels = torch.gather(ids, 1, lab_pos_c.reshape(B, -1)).reshape(B, A, g)
+    if vocab_map is not None:
+        labels = vocab_map[labels]
+        valid = valid & (labels >= 0)
+        labels = labels.clamp(min=0)
+    counts = valid.sum(dim=(0, 1)).clamp(min=1).float()  # per stream
+    wts = valid.float() * (torch.tensor(weights) / counts)[None, None, :]
+    target_h = None
+    if recipe.distill:
+        tpos = torch.minimum(anchors[:, :, None] + js, (lens - 1)[:, None, None])
+        bidx = torch.arange(B)[:, None, None].expand_as(tpos)
+        target_h = final[bidx, tpos].reshape(-1, d)
+    sl, correct = chunked_lm_loss(hidden.reshape(-1, d), lm_weight, labels.reshape(-1),
+                                  wts.reshape(-1), recipe.lm_head_chunk, target_h)
+    loss = sl + main_loss
+    return loss, correct.reshape(B, A, g), valid
+
+
+def _snapshot(ckpt_dir: Path, dest: Path) -> None:
+    import shutil
+    from .teacher_forced import MANIFEST_NAME
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "model.safetensors", MANIFEST_NAME):
+        if (ckpt_dir / name).is_file():
+            shutil.copy2(ckpt_dir / name, dest / name)
+
+
+def _optimize(loss, opt, sched, trainable, grad_clip: float) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
+    opt.step()
+    sched.step()
+
+
+def _init_params(params: StreamParams, model_config, recipe: Recipe, out_dir: Path, resume: bool,
+                 log) -> dict | None:
+    """Start from a checkpoint's tensors: ``recipe.init_from``, or with ``--resume`` the
+    checkpoint in ``out_dir`` when no trainer state is there (e.g. a committed checkpoint).
+    Returns that checkpoint's data manifest (teacher-forced cursor), if any."""
+    from ..checkpoint import load_checkpoint, resolve_checkpoint_dir
+    from .teacher_forced import read_manifest
+
+    src = recipe.init_from
+    if src is None and resume and not (out_dir / STATE_NAME).is_file() \
+            and (resolve_checkpoint_dir(out_dir) / "config.json").is_file():
+        src = str(out_dir)
+    if src is None:
+        return None
+    cfg, tensors = load_checkpoint(src)
+    if (cfg.stream_input, cfg.num_streams, cfg.num_stream_layers) != (
+            params.stream_input, params.num_streams, params.num_stream_layers) or \
+            (cfg.token_map_rank or None) != params.token_map_rank or cfg.lora != params.lora:
+        from ..errors import ConfigError
+        raise ConfigError(f"cannot start from {src}: its streams (input {cfg.stream_input}, "
+                          f"{cfg.num_streams} streams, {cfg.num_stream_layers} layers, lora {cfg.lora}) "
+                          "differ from the recipe's; use a matching recipe")
+    loaded = StreamParams.from_checkpoint(model_config, cfg, tensors)
+    params.load_state_dict(loaded.state_dict(), strict=False)
+    params.set_draft_vocab(loaded.draft_vocab)
+    log(f"[train] starting from the streams of {src}")
+    return read_manifest(resolve_checkpoint_dir(src))
 
 def _export(recipe: Recipe, model, params: StreamParams, base_dir: Path, out_dir: Path, step: int,
             history: list[dict], n_stream: int, seconds: float, final: bool,
@@ -432,6 +550,8 @@ def _export(recipe: Recipe, model, params: StreamParams, base_dir: Path, out_dir
                                      speculative_tokens=recipe.num_streams,
                                      min_draft_prob=recipe.min_draft_prob).model_dump()]),
                                  draft_vocab_size=None if params.draft_vocab is None
-                                 else params.draft_vocab.numel())
+                                 else params.draft_vocab.numel(),
+                                 stream_input=params.stream_input,
+                                 token_map_rank=params.token_map_rank)
     tensors = {k: v if k == DRAFT_VOCAB_KEY else v.float() for k, v in params.state_tensors().items()}
     return save_checkpoint(target, cfg, tensors)

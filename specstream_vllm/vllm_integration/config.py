@@ -10,8 +10,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..checkpoint import (STREAMS_SUBDIR, load_checkpoint_config, resolve_checkpoint_dir,
-                          validate_against_base)
+from ..checkpoint import STREAMS_SUBDIR, load_checkpoint, load_checkpoint_config, resolve_checkpoint_dir
 from ..errors import CheckpointError, UnsupportedArchitectureError
 from specstream_vllm.model_patches import MSA_ARCHITECTURES
 
@@ -32,6 +31,8 @@ class SpecStreamSettings(BaseModel):
     lora_scaling: float = 1.0
     lora_targets: tuple[str, ...] = ()
     min_draft_prob: float = Field(0.0, ge=0.0, lt=1.0)
+    stream_input: str = "paper"
+    token_map_rank: int = 0
 
 
 def resolve_settings(streams_path: str | None, base_model: str, base_architecture: str,
@@ -58,7 +59,10 @@ def resolve_settings(streams_path: str | None, base_model: str, base_architectur
     cfg = load_checkpoint_config(ckpt_dir)
     if num_speculative_tokens is None:
         num_speculative_tokens = cfg.num_streams
-    validate_against_base(cfg, base_model, num_speculative_tokens, check_fingerprint)
+    # tensors too (1-3 MB): a shape that does not match the config fails here, in one line,
+    # not in a worker after the engine has started
+    load_checkpoint(ckpt_dir, base_model_dir=base_model, num_speculative_tokens=num_speculative_tokens,
+                    check_fingerprint=check_fingerprint)
     if cfg.base_model.architecture != base_architecture:
         raise CheckpointError(
             f"stream checkpoint {ckpt_dir} was trained for a {cfg.base_model.architecture} "
@@ -73,6 +77,8 @@ def resolve_settings(streams_path: str | None, base_model: str, base_architectur
         lora_scaling=lora.scaling if lora else 1.0,
         lora_targets=tuple(lora.target_modules) if lora else (),
         min_draft_prob=_min_draft_prob(cfg.speculators_config.greedy_proposal().min_draft_prob),
+        stream_input=cfg.stream_input,
+        token_map_rank=cfg.token_map_rank or 0,
     )
     return settings, num_speculative_tokens, MSA_ARCHITECTURES[base_architecture][0]
 

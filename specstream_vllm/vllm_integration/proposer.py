@@ -46,7 +46,6 @@ class SpecStreamProposer:
         self.model = model
         self.min_draft_prob = model.stream_settings.min_draft_prob
         self._layer_names = model.stream_attention_layer_names()
-        self.embeddings = model.stream_embeddings
 
     def _ensure_groups(self) -> None:
         if self._groups is None:
@@ -86,7 +85,10 @@ class SpecStreamProposer:
         anchor_pos = (seq_lens - 1 - rejected)[active]
         R = active.numel()
         h = aux_hidden_states[0][anchor_tok.to(self.device)]  # [R, d]
-        x = (h[:, None, :] + self.embeddings[:g].to(h.dtype)).reshape(R * g, -1)
+        # x_{t+1}: the token just sampled at the anchor (next-token-aware streams read it)
+        next_ids = torch.tensor([sampled_token_ids[i][-1] for i in active.tolist()],
+                                dtype=torch.int64, device=self.device)
+        x = self.model.stream_inputs(h, next_ids, g)
         pos = (anchor_pos[:, None] + self._stream_offsets[:g]).reshape(-1)
         block_table = cm.block_table_tensor[active.to(cm.block_table_tensor.device)]
         bs = self._block_size
@@ -114,7 +116,7 @@ class SpecStreamProposer:
         ids, prob = res
         out[active.to(self.device), :g] = ids.view(R, g)
         if _DRAFT_LOG:
-            self._log_drafts(active, anchor_pos, out)
+            self._log_drafts(active, anchor_pos, out, next_ids)
         if self.min_draft_prob <= 0.0:
             return out
         return self._cut_low_confidence(out, active, prob.view(R, g), num_reqs, g)
@@ -132,12 +134,13 @@ class SpecStreamProposer:
             drafts[r] = rows[r][:n]
         return drafts
 
-    def _log_drafts(self, active, anchor_pos, out) -> None:
-        """Debug/test hook: record (context, drafts) so tests can replay the reference."""
+    def _log_drafts(self, active, anchor_pos, out, next_ids) -> None:
+        """Debug/test hook: record (context up to the anchor, the token sampled there,
+        drafts) so tests can replay the reference."""
         tokens = self.runner.input_batch.token_ids_cpu
         with open(_DRAFT_LOG, "a") as f:
-            for row, (i, t) in enumerate(zip(active.tolist(), anchor_pos.tolist())):
-                f.write(json.dumps({"context": tokens[i, : t + 1].tolist(),
+            for i, t, nxt in zip(active.tolist(), anchor_pos.tolist(), next_ids.tolist()):
+                f.write(json.dumps({"context": tokens[i, : t + 1].tolist(), "next_token": nxt,
                                     "drafts": out[i].tolist()}) + "\n")
 
     # The runner may call these for model-based drafters; streams need nothing extra.

@@ -1,0 +1,156 @@
+"""One training step on teacher-forced conversations (see :mod:`.conversations`).
+
+Per step: the next ``batch_size`` unseen conversations run through the frozen base model
+once (no grad), which gives both the stream layers' inputs and the base model's own
+next-token distribution at every position. Stream j at anchor t (x_{t+1} an assistant
+token) is trained towards the base model's distribution at t+j, i.e. what the model
+itself would emit as x_{t+1+j} -- the token verification accepts -- over the draft
+vocabulary. Targets that would leave the assistant turn are masked (generation stops at
+the end-of-turn token, so such drafts are never verified).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..reference.streams import MainPass, StreamParams, stream_logits
+from .conversations import ConversationStream, EncodedConversation, frequent_tokens, load_conversations
+from .losses import chunked_lm_loss
+from .recipe import Recipe
+
+MANIFEST_NAME = "data_manifest.json"
+
+
+def assistant_runs(assistant: torch.Tensor) -> torch.Tensor:
+    """``run[b, i]``: how many consecutive assistant tokens start at position i."""
+    B, T = assistant.shape
+    run = torch.zeros(B, T + 1, dtype=torch.long)
+    for i in range(T - 1, -1, -1):
+        run[:, i] = (run[:, i + 1] + 1) * assistant[:, i]
+    return run[:, :T]
+
+
+def sample_tf_anchors(run: torch.Tensor, lens: torch.Tensor, num: int, g: torch.Generator
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Anchors t whose x_{t+1} and x_{t+2} are assistant tokens, ``[B, A]`` + validity."""
+    B, T = run.shape
+    anchors, valid = [], []
+    for b in range(B):
+        t = torch.arange(0, int(lens[b]) - 2)
+        cand = t[run[b, t + 1] >= 2]
+        if cand.numel() > num:
+            cand = cand[torch.randperm(cand.numel(), generator=g)[:num]].sort().values
+        k = cand.numel()
+        if k == 0:
+            cand, k = torch.zeros(1, dtype=torch.long), 0
+        pad = num - cand.numel() if cand.numel() < num else 0
+        anchors.append(torch.cat([cand, cand[:1].repeat(pad)]))
+        valid.append(torch.arange(num) < k)
+    return torch.stack(anchors), torch.stack(valid)
+
+
+def pad_encoded(batch: list[EncodedConversation]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    T = max(e.length for e in batch)
+    ids = torch.zeros(len(batch), T, dtype=torch.long)
+    mask = torch.zeros(len(batch), T, dtype=torch.long)
+    asst = torch.zeros(len(batch), T, dtype=torch.bool)
+    for k, e in enumerate(batch):
+        ids[k, :e.length], mask[k, :e.length], asst[k, :e.length] = e.ids, 1, e.assistant
+    return ids, mask, asst
+
+
+@dataclass
+class TeacherForcedData:
+    """The conversation stream of a run, its draft vocabulary and what it has consumed."""
+
+    stream: ConversationStream
+    vocab: torch.Tensor
+    tokens_seen: int = 0
+    anchors_seen: int = 0
+    segments: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def open(cls, recipe: Recipe, base_dir: Path, tokenizer, cursor: int = 0,
+             vocab: torch.Tensor | None = None, log=print) -> "TeacherForcedData":
+        from .data import mtbench_texts_normalized
+
+        spec = recipe.data
+        convs = load_conversations(spec.sharegpt_file, split="train", heldout_fraction=spec.heldout_fraction,
+                                   exclude_first_turns=mtbench_texts_normalized(), seed=spec.seed)
+        log(f"[data] {len(convs):,} teacher-forced ShareGPT training conversations; "
+            f"starting at #{cursor:,}")
+        if vocab is None:
+            # the vocabulary comes from a fixed sample that does not move with the cursor
+            sample = ConversationStream(tokenizer, convs, recipe.seq_len).take(spec.vocab_sample)
+            eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+            vocab = frequent_tokens(sample, spec.draft_vocab_size, eos)
+            log(f"[data] draft vocabulary: the {vocab.numel():,} most frequent assistant tokens "
+                f"of {len(sample):,} conversations")
+        return cls(ConversationStream(tokenizer, convs, recipe.seq_len, cursor), vocab)
+
+    def manifest(self, recipe: Recipe) -> dict:
+        return {"source": "sharegpt_conversations", "split": "train", "order_seed": recipe.data.seed,
+                "heldout_fraction": recipe.data.heldout_fraction, "seq_len": recipe.seq_len,
+                "conversations_consumed": self.stream.cursor,
+                "conversations_available": len(self.stream.convs),
+                "tokens_seen": self.tokens_seen, "anchors_seen": self.anchors_seen,
+                "draft_vocab_size": int(self.vocab.numel()), "segments": self.segments}
+
+    def write_manifest(self, recipe: Recipe, out_dir: Path) -> None:
+        tmp = out_dir / (MANIFEST_NAME + ".tmp")
+        tmp.write_text(json.dumps(self.manifest(recipe), indent=2) + "\n")
+        os.replace(tmp, out_dir / MANIFEST_NAME)
+
+
+def read_manifest(ckpt_dir: Path) -> dict | None:
+    p = Path(ckpt_dir) / MANIFEST_NAME
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+@torch.no_grad()
+def _main_pass(model, ids, mask, layer_ids, dtype: torch.dtype):
+    from .trainer import run_main
+    layers, final = run_main(model, ids, mask, layer_ids, True)
+    return {k: v.to(dtype) for k, v in layers.items()}, final
+
+
+def tf_step(model, params: StreamParams, data: TeacherForcedData, recipe: Recipe,
+            lm_weight_vocab: torch.Tensor, step: int, main_model=None):
+    """Loss and per-(anchor, stream) correctness of one step, or None when data ran out.
+
+    Returns ``(loss, correct [B, A, g], valid [B, A, g])``; correct = the stream's top-1
+    equals the base model's top-1 (both over the draft vocabulary)."""
+    batch = data.stream.take(recipe.batch_size)
+    if not batch:
+        return None
+    g = recipe.num_streams
+    ids, mask, asst = pad_encoded(batch)
+    lens = mask.sum(1)
+    layers, final = _main_pass(main_model or model, ids, mask, list(params.layer_ids), model.dtype)
+    rng = torch.Generator().manual_seed(recipe.seed * 1_000_003 + step)
+    run = assistant_runs(asst)
+    anchors, avalid = sample_tf_anchors(run, lens, recipe.anchors_per_seq, rng)
+    B, A = anchors.shape
+    T = ids.shape[1]
+    main = MainPass(None, layers, torch.arange(T).unsqueeze(0).expand(B, T))
+    bidx = torch.arange(B)[:, None]
+    next_tokens = ids[bidx, anchors + 1] if params.next_token_aware else None
+    hidden = stream_logits(model, params, main, anchors, g, return_hidden=True,
+                           next_tokens=next_tokens)  # [B, A, g, d]
+    js = torch.arange(1, g + 1)
+    # stream j's target: the base model at t+j; x_{t+1..t+1+j} must all be assistant tokens
+    valid = avalid[:, :, None] & (run[bidx, anchors + 1][:, :, None] >= js + 1)
+    tpos = torch.minimum(anchors[:, :, None] + js, (lens - 1)[:, None, None])
+    target_h = final[torch.arange(B)[:, None, None], tpos].reshape(-1, final.shape[-1])
+    counts = valid.sum(dim=(0, 1)).clamp(min=1).float()
+    wts = valid.float() * (torch.tensor(recipe.stream_weights()) / counts)[None, None, :]
+    d = hidden.shape[-1]
+    loss, correct = chunked_lm_loss(hidden.reshape(-1, d), lm_weight_vocab, None, wts.reshape(-1),
+                                    recipe.lm_head_chunk, target_h.float())
+    data.tokens_seen += int(lens.sum())
+    data.anchors_seen += int(avalid.sum())
+    return loss, correct.reshape(B, A, g), valid

@@ -1,0 +1,167 @@
+"""Teacher-forced conversations: parsing, encoding, trainer steps, resume on unseen data."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from specstream_vllm.checkpoint import load_checkpoint, load_checkpoint_config
+from specstream_vllm.training.conversations import (ConversationStream, encode_conversation,
+                                                    frequent_tokens, load_conversations)
+from specstream_vllm.training.recipe import load_recipe
+from specstream_vllm.training.teacher_forced import assistant_runs, read_manifest, sample_tf_anchors
+from specstream_vllm.training.trainer import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _sharegpt_file(path: Path, n: int = 40, truncate: bool = True) -> Path:
+    items = []
+    for i in range(n):
+        turns = [{"from": "human", "value": f"Question {i}: how do I count to {i % 7 + 3}?"},
+                 {"from": "gpt", "value": " ".join(str(k) for k in range(1, i % 7 + 4)) + ". Done."},
+                 {"from": "human", "value": "And backwards?"},
+                 {"from": "gpt", "value": " ".join(str(k) for k in range(i % 7 + 3, 0, -1)) + "."}]
+        items.append({"id": f"conv{i}", "conversations": turns})
+    items.append({"id": "odd", "conversations": [{"from": "gpt", "value": "no question first"}]})
+    items.append({"id": "rep", "conversations": [{"from": "human", "value": "hi"},
+                                                 {"from": "human", "value": "twice"}]})
+    text = json.dumps(items)
+    if truncate:  # the packaged file is cut mid-record: the broken tail must be dropped
+        text = text + ', {"id": "cut", "conversations": [{"from": "human", "val'
+        text = text[:-1] if text.endswith("]") else text
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="module")
+def smol_tokenizer(smollm2_dir):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(smollm2_dir))
+
+
+def test_load_conversations_split_order_and_irregular_turns(tmp_path):
+    f = _sharegpt_file(tmp_path / "sg.json")
+    train_ = load_conversations(f, "train", heldout_fraction=0.2)
+    held = load_conversations(f, "heldout", heldout_fraction=0.2)
+    ids = {c.id for c in train_} | {c.id for c in held}
+    assert ids == {f"conv{i}" for i in range(40)}  # "odd" (no user turn) and "rep" (no answer) dropped
+    assert not ({c.id for c in train_} & {c.id for c in held})
+    assert all(len(c.messages) == 4 and c.messages[0]["role"] == "user" for c in train_)
+    assert [c.id for c in load_conversations(f, "train", heldout_fraction=0.2)] == [c.id for c in train_]
+    reordered = [c.id for c in load_conversations(f, "train", heldout_fraction=0.2, seed=1)]
+    assert sorted(reordered) == sorted(c.id for c in train_) and reordered != [c.id for c in train_]
+    excl = load_conversations(f, "train", heldout_fraction=0.2,
+                              exclude_first_turns={"question 3: how do i count to 6?"})
+    assert "conv3" not in {c.id for c in excl}
+
+
+def test_encode_marks_exactly_the_assistant_turns(tmp_path, smol_tokenizer):
+    f = _sharegpt_file(tmp_path / "sg.json", truncate=False)
+    conv = load_conversations(f, "train", heldout_fraction=0.01)[0]
+    enc = encode_conversation(smol_tokenizer, conv, 1000)
+    text = smol_tokenizer.apply_chat_template(conv.messages, tokenize=False)
+    assert smol_tokenizer.decode(enc.ids) == text
+    spans, cur = [], []
+    for tok, m in zip(enc.ids.tolist(), enc.assistant.tolist()):
+        if m:
+            cur.append(tok)
+        elif cur:
+            spans.append(smol_tokenizer.decode(cur)); cur = []
+    if cur:
+        spans.append(smol_tokenizer.decode(cur))
+    assert spans == [conv.messages[1]["content"] + "<|im_end|>", conv.messages[3]["content"] + "<|im_end|>"]
+    n = int(enc.assistant.nonzero()[0]) + 4  # a cut 4 tokens into the first answer
+    cut = encode_conversation(smol_tokenizer, conv, n)
+    assert cut.length == n and torch.equal(cut.ids, enc.ids[:n]) and int(cut.assistant.sum()) == 4
+
+
+def test_stream_cursor_and_vocabulary(tmp_path, smol_tokenizer):
+    f = _sharegpt_file(tmp_path / "sg.json")
+    convs = load_conversations(f, "train", heldout_fraction=0.2)
+    s = ConversationStream(smol_tokenizer, convs, 256)
+    a = s.take(5)
+    assert s.cursor == 5 and len(a) == 5
+    b = ConversationStream(smol_tokenizer, convs, 256, cursor=5).take(5)
+    assert [e.id for e in b] == [c.id for c in convs[5:10]]
+    vocab = frequent_tokens(a, 10, always=[2])
+    assert vocab.numel() <= 11 and 2 in vocab.tolist() and torch.equal(vocab, vocab.sort().values)
+
+
+def test_anchor_and_target_validity_stay_inside_assistant_turns():
+    asst = torch.tensor([[0, 0, 1, 1, 1, 0, 0, 1, 1, 0]], dtype=torch.bool)
+    run = assistant_runs(asst)
+    assert run[0].tolist() == [0, 0, 3, 2, 1, 0, 0, 2, 1, 0]
+    anchors, valid = sample_tf_anchors(run, torch.tensor([10]), 8, torch.Generator().manual_seed(0))
+    got = sorted(set(anchors[0][valid[0]].tolist()))
+    assert got == [1, 2, 6]  # x_{t+1} and x_{t+2} are assistant tokens of one turn
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_model(tmp_path_factory, smollm2_dir):
+    """A random tiny Llama with SmolLM2's tokenizer (and its chat template)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(str(smollm2_dir))
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                      tie_word_embeddings=True, eos_token_id=tok.eos_token_id)
+    cfg.architectures = ["LlamaForCausalLM"]
+    d = tmp_path_factory.mktemp("tinychat") / "model"
+    LlamaForCausalLM(cfg).save_pretrained(str(d), safe_serialization=True)
+    tok.save_pretrained(str(d))
+    return d
+
+
+def _tf_recipe(base: Path, data: Path, out: Path, **extra):
+    over = {"base_model": str(base), "output_dir": str(out), "max_steps": 3, "num_streams": 3,
+            "num_stream_layers": 2, "data.source": "sharegpt_conversations",
+            "data.sharegpt_file": str(data), "data.draft_vocab_size": 64, "data.vocab_sample": 10,
+            "data.heldout_fraction": 0.1, "seq_len": 96, "batch_size": 2, "anchors_per_seq": 8,
+            "stream_input": "next_token", "token_map_rank": 4, "checkpoint_every": 2,
+            "warmup_steps": 1}
+    over.update(extra)
+    return load_recipe(ROOT / "configs" / "train_tiny_test.yaml", over)
+
+
+def test_teacher_forced_training_writes_next_token_checkpoint_and_resumes(tiny_chat_model, tmp_path):
+    data = _sharegpt_file(tmp_path / "sg.json")
+    out = tmp_path / "run"
+    res = train(_tf_recipe(tiny_chat_model, data, out), progress=False, log=lambda s: None)
+    cfg, tensors = load_checkpoint(res.checkpoint_dir, base_model_dir=tiny_chat_model)
+    assert cfg.stream_input == "next_token" and cfg.token_map_rank == 4
+    assert tensors["token_map.B"].abs().sum() > 0  # g was trained
+    assert cfg.draft_vocab_size == tensors["draft_vocab"].numel() <= 65
+    m1 = read_manifest(out)
+    assert m1["conversations_consumed"] == 6 and m1["tokens_seen"] > 0
+    # --resume: three more steps on conversations not seen yet
+    res2 = train(_tf_recipe(tiny_chat_model, data, out), resume=True, progress=False, log=lambda s: None)
+    m2 = read_manifest(out)
+    assert res2.steps == 6 and m2["conversations_consumed"] == 12
+    assert m2["tokens_seen"] > m1["tokens_seen"] and len(m2["segments"]) == 2
+    assert m2["segments"][1]["start_conversation"] == 6
+    # a committed checkpoint without trainer state continues from its manifest's cursor
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    for name in ("config.json", "model.safetensors", "data_manifest.json"):
+        shutil.copy(out / name, shipped / name)
+    out3 = tmp_path / "continued"
+    train(_tf_recipe(tiny_chat_model, data, out3, init_from=str(shipped)), progress=False,
+          log=lambda s: None)
+    m3 = read_manifest(out3)
+    assert m3["segments"][-1]["start_conversation"] == 12 and m3["conversations_consumed"] == 18
+    assert torch.equal(load_checkpoint(out3)[1]["draft_vocab"], tensors["draft_vocab"])
+
+
+def test_init_from_refuses_a_different_stream_form(tiny_chat_model, tmp_path):
+    from specstream_vllm.errors import ConfigError
+    data = _sharegpt_file(tmp_path / "sg.json")
+    first = train(_tf_recipe(tiny_chat_model, data, tmp_path / "a", max_steps=1), progress=False,
+                  log=lambda s: None)
+    with pytest.raises(ConfigError, match="differ"):
+        train(_tf_recipe(tiny_chat_model, data, tmp_path / "b", stream_input="paper",
+                         init_from=str(first.checkpoint_dir)), progress=False, log=lambda s: None)
+    assert load_checkpoint_config(first.checkpoint_dir).stream_input == "next_token"
