@@ -122,7 +122,7 @@ def _tf_recipe(base: Path, data: Path, out: Path, **extra):
             "data.sharegpt_file": str(data), "data.draft_vocab_size": 64, "data.vocab_sample": 10,
             "data.heldout_fraction": 0.1, "seq_len": 96, "batch_size": 2, "anchors_per_seq": 8,
             "stream_input": "next_token", "token_map_rank": 4, "checkpoint_every": 2,
-            "warmup_steps": 1}
+            "warmup_steps": 1, "token_map_fit_conversations": 4}
     over.update(extra)
     return load_recipe(ROOT / "configs" / "train_tiny_test.yaml", over)
 
@@ -136,13 +136,13 @@ def test_teacher_forced_training_writes_next_token_checkpoint_and_resumes(tiny_c
     assert tensors["token_map.B"].abs().sum() > 0  # g was trained
     assert cfg.draft_vocab_size == tensors["draft_vocab"].numel() <= 65
     m1 = read_manifest(out)
-    assert m1["conversations_consumed"] == 6 and m1["tokens_seen"] > 0
+    assert m1["conversations_consumed"] == 4 + 6 and m1["tokens_seen"] > 0  # g's fit, then 3 steps
     # --resume: three more steps on conversations not seen yet
     res2 = train(_tf_recipe(tiny_chat_model, data, out), resume=True, progress=False, log=lambda s: None)
     m2 = read_manifest(out)
-    assert res2.steps == 6 and m2["conversations_consumed"] == 12
+    assert res2.steps == 6 and m2["conversations_consumed"] == 16  # no second fit on resume
     assert m2["tokens_seen"] > m1["tokens_seen"] and len(m2["segments"]) == 2
-    assert m2["segments"][1]["start_conversation"] == 6
+    assert m2["segments"][1]["start_conversation"] == 10
     # a committed checkpoint without trainer state continues from its manifest's cursor
     shipped = tmp_path / "shipped"
     shipped.mkdir()
@@ -152,7 +152,7 @@ def test_teacher_forced_training_writes_next_token_checkpoint_and_resumes(tiny_c
     train(_tf_recipe(tiny_chat_model, data, out3, init_from=str(shipped)), progress=False,
           log=lambda s: None)
     m3 = read_manifest(out3)
-    assert m3["segments"][-1]["start_conversation"] == 12 and m3["conversations_consumed"] == 18
+    assert m3["segments"][-1]["start_conversation"] == 16 and m3["conversations_consumed"] == 22
     assert torch.equal(load_checkpoint(out3)[1]["draft_vocab"], tensors["draft_vocab"])
 
 

@@ -94,6 +94,9 @@ class Recipe(_Strict):
                              "a learned map of the token sampled at the anchor (DESIGN.md)")
     token_map_rank: int = Field(128, ge=1, description="rank of g in the next_token form")
     token_map_lr: Optional[float] = Field(None, gt=0, description="learning rate of g (null = lr)")
+    token_map_fit_conversations: int = Field(
+        64, ge=0, description="teacher-forced next_token runs start g by least squares "
+                              "(g(x_{t+1}) ~ h_{t+1} - h_t) over this many conversations; 0 = off")
     init_from: Optional[str] = Field(
         None, description="start from this stream checkpoint (its tensors, vocabulary and, for "
                           "teacher-forced data, its data cursor: training continues on unseen data)")

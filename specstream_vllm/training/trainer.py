@@ -268,6 +268,11 @@ def train(recipe: Recipe, examples: list[Example] | None = None, *, resume: bool
         tf_data.anchors_seen = prior.get("anchors_seen", 0)
         tf_data.segments = list(prior.get("segments", []))
         params.set_draft_vocab(tf_data.vocab)
+        fresh = init_manifest is None and not (resume and st_path.is_file())
+        if fresh and params.next_token_aware and recipe.token_map_fit_conversations:
+            from .teacher_forced import fit_token_map
+            fit_token_map(model, params, tf_data, recipe, recipe.token_map_fit_conversations,
+                          main_model, log=log)
         log(f"[train] teacher-forced conversations from #{tf_data.stream.cursor:,} "
             f"({tf_data.tokens_seen:,} tokens seen before); mode={recipe.mode}; "
             f"stream params {n_stream:,}; trainable {n_trainable:,}")
@@ -514,7 +519,7 @@ def _init_params(params: StreamParams, model_config, recipe: Recipe, out_dir: Pa
     params.load_state_dict(loaded.state_dict(), strict=False)
     params.set_draft_vocab(loaded.draft_vocab)
     log(f"[train] starting from the streams of {src}")
-    return read_manifest(resolve_checkpoint_dir(src))
+    return read_manifest(resolve_checkpoint_dir(src)) or {}
 
 def _export(recipe: Recipe, model, params: StreamParams, base_dir: Path, out_dir: Path, step: int,
             history: list[dict], n_stream: int, seconds: float, final: bool,
