@@ -12,6 +12,18 @@ What the ``specstream`` method needs from vLLM 0.32.0 (V1 model runner):
   the aux hidden state, and route ``propose_draft_token_ids`` to it.
 * Attention metadata for the stream tokens: ``CommonAttentionMetadata`` + the
   target's attention groups, run under ``set_forward_context``.
+* Draft policy (draft_policy.py knows none of this): ``EngineArgs.create_speculative_config``
+  takes our extra key ``draft_policy`` out of the user's dict before vLLM's pydantic
+  ``SpeculativeConfig`` (extra keys forbidden) sees it; ``GPUModelRunner.execute_model``
+  stamps each step's start so the proposer gets measured step times; the TP ranks agree
+  on skipping the draft pass through one broadcast from rank 0.
+* ``/metrics`` and the stats log: the engine core's ``Scheduler.make_stats`` reports a
+  decode step without drafts as an empty ``SpecDecodingStats`` (vLLM reports nothing for
+  it), and the front end's ``SpecDecodingProm`` / ``SpecDecodingLogging`` count steps
+  and steps without drafts: ``vllm:spec_decode_specstream_steps_total`` and
+  ``vllm:spec_decode_specstream_steps_without_drafts_total`` (mean draft tokens per step
+  = ``vllm:spec_decode_num_draft_tokens_total`` / steps); the log line
+  "specstream draft policy: ...". Only for engines serving ``specstream``.
 
 Model Runner V2 (``vllm/v1/worker/gpu/``) is a separate code path: supporting it means
 a ``SpecStream`` speculator beside its EAGLE one; until then the patch below keeps
@@ -27,13 +39,14 @@ import importlib.util
 import logging
 import os
 import sys
+import time
 from contextlib import contextmanager
 from typing import Any, Literal, get_args
 
 import torch
 
 from ..errors import VersionMismatchError
-from .config import METHOD, resolve_settings
+from .config import METHOD, POLICY_KEYS, resolve_policy, resolve_settings
 from .patching import Patch
 
 PINNED_VLLM_VERSION = "0.32.0"
@@ -118,6 +131,34 @@ def _post_init_specstream(self) -> None:
     self.draft_parallel_config = self.target_parallel_config
     hf.architectures = [msa_arch]
     hf.specstream = settings.model_dump()
+    hf.specstream_policy = resolve_policy(
+        _CURRENT_POLICY_KEYS[-1] if _CURRENT_POLICY_KEYS else None).model_dump()
+
+
+#: our keys taken out of the user's speculative config while vLLM builds SpeculativeConfig
+_CURRENT_POLICY_KEYS: list[dict] = []
+
+
+class EngineArgsPatch(Patch):
+    """Take ``draft_policy`` (POLICY_KEYS) out of a specstream speculative config: vLLM's
+    ``SpeculativeConfig`` forbids unknown fields; our ``__post_init__`` branch reads it."""
+
+    target = None
+
+    def create_speculative_config(self, target_model_config, target_parallel_config):
+        spec = self.speculative_config
+        if not isinstance(spec, dict) or spec.get("method") != METHOD:
+            return EngineArgsPatch.original("create_speculative_config")(
+                self, target_model_config, target_parallel_config)
+        extra = {k: spec[k] for k in POLICY_KEYS if k in spec}
+        self.speculative_config = {k: v for k, v in spec.items() if k not in POLICY_KEYS}
+        _CURRENT_POLICY_KEYS.append(extra)
+        try:
+            return EngineArgsPatch.original("create_speculative_config")(
+                self, target_model_config, target_parallel_config)
+        finally:
+            _CURRENT_POLICY_KEYS.pop()
+            self.speculative_config = dict(self.speculative_config, **extra)
 
 
 class SpeculativeConfigPatch(Patch):
@@ -204,6 +245,13 @@ class GPUModelRunnerPatch(Patch):
         if get_pp_group().is_last_rank:
             self.drafter = SpecStreamProposer(vllm_config, device, self)
         self.use_aux_hidden_state_outputs = True
+        self._specstream_clock = StepClock()
+
+    def execute_model(self, scheduler_output, *args, **kwargs):
+        clock = self.__dict__.get("_specstream_clock")
+        if clock is not None:
+            clock.start(scheduler_output)
+        return GPUModelRunnerPatch.original("execute_model")(self, scheduler_output, *args, **kwargs)
 
     def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, sampling_metadata,
                                 hidden_states, sample_hidden_states, aux_hidden_states,
@@ -268,6 +316,170 @@ class SchedulerProfilePatch(Patch):
             out = SchedulerProfilePatch.original("update_from_output")(self, *args, **kwargs)
         t.step_done()
         return out
+
+
+# --------------------------------------------------------------------------- step timing
+
+@dataclasses.dataclass
+class StepRecord:
+    """One runner step: scheduled tokens (requests + drafts), wall-clock period from its
+    ``execute_model`` to the next one (forward, sampling, bookkeeping, draft pass, and the
+    engine core's own work between steps), the part of it spent in the draft pass."""
+
+    start: float
+    num_tokens: int
+    num_draft_tokens: int
+    num_reqs: int
+    decode: bool                       # every request decoding (1 + its drafts tokens)
+    period: float | None = None
+    draft_seconds: float = 0.0
+    draft_stream_tokens: int = 0
+
+
+class StepClock:
+    def __init__(self):
+        self.current: StepRecord | None = None
+        self._finished: StepRecord | None = None
+
+    def start(self, scheduler_output) -> None:
+        n = int(scheduler_output.total_num_scheduled_tokens)
+        if n <= 0:
+            return
+        now = time.perf_counter()
+        drafts = sum(len(v) for v in scheduler_output.scheduled_spec_decode_tokens.values())
+        reqs = len(scheduler_output.num_scheduled_tokens)
+        rec = StepRecord(now, n, drafts, reqs, decode=(n == reqs + drafts))
+        prev = self.current
+        if prev is not None and prev.decode and rec.decode:
+            prev.period = now - prev.start
+            self._finished = prev   # back-to-back decode steps: no idle gap, no prefill
+        else:
+            self._finished = None
+        self.current = rec
+
+    def take_finished(self) -> StepRecord | None:
+        """The previous step, once, if it and the current one are plain decode steps."""
+        rec, self._finished = self._finished, None
+        return rec
+
+
+def step_clock(runner) -> StepClock | None:
+    return runner.__dict__.get("_specstream_clock")
+
+
+def runner_req_ids(runner) -> list[str]:
+    return runner.input_batch.req_ids
+
+
+def tp_world_size() -> int:
+    from vllm.distributed import get_tensor_model_parallel_world_size
+    return get_tensor_model_parallel_world_size()
+
+
+def tp_agree(values: list[int]) -> list[int]:
+    """Rank 0's ``values`` on every TP rank (the draft pass runs collectives, so all
+    ranks must skip it or run it with the same depth)."""
+    if tp_world_size() == 1:
+        return values
+    from vllm.distributed.parallel_state import get_tp_group
+    t = torch.tensor(values, dtype=torch.int64)
+    group = get_tp_group()
+    torch.distributed.broadcast(t, src=group.ranks[0], group=group.cpu_group)
+    return t.tolist()
+
+
+def policy_settings(vllm_config) -> dict:
+    hf = vllm_config.model_config.hf_config
+    return dict(getattr(hf, "specstream_policy", None) or {})
+
+
+# --------------------------------------------------------------------------- metrics
+
+class SchedulerStatsPatch(Patch):
+    """Engine core: a decode step in which no request had drafts still reports an (empty)
+    ``SpecDecodingStats``, so the front end can count steps without speculation."""
+
+    target = None
+
+    def update_from_output(self, scheduler_output, model_runner_output):
+        if is_specstream(self.vllm_config.speculative_config):
+            spec = scheduler_output.scheduled_spec_decode_tokens
+            n = scheduler_output.num_scheduled_tokens
+            self._specstream_decode_step = bool(n) and (
+                scheduler_output.total_num_scheduled_tokens
+                == len(n) + sum(len(v) for v in spec.values()))
+        return SchedulerStatsPatch.original("update_from_output")(
+            self, scheduler_output, model_runner_output)
+
+    def make_stats(self, spec_decoding_stats=None, *args, **kwargs):
+        if (spec_decoding_stats is None and self.log_stats
+                and self.__dict__.pop("_specstream_decode_step", False)):
+            from vllm.v1.spec_decode.metrics import SpecDecodingStats
+            spec_decoding_stats = SpecDecodingStats.new(self.num_spec_tokens)
+        self.__dict__.pop("_specstream_decode_step", None)
+        return SchedulerStatsPatch.original("make_stats")(self, spec_decoding_stats, *args, **kwargs)
+
+
+class SpecDecodingPromPatch(Patch):
+    """Front end ``/metrics``: two counters for specstream engines."""
+
+    target = None
+
+    def __init__(self, speculative_config, labelnames, per_engine_labelvalues, *args, **kwargs):
+        SpecDecodingPromPatch.original("__init__")(
+            self, speculative_config, labelnames, per_engine_labelvalues, *args, **kwargs)
+        self._specstream = None
+        if is_specstream(speculative_config):
+            from vllm.v1.metrics.utils import create_metric_per_engine
+            self._specstream = [
+                create_metric_per_engine(self._counter_cls(name=name, documentation=doc,
+                                                            labelnames=labelnames),
+                                         per_engine_labelvalues)
+                for name, doc in (
+                    ("vllm:spec_decode_specstream_steps",
+                     "Decode steps of a specstream engine (with or without drafts)."),
+                    ("vllm:spec_decode_specstream_steps_without_drafts",
+                     "Decode steps in which the draft policy proposed no draft token."))]
+
+    def observe(self, spec_decoding_stats, engine_idx: int = 0):
+        SpecDecodingPromPatch.original("observe")(self, spec_decoding_stats, engine_idx)
+        if getattr(self, "_specstream", None):
+            steps, without = self._specstream
+            steps[engine_idx].inc(1)
+            if spec_decoding_stats.num_draft_tokens == 0:
+                without[engine_idx].inc(1)
+
+
+class SpecDecodingLoggingPatch(Patch):
+    """Front end stats log: steps without speculation and draft tokens per step."""
+
+    target = None
+
+    def reset(self):
+        SpecDecodingLoggingPatch.original("reset")(self)
+        self._ss_steps = 0
+        self._ss_without = 0
+
+    def observe(self, spec_decoding_stats):
+        SpecDecodingLoggingPatch.original("observe")(self, spec_decoding_stats)
+        self._ss_steps += 1
+        if spec_decoding_stats.num_draft_tokens == 0:
+            self._ss_without += 1
+            self._ss_seen_empty = True
+
+    def log(self, log_fn=None):
+        import logging as _logging
+        log_fn = log_fn or _logging.getLogger("vllm.v1.spec_decode.metrics").info
+        steps, without = self._ss_steps, self._ss_without
+        drafts = sum(self.num_draft_tokens)
+        if getattr(self, "_ss_seen_empty", False) and steps:
+            log_fn("specstream draft policy: %d decode steps, %d without speculation (%.0f%%), "
+                   "%.2f draft tokens per step", steps, without, 100.0 * without / steps,
+                   drafts / steps)
+        if sum(self.num_drafts) == 0:  # only steps without drafts: vLLM's line would be 0/0
+            self.reset()
+            return
+        SpecDecodingLoggingPatch.original("log")(self, log_fn=log_fn)
 
 
 # --------------------------------------------------------------------------- runner helpers
@@ -368,6 +580,26 @@ def register_models() -> None:
 _RUNNER_MODULE = "vllm.v1.worker.gpu_model_runner"
 
 
+def _patch_engine_args(module=None) -> None:
+    from vllm.engine.arg_utils import EngineArgs
+    EngineArgsPatch.target = EngineArgs
+    EngineArgsPatch.apply_once()
+
+
+def _patch_scheduler(module=None) -> None:
+    from vllm.v1.core.sched.scheduler import Scheduler
+    SchedulerStatsPatch.target = Scheduler
+    SchedulerStatsPatch.apply_once()
+
+
+def _patch_spec_metrics(module=None) -> None:
+    from vllm.v1.spec_decode.metrics import SpecDecodingLogging, SpecDecodingProm
+    SpecDecodingPromPatch.target = SpecDecodingProm
+    SpecDecodingPromPatch.apply_once()
+    SpecDecodingLoggingPatch.target = SpecDecodingLogging
+    SpecDecodingLoggingPatch.apply_once()
+
+
 def _patch_runner(module=None) -> None:
     GPUModelRunnerPatch.target = _runner_cls()
     GPUModelRunnerPatch.apply_once()
@@ -420,7 +652,17 @@ def apply_patches() -> None:
         from vllm.v1.core.sched.scheduler import Scheduler
         SchedulerProfilePatch.target = Scheduler
         SchedulerProfilePatch.apply_once()
-    if _RUNNER_MODULE in sys.modules:
-        _patch_runner()
-    elif not any(isinstance(f, _AfterImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _AfterImport(_RUNNER_MODULE, _patch_runner))
+    for module, patch in ((_RUNNER_MODULE, _patch_runner),
+                          ("vllm.engine.arg_utils", _patch_engine_args),
+                          ("vllm.v1.core.sched.scheduler", _patch_scheduler),
+                          ("vllm.v1.spec_decode.metrics", _patch_spec_metrics)):
+        _when_imported(module, patch)
+
+
+def _when_imported(module: str, patch) -> None:
+    """Patch now if ``module`` is loaded, else right after its first import (vLLM's heavy
+    modules are not imported by processes that never use them)."""
+    if module in sys.modules:
+        patch()
+    elif not any(isinstance(f, _AfterImport) and f.name == module for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport(module, patch))

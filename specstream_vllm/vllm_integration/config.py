@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..checkpoint import STREAMS_SUBDIR, load_checkpoint, load_checkpoint_config, resolve_checkpoint_dir
 from ..errors import CheckpointError, UnsupportedArchitectureError
@@ -17,6 +18,10 @@ from specstream_vllm.model_patches import MSA_ARCHITECTURES
 METHOD = "specstream"
 #: overrides the checkpoint's ``min_draft_prob`` (see checkpoint.GreedyProposal)
 MIN_DRAFT_PROB_ENV = "SPECSTREAM_MIN_DRAFT_PROB"
+#: overrides the speculative config's ``draft_policy`` ("auto" | "fixed")
+DRAFT_POLICY_ENV = "SPECSTREAM_DRAFT_POLICY"
+#: speculative-config keys of ours that vLLM's SpeculativeConfig does not know
+POLICY_KEYS = ("draft_policy",)
 
 
 class SpecStreamSettings(BaseModel):
@@ -95,3 +100,41 @@ def _min_draft_prob(from_checkpoint: float) -> float:
         raise ValueError(f"{MIN_DRAFT_PROB_ENV}={raw!r} must be a probability in [0, 1) "
                          "(0 drafts every stream; higher values cut low-confidence drafts)")
     return value
+
+
+class DraftPolicySettings(BaseModel):
+    """How each request's draft length is chosen (vllm_integration/draft_policy.py);
+    travels to the workers in ``hf_config.specstream_policy``.
+
+    ``auto`` (default): per request and step, the length that maximises expected tokens
+    per second from the calibrated stream probabilities and the measured step costs,
+    zero when nothing pays. ``fixed``: every stream, cut at ``min_draft_prob``.
+    ``cost_scale`` / ``force_off_steps`` are test knobs (environment only)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    mode: Literal["auto", "fixed"] = "auto"
+    cost_scale: float = Field(1.0, gt=0.0)
+    force_off_steps: int = Field(0, ge=0)
+
+
+def resolve_policy(extra: dict | None) -> DraftPolicySettings:
+    """``extra``: our keys popped from the user's speculative config (see POLICY_KEYS)."""
+    raw = dict(extra or {})
+    unknown = set(raw) - set(POLICY_KEYS)
+    if unknown:
+        raise ValueError(f"unknown specstream speculative-config keys {sorted(unknown)}")
+    values: dict = {}
+    if raw.get("draft_policy") is not None:
+        values["mode"] = raw["draft_policy"]
+    if os.environ.get(DRAFT_POLICY_ENV):
+        values["mode"] = os.environ[DRAFT_POLICY_ENV]
+    for env, key, cast in (("SPECSTREAM_POLICY_COST_SCALE", "cost_scale", float),
+                           ("SPECSTREAM_POLICY_FORCE_OFF_STEPS", "force_off_steps", int)):
+        if os.environ.get(env):
+            values[key] = cast(os.environ[env])
+    try:
+        return DraftPolicySettings(**values)
+    except ValidationError as exc:
+        msg = "; ".join(e["msg"] for e in exc.errors())
+        raise ValueError(f"specstream draft_policy: {msg} (\"draft_policy\" is \"auto\" or "
+                         f"\"fixed\"; {DRAFT_POLICY_ENV} overrides it)") from None

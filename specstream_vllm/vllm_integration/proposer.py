@@ -7,19 +7,34 @@ and is written to the target's KV cache at slot t+j. With the usual causal
 attention over that cache, stream j then sees main positions <= t and streams
 1..j -- exactly the contract of DESIGN.md. The top-1 of each stream is the draft.
 The next verification overwrites the stream slots, as it does for EAGLE.
+
+How many of the drafts each request proposes is the draft policy's choice
+(draft_policy.py, ``"draft_policy": "auto" | "fixed"``): the proposer feeds it the
+measured step times (from compat's step clock), each stream's top-1 probability and
+the acceptance of the previous step's drafts, and asks it whether to run the stream
+pass at all and how long each request's chain is.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
+import time
 
 import torch
 
 from . import compat
+from .draft_policy import DraftPolicy, PolicyConfig
+
+logger = logging.getLogger("vllm.specstream")
 
 #: set SPECSTREAM_DRAFT_LOG=path to append every draft with its context (tests only)
 _DRAFT_LOG = os.environ.get("SPECSTREAM_DRAFT_LOG")
 _PROFILE = bool(os.environ.get("SPECSTREAM_PROFILE"))
+#: set SPECSTREAM_POLICY_DUMP=path to write the policy's state (counters, cost fit,
+#: calibration table) as JSON every 10 steps (tests, benchmarks)
+_POLICY_DUMP = os.environ.get("SPECSTREAM_POLICY_DUMP")
+_LOG_EVERY_S = 30.0
 
 
 class SpecStreamProposer:
@@ -34,6 +49,11 @@ class SpecStreamProposer:
         self._groups = None
         self._kv_gid = 0
         self._stream_offsets = torch.arange(1, self.num_speculative_tokens + 1, dtype=torch.int64)
+        self.policy: DraftPolicy | None = None
+        self._policy_settings = compat.policy_settings(vllm_config)
+        # req_id -> raw stream probabilities of the drafts it proposed last step
+        self._pending: dict[str, list[float]] = {}
+        self._last_log = time.monotonic()
 
     # vLLM calls this from the runner's load_model with the target model
     def load_model(self, target_model) -> None:
@@ -46,6 +66,15 @@ class SpecStreamProposer:
         self.model = model
         self.min_draft_prob = model.stream_settings.min_draft_prob
         self._layer_names = model.stream_attention_layer_names()
+        st = model.stream_settings
+        ps = self._policy_settings
+        self.policy = DraftPolicy(PolicyConfig(
+            gamma=self.num_speculative_tokens, mode=ps.get("mode", "auto"),
+            min_draft_prob=self.min_draft_prob,
+            draft_layer_fraction=st.num_stream_layers / max(st.num_layers, 1),
+            cost_scale=ps.get("cost_scale", 1.0), force_off_steps=ps.get("force_off_steps", 0)))
+        logger.info("specstream: draft policy %s (gamma %d)", self.policy.cfg.mode,
+                    self.num_speculative_tokens)
 
     def _ensure_groups(self) -> None:
         if self._groups is None:
@@ -61,22 +90,78 @@ class SpecStreamProposer:
 
     @torch.inference_mode()
     def _propose(self, *, sampled_token_ids, aux_hidden_states, spec_decode_metadata,
-                common_attn_metadata, num_speculative_tokens: int | None = None) -> torch.Tensor:
-        self._ensure_groups()
+                 common_attn_metadata, num_speculative_tokens: int | None = None):
         cm = common_attn_metadata
         g = min(num_speculative_tokens or self.num_speculative_tokens, self.num_speculative_tokens)
         num_reqs = cm.num_reqs
-        out = torch.zeros(num_reqs, self.num_speculative_tokens, dtype=torch.int64, device=self.device)
-        if g <= 0 or num_reqs == 0:
-            return out
+        no_drafts: list[list[int]] = [[] for _ in range(num_reqs)]
         n_sampled = torch.tensor([len(t) for t in sampled_token_ids], dtype=torch.int64)
         if spec_decode_metadata is not None:
             n_draft = torch.tensor(spec_decode_metadata.num_draft_tokens, dtype=torch.int64)
         else:
             n_draft = torch.zeros(num_reqs, dtype=torch.int64)
+        self._observe(num_reqs, n_sampled, n_draft)
+        if g <= 0 or num_reqs == 0:
+            return no_drafts
         active = torch.nonzero(n_sampled[:num_reqs] > 0).flatten()
         if active.numel() == 0:
-            return out
+            return no_drafts
+        plan = self.policy.plan(active.numel())
+        run, depth = compat.tp_agree([int(plan.run_pass), min(plan.depth, g)])
+        if not run or depth <= 0:
+            self._maybe_report()
+            return no_drafts
+        t0 = time.perf_counter()
+        res = self._stream_pass(cm, active, sampled_token_ids, aux_hidden_states, n_sampled,
+                                n_draft, depth)
+        clock = compat.step_clock(self.runner)
+        if res is None:  # a rank without gathered logits; the driver rank's drafts are used
+            return no_drafts
+        ids, prob = res
+        lengths = self.policy.choose(prob, active.numel()).tolist()
+        if clock is not None and clock.current is not None:
+            clock.current.draft_seconds = time.perf_counter() - t0
+            clock.current.draft_stream_tokens = int(active.numel()) * depth
+        rows, probs = ids.tolist(), prob.tolist()
+        req_ids = compat.runner_req_ids(self.runner)
+        drafts = no_drafts
+        for k, (r, n) in enumerate(zip(active.tolist(), lengths)):
+            if n:
+                drafts[r] = rows[k][:n]
+                self._pending[req_ids[r]] = probs[k][:n]
+        self._maybe_report()
+        return drafts
+
+    def _observe(self, num_reqs: int, n_sampled: torch.Tensor, n_draft: torch.Tensor) -> None:
+        """Feed the policy last step's cost and its drafts' fate."""
+        clock = compat.step_clock(self.runner)
+        rec = clock.take_finished() if clock is not None else None
+        if rec is not None:
+            self.policy.observe_step(rec.num_tokens, rec.num_draft_tokens, rec.period,
+                                     rec.draft_seconds, rec.draft_stream_tokens)
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, {}
+        req_ids = compat.runner_req_ids(self.runner)
+        g = self.num_speculative_tokens
+        probs, drafted, accepted = [], [], []
+        for i in range(min(num_reqs, len(req_ids))):
+            p = pending.get(req_ids[i])
+            d = int(n_draft[i]) if i < n_draft.numel() else 0
+            if p is None or d == 0 or i >= n_sampled.numel() or int(n_sampled[i]) == 0:
+                continue
+            probs.append(p + [0.0] * (g - len(p)))
+            drafted.append(min(d, len(p)))
+            accepted.append(int(n_sampled[i]) - 1)
+        if probs:
+            self.policy.observe_acceptance(torch.tensor(probs, dtype=torch.float32),
+                                           torch.tensor(drafted), torch.tensor(accepted))
+
+    def _stream_pass(self, cm, active, sampled_token_ids, aux_hidden_states, n_sampled, n_draft,
+                     g: int):
+        """Streams 1..g of every active request: (draft ids [R, g], probabilities [R, g])."""
+        self._ensure_groups()
+        num_reqs = cm.num_reqs
         # rejected tokens of each request: the anchor sits that many tokens before the end
         rejected = (n_draft[:num_reqs] - (n_sampled[:num_reqs] - 1)).clamp(min=0)
         qsl = cm.query_start_loc_cpu[: num_reqs + 1].to(torch.int64)
@@ -111,37 +196,42 @@ class SpecStreamProposer:
                                     self._layer_names):
             hidden = self.model.stream_forward(x, positions)
         res = self.model.draft_token_ids(hidden)
-        if res is None:  # a rank without gathered logits; the driver rank's drafts are used
-            return out
+        if res is None:
+            return None
         ids, prob = res
-        out[active.to(self.device), :g] = ids.view(R, g)
+        ids, prob = ids.view(R, g).to("cpu"), prob.view(R, g).to("cpu", torch.float32)
         if _DRAFT_LOG:
-            self._log_drafts(active, anchor_pos, out, next_ids)
-        if self.min_draft_prob <= 0.0:
-            return out
-        return self._cut_low_confidence(out, active, prob.view(R, g), num_reqs, g)
+            self._log_drafts(active, anchor_pos, ids, next_ids)
+        return ids, prob
 
-    def _cut_low_confidence(self, out: torch.Tensor, active: torch.Tensor, prob: torch.Tensor,
-                            num_reqs: int, g: int) -> list[list[int]]:
-        """Per request, keep the chain up to the first stream below ``min_draft_prob``.
-
-        Returned as lists (vLLM's variable-length draft path, as for ngram); requests
-        without a new token get no draft."""
-        keep = (prob >= self.min_draft_prob).to(torch.int64).cumprod(dim=1).sum(dim=1).tolist()
-        rows = out[:, :g].tolist()
-        drafts: list[list[int]] = [[] for _ in range(num_reqs)]
-        for r, n in zip(active.tolist(), keep):
-            drafts[r] = rows[r][:n]
-        return drafts
+    def _maybe_report(self, force: bool = False) -> None:
+        p = self.policy
+        if _POLICY_DUMP and (force or p.stats.steps % 10 == 0):
+            tmp = f"{_POLICY_DUMP}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(p.summary(), f)
+            os.replace(tmp, _POLICY_DUMP)
+        now = time.monotonic()
+        if now - self._last_log >= _LOG_EVERY_S:
+            self._last_log = now
+            s = p.stats.as_dict()
+            cal = ", ".join(f"{c['observed']:.2f}/{c['predicted']:.2f}" for c in p.calib.per_position()
+                            if c["n"])
+            logger.info("specstream draft policy (%s): %d steps, %d without speculation, "
+                        "%.2f draft tokens per step (%.2f per request), probes %d; "
+                        "acceptance observed/predicted per position: %s", p.cfg.mode, s["steps"],
+                        s["steps_without_speculation"], s["mean_draft_tokens_per_step"],
+                        s["mean_draft_tokens_per_request_step"], s["probes"], cal or "-")
 
     def _log_drafts(self, active, anchor_pos, out, next_ids) -> None:
         """Debug/test hook: record (context up to the anchor, the token sampled there,
-        drafts) so tests can replay the reference."""
+        the streams' drafts -- as many as the pass ran) so tests can replay the reference."""
         tokens = self.runner.input_batch.token_ids_cpu
         with open(_DRAFT_LOG, "a") as f:
-            for i, t, nxt in zip(active.tolist(), anchor_pos.tolist(), next_ids.tolist()):
+            for k, (i, t, nxt) in enumerate(zip(active.tolist(), anchor_pos.tolist(),
+                                                  next_ids.tolist())):
                 f.write(json.dumps({"context": tokens[i, : t + 1].tolist(), "next_token": nxt,
-                                    "drafts": out[i].tolist()}) + "\n")
+                                    "drafts": out[k].tolist()}) + "\n")
 
     # The runner may call these for model-based drafters; streams need nothing extra.
     def dummy_run(self, *args, **kwargs) -> None:

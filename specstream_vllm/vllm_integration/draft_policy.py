@@ -1,0 +1,406 @@
+"""Cost-aware draft length: how many stream tokens each request drafts this step.
+
+Pure torch/python, no vLLM: the proposer feeds it what it sees (the streams' top-1
+probabilities, how many drafts each request got accepted, how long steps took) and
+asks two questions every step:
+
+* :meth:`DraftPolicy.plan` (before the draft pass): run the stream pass at all, and
+  over how many streams? Skipping it saves the pass's own cost when speculation
+  cannot pay at this batch size.
+* :meth:`DraftPolicy.choose` (after it): each request's draft length 0..g.
+
+The objective is tokens per second of the whole step. With R requests decoding and m
+draft tokens in total, a step costs ``V(R + m) + D`` (verification of R + m tokens, the
+draft pass) and yields ``R + G_m`` tokens in expectation, where ``G_m`` sums the chain
+probabilities ``c_1 * ... * c_i`` of the m drafted positions (``c_j``: the calibrated
+probability that stream j is accepted given streams < j were). All increments cost the
+same verification time, so the best m drafts are the m largest chain products; the
+policy evaluates every m (``m = 0``: no speculation, no draft pass, ``R / V(R)``) and
+takes the best. ``V`` and ``D`` are fitted online from the runner's measured step times
+(:class:`CostModel`), the stream probabilities are corrected online from observed
+acceptance (:class:`Calibrator`).
+
+When the best plan is "off", the draft pass is skipped; a probe pass runs after 4, 8,
+16 ... 64 skipped steps so that acceptance statistics stay fresh and speculation comes
+back when the batch shrinks or the streams become confident. Nothing is forgotten
+while speculation is off (the calibration only learns from drafted positions), so
+acceptance does not collapse after such a stretch.
+
+``mode="fixed"`` is the previous behaviour: every stream, chain cut at the first
+probability below ``min_draft_prob``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+MODES = ("auto", "fixed")
+
+
+@dataclass
+class PolicyConfig:
+    gamma: int                              # streams available (num_speculative_tokens)
+    mode: str = "auto"
+    min_draft_prob: float = 0.0             # fixed mode's cut (and auto's until costs are known)
+    draft_layer_fraction: float = 0.15      # N_s / L: prior for the draft pass's cost
+    cost_scale: float = 1.0                 # multiplies the verification cost of drafts (tests)
+    force_off_steps: int = 0                # first N steps without speculation (tests)
+    warmup_samples: int = 6                 # timing samples before the cost model is trusted
+    probe_min: int = 4
+    probe_max: int = 64
+    optimism: float = 1.15                  # per-request choice beats the average profile
+    calib_bins: int = 10
+    calib_prior: float = 16.0               # pseudo-observations at the raw probability
+    calib_decay: float = 0.9995             # per observed position: ~2000-observation memory
+    cost_decay: float = 0.97                # per step: ~30-step memory of step times
+    full_depth_every: int = 16              # a pass over all streams this often (their stats)
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"draft_policy must be one of {MODES}, got {self.mode!r}")
+        if self.gamma < 1:
+            raise ValueError("gamma must be >= 1")
+
+
+class CostModel:
+    """Exponentially weighted ridge least squares ``y = w . x`` on a few features.
+
+    Verification: ``x = [1, tokens, any_drafts]`` (the last one catches the fixed cost
+    of the rejection-sampler path). Draft pass: ``x = [1, stream tokens]``. The ridge
+    pulls the coefficients after the intercept towards a prior that is a fraction of
+    the observed mean (``slope_prior``), so a slope is defined even while the batch
+    never changes; once the features vary, the data decide. Samples far from the
+    current prediction (a busy machine, a compile) are clipped to 0.5x-2x of it.
+    """
+
+    def __init__(self, n_features: int, decay: float, slope_prior: list[float],
+                 ridge: float = 0.02):
+        self.n, self.decay, self.ridge = n_features, decay, ridge
+        self.slope_prior = slope_prior        # per feature after the intercept: fraction of y/x
+        self.xtx = torch.zeros(n_features, n_features, dtype=torch.float64)
+        self.xty = torch.zeros(n_features, dtype=torch.float64)
+        self.sw = 0.0
+        self.sy = 0.0
+        self.count = 0
+        self._w: torch.Tensor | None = None
+
+    def add(self, x: list[float], y: float) -> None:
+        if not (y > 0 and math.isfinite(y)):
+            return
+        if self.count >= 4:
+            pred = self.predict(x)
+            if pred > 0:
+                y = min(max(y, 0.5 * pred), 2.0 * pred)
+        xv = torch.tensor(x, dtype=torch.float64)
+        self.xtx.mul_(self.decay).add_(torch.outer(xv, xv))
+        self.xty.mul_(self.decay).add_(xv * y)
+        self.sw = self.sw * self.decay + 1.0
+        self.sy = self.sy * self.decay + y
+        self.count += 1
+        self._w = None
+
+    def weights(self) -> torch.Tensor:
+        if self._w is None:
+            w = torch.zeros(self.n, dtype=torch.float64)
+            if self.sw > 0:
+                mean_x = self.xtx[0] / self.sw           # x[0] == 1: first row holds sums of x
+                mean_y = self.sy / self.sw
+                a = self.xtx.clone()
+                b = self.xty.clone()
+                for i in range(1, self.n):
+                    scale = max(float(mean_x[i]), 1e-6)
+                    lam = self.ridge * self.sw * scale * scale
+                    prior = self.slope_prior[i - 1] * mean_y / max(float(mean_x[i]), 1.0)
+                    a[i, i] += lam
+                    b[i] += lam * prior
+                a[0, 0] += 1e-9
+                w = torch.linalg.solve(a, b)
+            self._w = w
+        return self._w
+
+    def predict(self, x: list[float]) -> float:
+        return float(self.weights() @ torch.tensor(x, dtype=torch.float64))
+
+    @property
+    def ready(self) -> bool:
+        return self.count > 0
+
+
+class Calibrator:
+    """Per stream position and probability bin: predicted vs observed acceptance.
+
+    An observation is (position j, the stream's raw top-1 probability p, accepted or
+    not), made only for positions that verification actually tested (all earlier
+    drafts accepted). The calibrated probability of p in bin b of position j is
+    ``p * (obs_b + k * pbar_b) / (pred_b + k * pbar_b)``: the raw probability scaled by
+    the bin's observed/predicted ratio, shrunk towards 1 by ``k`` pseudo-observations.
+    """
+
+    def __init__(self, gamma: int, bins: int, prior: float, decay: float):
+        self.gamma, self.bins, self.prior, self.decay = gamma, bins, prior, decay
+        self.n = torch.zeros(gamma, bins, dtype=torch.float64)
+        self.pred = torch.zeros(gamma, bins, dtype=torch.float64)
+        self.obs = torch.zeros(gamma, bins, dtype=torch.float64)
+        # undecayed totals for the report
+        self.total_n = torch.zeros(gamma, bins, dtype=torch.int64)
+        self.total_pred = torch.zeros(gamma, bins, dtype=torch.float64)
+        self.total_obs = torch.zeros(gamma, bins, dtype=torch.float64)
+
+    def _bin(self, p: torch.Tensor) -> torch.Tensor:
+        return (p.clamp(0.0, 1.0 - 1e-9) * self.bins).to(torch.int64)
+
+    def observe(self, pos: torch.Tensor, p: torch.Tensor, accepted: torch.Tensor) -> None:
+        """pos (0-based), p, accepted: 1-D tensors of the tested positions."""
+        if pos.numel() == 0:
+            return
+        idx = pos.to(torch.int64) * self.bins + self._bin(p.double())
+        k = float(self.decay) ** pos.numel()
+        for t in (self.n, self.pred, self.obs):
+            t.mul_(k)
+        flat = self.gamma * self.bins
+        ones = torch.ones_like(p, dtype=torch.float64)
+        self.n.view(-1).add_(torch.bincount(idx, ones, flat))
+        self.pred.view(-1).add_(torch.bincount(idx, p.double(), flat))
+        self.obs.view(-1).add_(torch.bincount(idx, accepted.double(), flat))
+        self.total_n.view(-1).add_(torch.bincount(idx, minlength=flat))
+        self.total_pred.view(-1).add_(torch.bincount(idx, p.double(), flat))
+        self.total_obs.view(-1).add_(torch.bincount(idx, accepted.double(), flat))
+
+    def calibrate(self, p: torch.Tensor) -> torch.Tensor:
+        """p: [R, g] raw probabilities of positions 0..g-1 -> calibrated, same shape."""
+        g = p.shape[1]
+        pd = p.double().clamp(0.0, 1.0)
+        b = self._bin(pd)
+        rows = torch.arange(g).expand_as(b)
+        n, pred, obs = self.n[rows, b], self.pred[rows, b], self.obs[rows, b]
+        pbar = torch.where(n > 0, pred / n.clamp(min=1e-9), pd)
+        k = self.prior * pbar.clamp(min=1e-3)
+        return (pd * (obs + k) / (pred + k)).clamp(0.0, 1.0)
+
+    def table(self) -> list[dict]:
+        """Undecayed predicted vs observed acceptance per position and bin (for reports)."""
+        out = []
+        for j in range(self.gamma):
+            for b in range(self.bins):
+                n = int(self.total_n[j, b])
+                if n:
+                    out.append({"position": j + 1, "bin": [b / self.bins, (b + 1) / self.bins],
+                                "n": n, "predicted": float(self.total_pred[j, b]) / n,
+                                "observed": float(self.total_obs[j, b]) / n})
+        return out
+
+    def per_position(self) -> list[dict]:
+        out = []
+        for j in range(self.gamma):
+            n = int(self.total_n[j].sum())
+            out.append({"position": j + 1, "n": n,
+                        "predicted": float(self.total_pred[j].sum()) / n if n else None,
+                        "observed": float(self.total_obs[j].sum()) / n if n else None})
+        return out
+
+
+@dataclass
+class Plan:
+    run_pass: bool
+    depth: int          # streams to run (0 when the pass is skipped)
+    probe: bool = False
+
+
+@dataclass
+class PolicyStats:
+    steps: int = 0                      # decode steps seen by plan()
+    steps_without_speculation: int = 0  # of which no request drafted anything
+    draft_tokens: int = 0
+    request_steps: int = 0              # sum over steps of decoding requests
+    passes: int = 0
+    probes: int = 0
+    skipped_passes: int = 0
+    last_choice: list[int] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"steps": self.steps, "steps_without_speculation": self.steps_without_speculation,
+                "draft_tokens": self.draft_tokens, "request_steps": self.request_steps,
+                "mean_draft_tokens_per_step": self.draft_tokens / self.steps if self.steps else 0.0,
+                "mean_draft_tokens_per_request_step":
+                    self.draft_tokens / self.request_steps if self.request_steps else 0.0,
+                "passes": self.passes, "probes": self.probes, "skipped_passes": self.skipped_passes}
+
+
+class DraftPolicy:
+    def __init__(self, cfg: PolicyConfig):
+        self.cfg = cfg
+        g = cfg.gamma
+        # verification seconds ~ a + b * tokens + c * [any drafts]; priors: b = half the
+        # mean cost per token, c = 0
+        self.verify = CostModel(3, cfg.cost_decay, slope_prior=[0.5, 0.0])
+        # draft pass seconds ~ d0 + d1 * stream tokens (prior: the per-token part dominates)
+        self.draft = CostModel(2, cfg.cost_decay, slope_prior=[0.8])
+        self.calib = Calibrator(g, cfg.calib_bins, cfg.calib_prior, cfg.calib_decay)
+        # mean chain product per position over requests (from passes): the "running
+        # acceptance" that decides whether a pass is worth running at all
+        self.profile = torch.full((g,), float("nan"), dtype=torch.float64)
+        self.stats = PolicyStats()
+        self._skipped = 0
+        self._backoff = cfg.probe_min
+        self._recent_max_k = g
+        self._passes_since_full = 0
+
+    # ---------------------------------------------------------------- observations
+    def observe_step(self, num_tokens: int, num_draft_tokens: int, seconds: float,
+                     draft_seconds: float = 0.0, draft_stream_tokens: int = 0) -> None:
+        """One finished decode step: ``num_tokens`` verified (requests + drafts) in
+        ``seconds`` of wall time, of which ``draft_seconds`` were the draft pass over
+        ``draft_stream_tokens`` stream tokens."""
+        verify_s = seconds - draft_seconds
+        if verify_s > 0:
+            self.verify.add([1.0, float(num_tokens), 1.0 if num_draft_tokens else 0.0], verify_s)
+        if draft_stream_tokens > 0 and draft_seconds > 0:
+            self.draft.add([1.0, float(draft_stream_tokens)], draft_seconds)
+
+    def observe_acceptance(self, probs: torch.Tensor, drafted: torch.Tensor,
+                           accepted: torch.Tensor) -> None:
+        """probs [R, g] raw stream probabilities of last step's drafts (padding ignored),
+        drafted [R] tokens verified, accepted [R] of them accepted."""
+        if probs.numel() == 0:
+            return
+        R, g = probs.shape
+        j = torch.arange(g).expand(R, g)
+        d = drafted.to(torch.int64)[:, None].clamp(max=g)
+        a = accepted.to(torch.int64)[:, None]
+        tested = (j < d) & (j <= a)
+        self.calib.observe(j[tested], probs[tested], (j < a)[tested])
+
+    # ---------------------------------------------------------------- cost helpers
+    def _ready(self) -> bool:
+        return self.verify.count >= self.cfg.warmup_samples
+
+    def _verify_cost(self, reqs: int, drafts: torch.Tensor | float) -> torch.Tensor:
+        w = self.verify.weights()
+        m = torch.as_tensor(drafts, dtype=torch.float64)
+        base = w[0] + w[1] * reqs
+        extra = self.cfg.cost_scale * (w[1] * m + w[2] * (m > 0).double())
+        return (base + extra.clamp(min=0.0)).clamp(min=1e-6)
+
+    def _draft_cost(self, reqs: int, depth: int) -> float:
+        n = float(reqs * depth)
+        if self.draft.count >= 2:
+            return max(self.draft.predict([1.0, n]), 0.0)
+        # prior: the stream pass is N_s/L of a target forward over the same tokens
+        w = self.verify.weights()
+        return max(float(w[0] + w[1] * n) * self.cfg.draft_layer_fraction, 0.0)
+
+    def _best(self, reqs: int, gains_sorted: torch.Tensor, depth: int) -> tuple[int, float, float]:
+        """(best number of drafts, its tokens/s, tokens/s without speculation)."""
+        m = torch.arange(gains_sorted.numel() + 1, dtype=torch.float64)
+        tokens = reqs + torch.cat([torch.zeros(1, dtype=torch.float64), gains_sorted.cumsum(0)])
+        cost = self._verify_cost(reqs, m) + self._draft_cost(reqs, depth)
+        rate = tokens / cost
+        off = reqs / float(self._verify_cost(reqs, 0.0))
+        best = int(torch.argmax(rate))
+        return best, float(rate[best]), off
+
+    # ---------------------------------------------------------------- decisions
+    def plan(self, num_reqs: int) -> Plan:
+        """Before the draft pass: run it (over how many streams) or not."""
+        cfg = self.cfg
+        if num_reqs <= 0:
+            return Plan(False, 0)
+        self.stats.steps += 1
+        self.stats.request_steps += num_reqs
+        if cfg.mode == "fixed":
+            return Plan(True, cfg.gamma)
+        if self._forced_off():
+            return self._skip()
+        if not self._ready() or torch.isnan(self.profile[0]):
+            return Plan(True, cfg.gamma)
+        depth = self._depth()
+        # average-request estimate: every request drafts the same k of the running profile
+        prof = torch.nan_to_num(self.profile[:depth], nan=0.0) * cfg.optimism
+        gains = prof.clamp(max=1.0).repeat(num_reqs)
+        gains, _ = torch.sort(gains, descending=True)
+        best, _, _ = self._best(num_reqs, gains, depth)
+        if best > 0:
+            self._backoff = cfg.probe_min
+            return Plan(True, depth)
+        return self._skip()
+
+    def _forced_off(self) -> bool:
+        return 0 < self.stats.steps <= self.cfg.force_off_steps
+
+    def _skip(self) -> Plan:
+        self._skipped += 1
+        if not self._forced_off() and self._skipped >= self._backoff:
+            self._skipped = 0
+            self._backoff = min(2 * self._backoff, self.cfg.probe_max)
+            self.stats.probes += 1
+            return Plan(True, self.cfg.gamma, probe=True)
+        self.stats.skipped_passes += 1
+        self.stats.steps_without_speculation += 1
+        return Plan(False, 0)
+
+    def _depth(self) -> int:
+        g = self.cfg.gamma
+        self._passes_since_full += 1
+        if self._passes_since_full >= self.cfg.full_depth_every:
+            self._passes_since_full = 0
+            return g
+        return max(1, min(g, self._recent_max_k + 1))
+
+    def choose(self, probs: torch.Tensor, num_reqs: int | None = None) -> torch.Tensor:
+        """probs [R, g] raw top-1 probabilities of the R active requests' streams ->
+        draft lengths [R] (int64, 0..g). ``num_reqs``: requests decoding this step (the
+        rows of ``probs`` unless told)."""
+        cfg = self.cfg
+        R, g = probs.shape
+        reqs = R if num_reqs is None else num_reqs
+        self.stats.passes += 1
+        if R == 0:
+            return torch.zeros(0, dtype=torch.int64)
+        if cfg.mode == "fixed" or not self._ready():
+            if cfg.min_draft_prob > 0:
+                lengths = (probs >= cfg.min_draft_prob).to(torch.int64).cumprod(1).sum(1)
+            else:
+                lengths = torch.full((R,), g, dtype=torch.int64)
+            if cfg.mode == "auto":
+                self._update_profile(self.calib.calibrate(probs).cumprod(1), g)
+            return self._count(lengths)
+        chain = self.calib.calibrate(probs).cumprod(1)          # [R, g] expected accepted
+        self._update_profile(chain, g)
+        if self._forced_off():
+            return self._count(torch.zeros(R, dtype=torch.int64))
+        flat = chain.reshape(-1)
+        order = torch.argsort(flat, descending=True)
+        best, _, _ = self._best(reqs, flat[order], g)
+        lengths = torch.zeros(R * g, dtype=torch.int64)
+        lengths[order[:best]] = 1
+        lengths = lengths.view(R, g).sum(1)
+        k = int(lengths.max()) if R else 0
+        self._recent_max_k = max(k, int(0.9 * self._recent_max_k)) if k else max(
+            0, self._recent_max_k - 1)
+        return self._count(lengths)
+
+    def _update_profile(self, chain: torch.Tensor, g: int) -> None:
+        mean = chain.mean(0)
+        cur = self.profile[:g]
+        self.profile[:g] = torch.where(torch.isnan(cur), mean, 0.9 * cur + 0.1 * mean)
+
+    def _count(self, lengths: torch.Tensor) -> torch.Tensor:
+        total = int(lengths.sum())
+        self.stats.draft_tokens += total
+        if total == 0:
+            self.stats.steps_without_speculation += 1
+        self.stats.last_choice = lengths.tolist()
+        return lengths
+
+    # ---------------------------------------------------------------- reporting
+    def summary(self) -> dict:
+        w = self.verify.weights().tolist() if self.verify.ready else None
+        d = self.draft.weights().tolist() if self.draft.ready else None
+        return {"mode": self.cfg.mode, **self.stats.as_dict(),
+                "verify_cost_s": {"per_step": w[0], "per_token": w[1], "any_drafts": w[2]} if w else None,
+                "draft_cost_s": {"per_pass": d[0], "per_stream_token": d[1]} if d else None,
+                "profile": [None if math.isnan(x) else x for x in self.profile.tolist()],
+                "calibration": self.calib.per_position(),
+                "calibration_table": self.calib.table()}

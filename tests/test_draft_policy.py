@@ -1,0 +1,165 @@
+"""The cost-aware draft policy on synthetic inputs (no vLLM): probabilities, acceptance
+and step times in, draft lengths out."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from specstream_vllm.vllm_integration.draft_policy import (Calibrator, CostModel, DraftPolicy,
+                                                           PolicyConfig)
+
+
+def feed_costs(policy: DraftPolicy, per_step: float, per_token: float, reqs: int, *,
+               draft_per_token: float = 0.0002, steps: int = 40) -> None:
+    """Step times of a machine where verifying N tokens costs per_step + per_token * N."""
+    g = policy.cfg.gamma
+    for i in range(steps):
+        k = i % (g + 1)                       # the policy varies the draft count itself
+        n = reqs + reqs * k
+        draft = 0.001 + draft_per_token * reqs * g
+        policy.observe_step(n, reqs * k, per_step + per_token * n + draft, draft, reqs * g)
+
+
+def run_steps(policy: DraftPolicy, probs: torch.Tensor, steps: int = 30) -> list[torch.Tensor]:
+    out = []
+    for _ in range(steps):
+        plan = policy.plan(probs.shape[0])
+        out.append(policy.choose(probs[:, :plan.depth]) if plan.run_pass
+                   else torch.zeros(probs.shape[0], dtype=torch.int64))
+    return out
+
+
+def test_cost_model_fits_a_line():
+    m = CostModel(2, decay=0.99, slope_prior=[0.5])
+    for n in [1, 3, 5, 8, 2, 13, 21, 4] * 5:
+        m.add([1.0, float(n)], 0.02 + 0.004 * n)
+    a, b = m.weights().tolist()
+    assert a == pytest.approx(0.02, rel=0.05) and b == pytest.approx(0.004, rel=0.05)
+
+
+def test_cost_model_slope_prior_when_batch_never_changes():
+    m = CostModel(2, decay=0.99, slope_prior=[0.5])
+    for _ in range(30):
+        m.add([1.0, 16.0], 0.160)
+    a, b = m.weights().tolist()
+    assert b == pytest.approx(0.005, rel=0.1)          # half of the mean cost per token
+    assert m.predict([1.0, 16.0]) == pytest.approx(0.160, rel=0.02)
+
+
+def test_no_drafts_when_marginal_cost_exceeds_gain():
+    """Each verified token costs as much as a whole step's worth of throughput: nothing pays."""
+    p = DraftPolicy(PolicyConfig(gamma=4))
+    feed_costs(p, per_step=0.002, per_token=0.010, reqs=8)
+    probs = torch.full((8, 4), 0.6)
+    lengths = p.choose(probs)
+    assert lengths.tolist() == [0] * 8
+    assert p.stats.steps_without_speculation >= 1
+
+
+def test_drafts_when_they_pay():
+    """Verification nearly free per extra token (small batch): confident streams draft."""
+    p = DraftPolicy(PolicyConfig(gamma=4))
+    feed_costs(p, per_step=0.030, per_token=0.001, reqs=1)
+    lengths = p.choose(torch.tensor([[0.95, 0.9, 0.9, 0.85]]))
+    assert lengths.tolist() == [4]
+    lengths = p.choose(torch.tensor([[0.9, 0.05, 0.9, 0.9]]))
+    assert lengths.tolist() == [1]                     # the chain breaks at stream 2
+
+
+def test_per_request_lengths():
+    p = DraftPolicy(PolicyConfig(gamma=4))
+    feed_costs(p, per_step=0.030, per_token=0.003, reqs=3)
+    probs = torch.tensor([[0.97, 0.95, 0.93, 0.9],
+                          [0.9, 0.3, 0.2, 0.1],
+                          [0.05, 0.9, 0.9, 0.9]])
+    lengths = p.choose(probs).tolist()
+    assert lengths[0] >= 3 and 1 <= lengths[1] < lengths[0] and lengths[2] == 0
+
+
+def test_large_batch_off_small_batch_on():
+    """Compute-bound machine (cost ~ proportional to tokens): speculation at batch 64
+    cannot pay even with good streams, at batch 1 it does."""
+    probs = torch.full((64, 4), 0.7)
+    big = DraftPolicy(PolicyConfig(gamma=4))
+    feed_costs(big, per_step=0.010, per_token=0.004, reqs=64)
+    assert big.choose(probs).sum() == 0
+    small = DraftPolicy(PolicyConfig(gamma=4))
+    feed_costs(small, per_step=0.030, per_token=0.004, reqs=1)
+    assert small.choose(probs[:1]).sum() > 0
+
+
+def test_off_regime_skips_the_pass_and_probes_with_backoff():
+    p = DraftPolicy(PolicyConfig(gamma=4, probe_min=4, probe_max=16))
+    feed_costs(p, per_step=0.002, per_token=0.010, reqs=16)
+    probs = torch.full((16, 4), 0.5)
+    p.choose(probs)                                    # one pass: the profile is known
+    plans = [p.plan(16) for _ in range(60)]
+    runs = [i for i, pl in enumerate(plans) if pl.run_pass]
+    assert all(plans[i].probe for i in runs)
+    assert 2 <= len(runs) <= 8                         # 4, 8, 16, 16, ... skipped steps apart
+    assert p.stats.skipped_passes >= 50
+
+
+def test_calibration_corrects_overconfident_streams():
+    p = DraftPolicy(PolicyConfig(gamma=2))
+    feed_costs(p, per_step=0.030, per_token=0.008, reqs=1)
+    probs = torch.tensor([[0.9, 0.9]])
+    assert p.choose(probs).tolist() == [2]
+    for _ in range(200):                               # stream 1 says 0.9, is right 10% of the time
+        acc = torch.tensor([1 if torch.rand(()) < 0.1 else 0])
+        p.observe_acceptance(probs, torch.tensor([2]), acc)
+    cal = p.calib.calibrate(probs)
+    assert cal[0, 0] < 0.25
+    assert p.choose(probs).tolist() == [0]
+    table = p.calib.per_position()
+    assert table[0]["n"] == 200 and table[0]["observed"] < 0.2 and table[0]["predicted"] == pytest.approx(0.9)
+
+
+def test_calibrator_only_learns_tested_positions():
+    c = Calibrator(gamma=3, bins=10, prior=4, decay=1.0)
+    p = DraftPolicy(PolicyConfig(gamma=3))
+    p.calib = c
+    # drafted 3, accepted 1: position 1 accepted, 2 rejected, 3 never tested
+    p.observe_acceptance(torch.tensor([[0.8, 0.6, 0.4]]), torch.tensor([3]), torch.tensor([1]))
+    assert c.total_n[:, :].sum(1).tolist() == [1, 1, 0]
+    assert c.total_obs.sum(1).tolist() == [1.0, 0.0, 0.0]
+
+
+def test_fixed_mode_is_min_draft_prob_cut():
+    p = DraftPolicy(PolicyConfig(gamma=4, mode="fixed", min_draft_prob=0.4))
+    feed_costs(p, per_step=0.002, per_token=0.010, reqs=2)   # costs are ignored
+    plan = p.plan(2)
+    assert plan.run_pass and plan.depth == 4
+    assert p.choose(torch.tensor([[0.9, 0.5, 0.3, 0.9], [0.2, 0.9, 0.9, 0.9]])).tolist() == [2, 0]
+
+
+def test_forced_high_cost_turns_speculation_off():
+    probs = torch.full((1, 4), 0.9)
+    on = DraftPolicy(PolicyConfig(gamma=4))
+    off = DraftPolicy(PolicyConfig(gamma=4, cost_scale=50.0))
+    for p in (on, off):
+        feed_costs(p, per_step=0.030, per_token=0.002, reqs=1)
+    assert sum(int(x.sum()) for x in run_steps(on, probs)) > 0
+    assert sum(int(x.sum()) for x in run_steps(off, probs)) <= 1 * 4 * 8   # probes only... and
+    assert off.stats.steps_without_speculation >= 25                          # mostly off
+
+
+def test_speculation_resumes_after_forced_off_stretch():
+    """Nothing learnt is lost while speculation is off: drafts come back right after."""
+    p = DraftPolicy(PolicyConfig(gamma=4, force_off_steps=20))
+    feed_costs(p, per_step=0.030, per_token=0.001, reqs=2)
+    probs = torch.full((2, 4), 0.9)
+    out = run_steps(p, probs, steps=30)
+    assert all(int(x.sum()) == 0 for x in out[:20])
+    assert all(int(x.sum()) > 0 for x in out[21:])
+
+
+def test_warmup_without_costs_uses_the_cut():
+    p = DraftPolicy(PolicyConfig(gamma=4, min_draft_prob=0.4))
+    assert p.plan(1).run_pass
+    assert p.choose(torch.tensor([[0.9, 0.3, 0.9, 0.9]])).tolist() == [1]
+
+
+def test_bad_mode_refused():
+    with pytest.raises(ValueError):
+        PolicyConfig(gamma=4, mode="sometimes")
