@@ -50,6 +50,12 @@ def _chunks(items: list[Any], size: int) -> list[list[Any]]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
+def level_prompts(items: list[Any], level: int, per_level: int | None) -> list[Any]:
+    """The prompts one batch size / concurrency level runs: all of them, or with
+    ``--requests-per-level N`` the first max(N, level) (a full batch at every level)."""
+    return items if not per_level else items[:max(per_level, level)]
+
+
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
     """Start the engine, warm it up, then time greedy generation at each batch size."""
     from vllm import LLM, SamplingParams
@@ -60,7 +66,8 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     llm = LLM(model=job["model"], dtype=job["dtype"], speculative_config=job["speculative_config"],
               enforce_eager=job["enforce_eager"], max_model_len=job["max_model_len"],
-              seed=job["seed"], disable_log_stats=False)
+              seed=job["seed"], disable_log_stats=False,
+              max_num_seqs=max(max(job["batch_sizes"]), 16))
     start_s = time.perf_counter() - t0
 
     # Warm up on unrelated prompts: a method with a cross-request cache (suffix) must not
@@ -73,7 +80,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     for bs in job["batch_sizes"]:
         before = from_vllm_metrics(llm.get_metrics())
         elapsed, token_ids = 0.0, []
-        for chunk in _chunks(conversations, bs):
+        for chunk in _chunks(level_prompts(conversations, bs, job.get("requests_per_level")), bs):
             t = time.perf_counter()
             outs = llm.chat(chunk, params, use_tqdm=False)
             elapsed += time.perf_counter() - t
@@ -118,7 +125,9 @@ def run_method(job: dict[str, Any], workdir: Path, tag: str, timeout_s: float,
     with log_path.open("w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "benchmarks.offline", str(job_path),
                                  str(out_path)], stdout=log, stderr=subprocess.STDOUT,
-                                env=engine_env(kv_cache_gib, threads), cwd=str(REPO_ROOT),
+                                env=dict(engine_env(kv_cache_gib, threads),
+                                         SPECSTREAM_POLICY_DUMP=str(workdir / f"{tag}.policy.json")),
+                                cwd=str(REPO_ROOT),
                                 start_new_session=True)
         with PeakRSS(proc.pid) as rss:
             try:

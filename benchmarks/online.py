@@ -22,7 +22,7 @@ from typing import Any
 
 import aiohttp
 
-from .offline import REPO_ROOT, WARMUP_CONVERSATIONS, engine_env, error_tail
+from .offline import REPO_ROOT, WARMUP_CONVERSATIONS, engine_env, error_tail, level_prompts
 from .specmetrics import SpecCounters, from_prometheus_text
 from .system import PeakRSS
 
@@ -117,7 +117,8 @@ async def _scrape(session: aiohttp.ClientSession, base: str) -> SpecCounters:
 
 
 async def drive(base: str, conversations: list[list[dict[str, str]]], concurrencies: list[int],
-                max_tokens: int, request_timeout_s: float) -> list[dict[str, Any]]:
+                max_tokens: int, request_timeout_s: float,
+                requests_per_level: int | None = None) -> list[dict[str, Any]]:
     """Warm up with one unrelated request, then run each concurrency level over all prompts."""
     url = base + "/v1/chat/completions"
     timeout = aiohttp.ClientTimeout(total=request_timeout_s)
@@ -133,7 +134,8 @@ async def drive(base: str, conversations: list[list[dict[str, str]]], concurrenc
 
             before = await _scrape(session, base)
             t0 = time.perf_counter()
-            results = await asyncio.gather(*(bounded(m) for m in conversations))
+            level = level_prompts(conversations, conc, requests_per_level)
+            results = await asyncio.gather(*(bounded(m) for m in level))
             wall = time.perf_counter() - t0
             spec = await _scrape(session, base) - before
             levels.append({"concurrency": conc, **summarize_requests(list(results), wall),
@@ -222,7 +224,9 @@ def run_method(job: dict[str, Any], workdir: Path, tag: str, startup_timeout_s: 
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO_ROOT),
-                                env=engine_env(kv_cache_gib, threads), start_new_session=True)
+                                env=dict(engine_env(kv_cache_gib, threads),
+                                         SPECSTREAM_POLICY_DUMP=str(workdir / f"{tag}.policy.json")),
+                                start_new_session=True)
         with PeakRSS(proc.pid) as rss:
             try:
                 err = _wait_healthy(proc, base, startup_timeout_s)
@@ -232,7 +236,8 @@ def run_method(job: dict[str, Any], workdir: Path, tag: str, startup_timeout_s: 
                                               "error": f"{err}\n{error_tail(log_path)}"}
                 else:
                     levels = asyncio.run(drive(base, conversations, job["concurrencies"],
-                                               job["max_tokens"], request_timeout_s))
+                                               job["max_tokens"], request_timeout_s,
+                                               job.get("requests_per_level")))
                     result = {"status": "ok", "engine_start_s": start_s, "levels": levels}
             except Exception as exc:  # noqa: BLE001 - one method must not end the run
                 result = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}

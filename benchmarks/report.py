@@ -115,6 +115,12 @@ def _fmt_pos(rates: list[float]) -> str:
     return " / ".join(f"{r:.2f}" for r in rates) if rates else "-"
 
 
+def _policy_cols(spec: dict[str, Any]) -> str:
+    """specstream's draft policy: share of decode steps without drafts, draft tokens per step."""
+    share = spec.get("no_spec_step_share")
+    return f"{_fmt(None if share is None else 100 * share, 0, '%')} | {_fmt(spec.get('draft_tokens_per_step'), 2)}"
+
+
 def _params(n: int | None) -> str:
     return "-" if n is None else f"{n:.2e}"
 
@@ -122,8 +128,9 @@ def _params(n: int | None) -> str:
 def offline_table(agg: dict[str, Any], extra_params: dict[str, int | None]) -> str:
     """Markdown table of the offline aggregate."""
     lines = ["| method | batch | tok/s median (min-max) | vs baseline | mean accept len | "
-             "accept per pos | = baseline | peak RSS MiB | extra params |",
-             "|---|---:|---:|---:|---:|---|---:|---:|---:|"]
+             "accept per pos | steps w/o drafts | draft tok/step | = baseline | peak RSS MiB | "
+             "extra params |",
+             "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
     for name, m in agg.items():
         if m["status"] != "ok":
             continue
@@ -133,7 +140,8 @@ def offline_table(agg: dict[str, Any], extra_params: dict[str, int | None]) -> s
             lines.append(
                 f"| {name} | {bs} | {_fmt_spread(row['tokens_per_s'])} | "
                 f"{_fmt_spread(row['ratio'], 2, 'x')} | {_fmt(spec['mean_acceptance_length'], 2)} | "
-                f"{_fmt_pos(spec['acceptance_per_pos'])} | {_fmt(None if eq is None else eq * 100, 0, '%')} | "
+                f"{_fmt_pos(spec['acceptance_per_pos'])} | {_policy_cols(spec)} | "
+                f"{_fmt(None if eq is None else eq * 100, 0, '%')} | "
                 f"{_fmt(m['peak_rss_mib'], 0)} | {_params(extra_params.get(name))} |")
     return "\n".join(lines)
 
@@ -141,8 +149,9 @@ def offline_table(agg: dict[str, Any], extra_params: dict[str, int | None]) -> s
 def online_table(agg: dict[str, Any]) -> str:
     """Markdown table of the online aggregate."""
     lines = ["| method | conc. | tok/s median (min-max) | vs baseline | TTFT med / p90 ms | "
-             "TPOT med / p90 ms | mean accept len | failed req | peak RSS MiB |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "TPOT med / p90 ms | mean accept len | steps w/o drafts | draft tok/step | "
+             "failed req | peak RSS MiB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, m in agg.items():
         if m["status"] != "ok":
             continue
@@ -156,7 +165,8 @@ def online_table(agg: dict[str, Any]) -> str:
                 f"{_fmt_spread(row['ratio'], 2, 'x')} | "
                 f"{_fmt(med('ttft', 'median_ms'), 0)} / {_fmt(med('ttft', 'p90_ms'), 0)} | "
                 f"{_fmt(med('tpot', 'median_ms'), 1)} / {_fmt(med('tpot', 'p90_ms'), 1)} | "
-                f"{_fmt(row['spec']['mean_acceptance_length'], 2)} | {row['failed_requests']} | "
+                f"{_fmt(row['spec']['mean_acceptance_length'], 2)} | {_policy_cols(row['spec'])} | "
+                f"{row['failed_requests']} | "
                 f"{_fmt(m['peak_rss_mib'], 0)} |")
     return "\n".join(lines)
 

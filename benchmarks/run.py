@@ -41,12 +41,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--medusa-k", type=int, help="medusa num_speculative_tokens (default: heads)")
     p.add_argument("--suffix-k", type=int, default=8, help="suffix num_speculative_tokens")
     p.add_argument("--mode", choices=("offline", "online", "both"), default="offline")
-    p.add_argument("--workload", choices=("mtbench", "sharegpt"), default="mtbench")
+    p.add_argument("--workload", choices=("mtbench", "sharegpt", "mixed"), default="mtbench",
+                   help="mixed: MT-Bench first turns and held-out ShareGPT, alternating")
     p.add_argument("--prompts", help="JSONL file with `prompt` or `messages` per line")
     p.add_argument("--num-prompts", type=int, help="use the first N prompts")
     p.add_argument("--batch-sizes", type=_int_list, default=[1, 4, 16], help="offline, e.g. 1,4,16")
     p.add_argument("--concurrency", type=_int_list, default=[1, 4, 16], help="online, e.g. 1,4,16")
     p.add_argument("--max-tokens", type=int, default=192)
+    p.add_argument("--requests-per-level", type=int,
+                   help="each batch size / concurrency runs the first max(N, level) prompts "
+                        "(default: all prompts at every level)")
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--dtype", default="auto",
                    help="auto, bfloat16 or float32 (exact-equality check); auto = bfloat16 on CPUs "
@@ -207,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     base_job = {"model": args.model, "dtype": args.dtype, "max_tokens": args.max_tokens,
                 "max_model_len": args.max_model_len, "enforce_eager": args.enforce_eager,
                 "seed": args.seed, "prompts": [p.to_json() for p in prompts],
-                "batch_sizes": args.batch_sizes, "concurrencies": args.concurrency}
+                "batch_sizes": args.batch_sizes, "concurrencies": args.concurrency,
+                "requests_per_level": args.requests_per_level}
     modes = ["offline", "online"] if args.mode == "both" else [args.mode]
     for mode in modes:
         results[mode] = {"runs": []}

@@ -2,7 +2,9 @@
 
 Counter names (vllm/v1/spec_decode/metrics.py, vLLM 0.32): ``vllm:spec_decode_num_drafts``,
 ``vllm:spec_decode_num_draft_tokens``, ``vllm:spec_decode_num_accepted_tokens`` and the vector
-``vllm:spec_decode_num_accepted_tokens_per_pos`` (label ``position``). Prometheus adds ``_total``.
+``vllm:spec_decode_num_accepted_tokens_per_pos`` (label ``position``); specstream engines add
+``vllm:spec_decode_specstream_steps`` and ``..._steps_without_drafts`` (its draft policy).
+Prometheus adds ``_total``.
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ class SpecCounters:
     draft_tokens: int = 0
     accepted_tokens: int = 0
     accepted_per_pos: list[int] = field(default_factory=list)
+    steps: int = 0                      # specstream only: decode steps
+    steps_without_drafts: int = 0       # specstream only: of which nothing was drafted
 
     def __sub__(self, other: "SpecCounters") -> "SpecCounters":
         n = max(len(self.accepted_per_pos), len(other.accepted_per_pos))
@@ -30,34 +34,47 @@ class SpecCounters:
         b = other.accepted_per_pos + [0] * (n - len(other.accepted_per_pos))
         return SpecCounters(self.drafts - other.drafts, self.draft_tokens - other.draft_tokens,
                             self.accepted_tokens - other.accepted_tokens,
-                            [x - y for x, y in zip(a, b)])
+                            [x - y for x, y in zip(a, b)], self.steps - other.steps,
+                            self.steps_without_drafts - other.steps_without_drafts)
 
     def __add__(self, other: "SpecCounters") -> "SpecCounters":
         return self - SpecCounters(-other.drafts, -other.draft_tokens, -other.accepted_tokens,
-                                   [-x for x in other.accepted_per_pos])
+                                   [-x for x in other.accepted_per_pos], -other.steps,
+                                   -other.steps_without_drafts)
 
     def to_json(self) -> dict[str, Any]:
         return {"drafts": self.drafts, "draft_tokens": self.draft_tokens,
                 "accepted_tokens": self.accepted_tokens,
                 "accepted_per_pos": list(self.accepted_per_pos),
+                "steps": self.steps, "steps_without_drafts": self.steps_without_drafts,
                 **summarize(self)}
 
     @staticmethod
     def from_json(d: dict[str, Any]) -> "SpecCounters":
         return SpecCounters(int(d.get("drafts", 0)), int(d.get("draft_tokens", 0)),
                             int(d.get("accepted_tokens", 0)),
-                            [int(x) for x in d.get("accepted_per_pos", [])])
+                            [int(x) for x in d.get("accepted_per_pos", [])],
+                            int(d.get("steps", 0)), int(d.get("steps_without_drafts", 0)))
 
 
 def summarize(c: SpecCounters) -> dict[str, Any]:
     """Mean acceptance length (with the bonus token, as vLLM logs it) and per-position rates."""
     if c.drafts <= 0:
-        return {"mean_acceptance_length": None, "acceptance_per_pos": [], "draft_acceptance_rate": None}
+        return {"mean_acceptance_length": None, "acceptance_per_pos": [], "draft_acceptance_rate": None,
+                **_policy_summary(c)}
     return {
         "mean_acceptance_length": 1.0 + c.accepted_tokens / c.drafts,
         "acceptance_per_pos": [x / c.drafts for x in c.accepted_per_pos],
         "draft_acceptance_rate": (c.accepted_tokens / c.draft_tokens) if c.draft_tokens else None,
+        **_policy_summary(c),
     }
+
+
+def _policy_summary(c: SpecCounters) -> dict[str, Any]:
+    if c.steps <= 0:
+        return {}
+    return {"no_spec_step_share": c.steps_without_drafts / c.steps,
+            "draft_tokens_per_step": c.draft_tokens / c.steps}
 
 
 def from_vllm_metrics(metrics: Iterable[Any]) -> SpecCounters:
@@ -71,6 +88,10 @@ def from_vllm_metrics(metrics: Iterable[Any]) -> SpecCounters:
             c.draft_tokens += int(m.value)
         elif name == PREFIX + "num_accepted_tokens":
             c.accepted_tokens += int(m.value)
+        elif name == PREFIX + "specstream_steps":
+            c.steps += int(m.value)
+        elif name == PREFIX + "specstream_steps_without_drafts":
+            c.steps_without_drafts += int(m.value)
         elif name == PREFIX + "num_accepted_tokens_per_pos":
             vals = [int(v) for v in m.values]
             if len(c.accepted_per_pos) < len(vals):
@@ -101,6 +122,10 @@ def from_prometheus_text(text: str) -> SpecCounters:
             c.draft_tokens += value
         elif name == PREFIX + "num_accepted_tokens":
             c.accepted_tokens += value
+        elif name == PREFIX + "specstream_steps":
+            c.steps += value
+        elif name == PREFIX + "specstream_steps_without_drafts":
+            c.steps_without_drafts += value
         elif name == PREFIX + "num_accepted_tokens_per_pos":
             labels = dict(_LABEL.findall(m.group("labels") or ""))
             pos = int(labels.get("position", -1))

@@ -236,8 +236,11 @@ def load_workload(name: str, prompts_file: str | None = None,
         prompts = load_mtbench()
     elif name == "sharegpt":
         prompts = load_sharegpt()
+    elif name == "mixed":  # alternating, so any first N holds both
+        a, b = load_mtbench(), load_sharegpt()
+        prompts = [p for pair in zip(a, b) for p in pair] + a[len(b):] + b[len(a):]
     else:
-        raise ValueError(f"unknown workload {name!r} (mtbench, sharegpt, or --prompts FILE)")
+        raise ValueError(f"unknown workload {name!r} (mtbench, sharegpt, mixed, or --prompts FILE)")
     return prompts[:num_prompts] if num_prompts else prompts
 
 

@@ -45,13 +45,18 @@ def run(job: dict) -> dict:
         t = time.perf_counter()
         outs = llm.generate([prompts[i] for i in batch], [params[i] for i in batch], use_tqdm=False)
         result["batches"].append({"indices": batch, "seconds": time.perf_counter() - t,
-                                  "outputs": [list(o.outputs[0].token_ids) for o in outs]})
+                                  "outputs": [list(o.outputs[0].token_ids) for o in outs],
+                                  "metrics": _spec_metrics(llm)})  # cumulative after the batch
+    result["metrics"] = _spec_metrics(llm)
+    return result
+
+
+def _spec_metrics(llm) -> dict:
     metrics = {}
     for m in llm.get_metrics():
         if m.name.startswith("vllm:spec_decode"):
             metrics[m.name] = getattr(m, "values", None) or getattr(m, "value", None)
-    result["metrics"] = metrics
-    return result
+    return metrics
 
 
 def run_in_subprocess(job: dict, workdir, name: str, timeout: float = 1800) -> dict:

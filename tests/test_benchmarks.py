@@ -88,7 +88,7 @@ def test_render_markdown_lists_rows_and_failures(tmp_path: Path) -> None:
         "offline": {"aggregate": aggregate(_runs(), "offline")},
     }
     md = render_markdown(results)
-    assert "| ngram | 1 | 77.5 (75.0-80.0) | 1.75x (1.50-2.00) | 1.80 | 0.55 / 0.25 | 50% |" in md
+    assert "| ngram | 1 | 77.5 (75.0-80.0) | 1.75x (1.50-2.00) | 1.80 | 0.55 / 0.25 | - | - | 50% |" in md
     assert "**medusa**: skipped: not given" in md
     assert "**specstream** (offline): failed: ValueError: bad method" in md
     assert "busy with other work" in md and "specstream (offline) 7.5" in md

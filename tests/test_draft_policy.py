@@ -163,3 +163,23 @@ def test_warmup_without_costs_uses_the_cut():
 def test_bad_mode_refused():
     with pytest.raises(ValueError):
         PolicyConfig(gamma=4, mode="sometimes")
+
+
+def test_probe_drafts_one_token_so_a_bad_cost_estimate_recovers():
+    """Early steps with drafts were slow (compilation): the fitted fixed cost of drafting is
+    huge and speculation goes off; probes still draft one token, the true (small) cost is
+    measured again and speculation comes back."""
+    p = DraftPolicy(PolicyConfig(gamma=4, probe_min=2, probe_max=4))
+    for i in range(12):                                   # poisoned: steps with drafts cost +60 ms
+        k = i % 2
+        p.observe_step(1 + k, k, 0.030 + 0.002 * (1 + k) + 0.060 * k)
+    probs = torch.full((1, 4), 0.8)
+    assert p.choose(probs).sum() == 0
+    drafted = []
+    for _ in range(80):
+        plan = p.plan(1)
+        n = int(p.choose(probs[:, :plan.depth]).sum()) if plan.run_pass else 0
+        drafted.append(n)
+        p.observe_step(1 + n, n, 0.030 + 0.002 * (1 + n))   # the machine's real cost
+    assert drafted[0] == 0
+    assert all(n > 0 for n in drafted[-10:])

