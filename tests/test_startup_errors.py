@@ -127,3 +127,20 @@ def test_tensor_shape_mismatch_fails_in_the_front_end(tiny_llama_dir, streams, t
     (bad / "config.json").write_text(json.dumps(raw))
     with pytest.raises(ValueError, match="does not match its config.json: 'layers.2.q_proj.lora_A'"):
         engine_config(tiny_llama_dir, {"method": "specstream", "model": str(bad)})
+
+
+def test_draft_policy_key_default_env_and_refusal(tiny_llama_dir, streams, monkeypatch):
+    """``draft_policy`` rides in the user's speculative config (vLLM's own SpeculativeConfig
+    forbids unknown keys; compat takes it out) and reaches the workers' hf_config."""
+    base = {"method": "specstream", "model": str(streams)}
+    policy = lambda spec: engine_config(tiny_llama_dir, spec).model_config.hf_config.specstream_policy  # noqa: E731
+    assert policy(base)["mode"] == "auto"
+    assert policy(dict(base, draft_policy="fixed"))["mode"] == "fixed"
+    monkeypatch.setenv("SPECSTREAM_DRAFT_POLICY", "auto")
+    assert policy(dict(base, draft_policy="fixed"))["mode"] == "auto"
+    monkeypatch.delenv("SPECSTREAM_DRAFT_POLICY")
+    with pytest.raises(ValueError, match="draft_policy"):
+        engine_config(tiny_llama_dir, dict(base, draft_policy="sometimes"))
+    with pytest.raises(Exception, match="draft_policy"):  # vLLM's own refusal for other methods
+        engine_config(tiny_llama_dir, {"method": "ngram", "num_speculative_tokens": 2,
+                                       "prompt_lookup_max": 3, "draft_policy": "auto"})
