@@ -68,7 +68,7 @@ def metrics(base: str) -> dict[str, float]:
     out: dict[str, float] = {}
     for line in text.splitlines():
         m = _METRIC.match(line)
-        if m:
+        if m and not m.group(1).endswith("_created"):  # creation timestamps, not counts
             out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(2))
     return out
 

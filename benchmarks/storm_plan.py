@@ -78,8 +78,10 @@ def _messages(rng: random.Random) -> list[dict[str, str]]:
 
 
 def storm_plan(n: int, seed: int = 0, max_tokens: tuple[int, int] = (16, 96),
-               ignore_eos: bool = False, kinds: Optional[list[str]] = None) -> list[Req]:
-    """``n`` mixed requests; the mix cycles through ``kinds`` so every kind is present."""
+               ignore_eos: bool = False, kinds: Optional[list[str]] = None,
+               tag: str = "") -> list[Req]:
+    """``n`` mixed requests; the mix cycles through ``kinds`` so every kind is present.
+    ``tag`` prefixes the ids (plans that are sent together)."""
     kinds = kinds or ["greedy", "seeded", "greedy_stream", "n2", "stop", "abort", "logprobs",
                       "greedy", "seeded"]
     rng = random.Random(seed)
@@ -104,7 +106,7 @@ def storm_plan(n: int, seed: int = 0, max_tokens: tuple[int, int] = (16, 96),
             if kind == "abort":
                 body["max_tokens"] = max(body["max_tokens"], 64)
                 abort = rng.randint(1, 4)
-        plan.append(Req(f"{kind}-{i}", kind, CHAT, body, abort))
+        plan.append(Req(f"{tag}{kind}-{i}", kind, CHAT, body, abort))
     return plan
 
 
