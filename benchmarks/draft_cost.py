@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     ap = batch1_parser("python -m benchmarks.draft_cost", num_prompts=3)
     ap.add_argument("--baseline", action="store_true", help="measure vLLM without speculation instead")
     ap.add_argument("--dtype", default="auto",
-                    help="auto: bfloat16 on CPUs with native bf16, else float32 (specstream_vllm.hardware)")
+                    help="auto: bfloat16 on CPUs with AMX bf16, else float32 (specstream_vllm.hardware)")
     a = ap.parse_args(argv)
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")

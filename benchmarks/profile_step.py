@@ -77,7 +77,7 @@ def batch1_inputs(a: argparse.Namespace) -> tuple[str, str, list[str]]:
 def main(argv=None) -> int:
     ap = batch1_parser("python -m benchmarks.profile_step", num_prompts=8)
     ap.add_argument("--dtype", default="auto",
-                    help="auto: bfloat16 on CPUs with native bf16, else float32 (specstream_vllm.hardware)")
+                    help="auto: bfloat16 on CPUs with AMX bf16, else float32 (specstream_vllm.hardware)")
     a = ap.parse_args(argv)
     from specstream_vllm.hardware import resolve_dtype
     a.dtype = resolve_dtype(a.dtype)

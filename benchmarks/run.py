@@ -54,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--dtype", default="auto",
                    help="auto, bfloat16 or float32 (exact-equality check); auto = bfloat16 on CPUs "
-                        "with native bf16, else float32 (compiled bf16 is wrong there)")
+                        "with AMX bf16, else float32 (compiled bf16 is wrong on others, e.g. AMD EPYC)")
     p.add_argument("--enforce-eager", action="store_true", help="skip torch.compile (fast start)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shared-engine", action="store_true",

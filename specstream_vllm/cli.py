@@ -31,7 +31,7 @@ def _add_demo(sub) -> None:
     p.add_argument("--gamma", type=int, default=4)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
-                   help="auto: bfloat16 on CPUs with native bf16 (avx512_bf16/amx_bf16), else float32")
+                   help="auto: bfloat16 on CPUs with AMX bf16, else float32 (hardware.py)")
     p.add_argument("--enforce-eager", action="store_true", help="skip torch.compile (faster start)")
     p.add_argument("--workdir", default=None)
 

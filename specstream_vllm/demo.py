@@ -33,8 +33,8 @@ def _rate(res: dict) -> tuple[float, int]:
 
 
 def _dtype_reason(dtype: str) -> str:
-    return {"bfloat16": "this CPU has native bf16",
-            "float32": "this CPU has no native bf16"}.get(dtype, "chosen by vLLM")
+    return {"bfloat16": "this CPU has AMX bf16",
+            "float32": "this CPU has no AMX bf16"}.get(dtype, "chosen by vLLM")
 
 
 def acceptance(metrics: dict) -> tuple[float, list[float]]:

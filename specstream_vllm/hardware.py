@@ -29,7 +29,7 @@ def _read_cpuinfo(path: Path) -> str:
 
 def cpu_flags(cpuinfo: Optional[str] = None) -> frozenset[str]:
     """The CPU feature flags in ``cpuinfo`` (text of /proc/cpuinfo; read once when None).
-    Empty when unknown (no /proc/cpuinfo), which counts as "no native bf16"."""
+    Empty when unknown (no /proc/cpuinfo), which counts as "no AMX bf16"."""
     if cpuinfo is None:
         cpuinfo = _read_cpuinfo(CPUINFO)
     flags: set[str] = set()

