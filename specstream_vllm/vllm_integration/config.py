@@ -115,6 +115,7 @@ class DraftPolicySettings(BaseModel):
     mode: Literal["auto", "fixed"] = "auto"
     cost_scale: float = Field(1.0, gt=0.0)
     force_off_steps: int = Field(0, ge=0)
+    force_off_from: int = Field(0, ge=0)
 
 
 def resolve_policy(extra: dict | None) -> DraftPolicySettings:
@@ -128,10 +129,12 @@ def resolve_policy(extra: dict | None) -> DraftPolicySettings:
         values["mode"] = raw["draft_policy"]
     if os.environ.get(DRAFT_POLICY_ENV):
         values["mode"] = os.environ[DRAFT_POLICY_ENV]
-    for env, key, cast in (("SPECSTREAM_POLICY_COST_SCALE", "cost_scale", float),
-                           ("SPECSTREAM_POLICY_FORCE_OFF_STEPS", "force_off_steps", int)):
-        if os.environ.get(env):
-            values[key] = cast(os.environ[env])
+    if os.environ.get("SPECSTREAM_POLICY_COST_SCALE"):
+        values["cost_scale"] = float(os.environ["SPECSTREAM_POLICY_COST_SCALE"])
+    if os.environ.get("SPECSTREAM_POLICY_FORCE_OFF_STEPS"):  # "N" or "START:N"
+        *start, count = os.environ["SPECSTREAM_POLICY_FORCE_OFF_STEPS"].split(":")
+        values["force_off_steps"] = int(count)
+        values["force_off_from"] = int(start[0]) if start else 0
     try:
         return DraftPolicySettings(**values)
     except ValidationError as exc:

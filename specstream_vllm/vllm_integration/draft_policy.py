@@ -47,11 +47,13 @@ class PolicyConfig:
     min_draft_prob: float = 0.0             # fixed mode's cut (and auto's until costs are known)
     draft_layer_fraction: float = 0.15      # N_s / L: prior for the draft pass's cost
     cost_scale: float = 1.0                 # multiplies the verification cost of drafts (tests)
-    force_off_steps: int = 0                # first N steps without speculation (tests)
+    force_off_steps: int = 0                # N steps without speculation (tests) ...
+    force_off_from: int = 0                 # ... after this many steps
     warmup_samples: int = 6                 # timing samples before the cost model is trusted
     probe_min: int = 4
     probe_max: int = 64
     optimism: float = 1.15                  # per-request choice beats the average profile
+    min_gain: float = 0.08                  # speculate only if predicted >= 8% faster than off
     calib_bins: int = 10
     calib_prior: float = 16.0               # pseudo-observations at the raw probability
     calib_decay: float = 0.9995             # per observed position: ~2000-observation memory
@@ -253,6 +255,7 @@ class DraftPolicy:
         self._recent_max_k = g
         self._passes_since_full = 0
         self._probing = False
+        self._empty_passes = 0                # passes in a row whose choice was "no drafts"
 
     # ---------------------------------------------------------------- observations
     def observe_step(self, num_tokens: int, num_draft_tokens: int, seconds: float,
@@ -287,8 +290,11 @@ class DraftPolicy:
         w = self.verify.weights()
         m = torch.as_tensor(drafts, dtype=torch.float64)
         base = w[0] + w[1] * reqs
-        extra = self.cfg.cost_scale * (w[1] * m + w[2] * (m > 0).double())
-        return (base + extra.clamp(min=0.0)).clamp(min=1e-6)
+        # neither a verified token nor the drafts' fixed cost can be negative: a noisy fit
+        # must not make drafting look cheaper than free
+        extra = self.cfg.cost_scale * (w[1].clamp(min=0.0) * m
+                                       + w[2].clamp(min=0.0) * (m > 0).double())
+        return (base + extra).clamp(min=1e-6)
 
     def _draft_cost(self, reqs: int, depth: int) -> float:
         n = float(reqs * depth)
@@ -299,13 +305,18 @@ class DraftPolicy:
         return max(float(w[0] + w[1] * n) * self.cfg.draft_layer_fraction, 0.0)
 
     def _best(self, reqs: int, gains_sorted: torch.Tensor, depth: int) -> tuple[int, float, float]:
-        """(best number of drafts, its tokens/s, tokens/s without speculation)."""
+        """(best number of drafts, its tokens/s with the draft pass paid every step, tokens/s
+        without speculation). Zero drafts unless they beat no speculation by ``min_gain``:
+        the loss is asymmetric (a wrong "on" makes the server slower, a wrong "off" only
+        forgoes a gain) and step times on a busy machine are noisy."""
         m = torch.arange(gains_sorted.numel() + 1, dtype=torch.float64)
         tokens = reqs + torch.cat([torch.zeros(1, dtype=torch.float64), gains_sorted.cumsum(0)])
         cost = self._verify_cost(reqs, m) + self._draft_cost(reqs, depth)
         rate = tokens / cost
         off = reqs / float(self._verify_cost(reqs, 0.0))
         best = int(torch.argmax(rate))
+        if rate[best] < (1.0 + self.cfg.min_gain) * off:
+            best = 0
         return best, float(rate[best]), off
 
     # ---------------------------------------------------------------- decisions
@@ -327,14 +338,14 @@ class DraftPolicy:
         prof = torch.nan_to_num(self.profile[:depth], nan=0.0) * cfg.optimism
         gains = prof.clamp(max=1.0).repeat(num_reqs)
         gains, _ = torch.sort(gains, descending=True)
-        best, _, _ = self._best(num_reqs, gains, depth)
-        if best > 0:
-            self._backoff = cfg.probe_min
+        best, rate, off = self._best(num_reqs, gains, depth)
+        if best > 0 and rate >= (1.0 + cfg.min_gain) * off and self._empty_passes < 4:
             return Plan(True, depth)
         return self._skip()
 
     def _forced_off(self) -> bool:
-        return 0 < self.stats.steps <= self.cfg.force_off_steps
+        start = self.cfg.force_off_from
+        return start < self.stats.steps <= start + self.cfg.force_off_steps
 
     def _skip(self) -> Plan:
         self._skipped += 1
@@ -382,6 +393,11 @@ class DraftPolicy:
         flat = chain.reshape(-1)
         order = torch.argsort(flat, descending=True)
         best, _, _ = self._best(reqs, flat[order], g)
+        if best > 0:
+            self._empty_passes = 0
+            self._backoff = cfg.probe_min
+        elif not probing:
+            self._empty_passes += 1
         if probing:
             # a probe drafts at least the likeliest token: the cost of a step with drafts
             # must keep being measured, or one slow early step could keep speculation off

@@ -35,6 +35,8 @@ _PROFILE = bool(os.environ.get("SPECSTREAM_PROFILE"))
 #: calibration table) as JSON every 10 steps (tests, benchmarks)
 _POLICY_DUMP = os.environ.get("SPECSTREAM_POLICY_DUMP")
 _LOG_EVERY_S = 30.0
+#: set SPECSTREAM_POLICY_TRACE=path to append one JSON line per decision (debugging)
+_POLICY_TRACE = os.environ.get("SPECSTREAM_POLICY_TRACE")
 
 
 class SpecStreamProposer:
@@ -72,7 +74,8 @@ class SpecStreamProposer:
             gamma=self.num_speculative_tokens, mode=ps.get("mode", "auto"),
             min_draft_prob=self.min_draft_prob,
             draft_layer_fraction=st.num_stream_layers / max(st.num_layers, 1),
-            cost_scale=ps.get("cost_scale", 1.0), force_off_steps=ps.get("force_off_steps", 0)))
+            cost_scale=ps.get("cost_scale", 1.0), force_off_steps=ps.get("force_off_steps", 0),
+            force_off_from=ps.get("force_off_from", 0)))
         logger.info("specstream: draft policy %s (gamma %d)", self.policy.cfg.mode,
                     self.num_speculative_tokens)
 
@@ -109,6 +112,7 @@ class SpecStreamProposer:
         plan = self.policy.plan(active.numel())
         run, depth = compat.tp_agree([int(plan.run_pass), min(plan.depth, g)])
         if not run or depth <= 0:
+            self._trace(active.numel(), 0, [])
             self._maybe_report()
             return no_drafts
         t0 = time.perf_counter()
@@ -129,8 +133,20 @@ class SpecStreamProposer:
             if n:
                 drafts[r] = rows[k][:n]
                 self._pending[req_ids[r]] = probs[k][:n]
+        self._trace(active.numel(), depth, lengths)
         self._maybe_report()
         return drafts
+
+    def _trace(self, reqs: int, depth: int, lengths: list[int]) -> None:
+        if not _POLICY_TRACE:
+            return
+        p = self.policy
+        rec = {"step": p.stats.steps, "reqs": reqs, "depth": depth, "drafts": sum(lengths),
+               "verify_w": p.verify.weights().tolist() if p.verify.ready else None,
+               "draft_w": p.draft.weights().tolist() if p.draft.ready else None,
+               "profile": [None if x != x else round(x, 3) for x in p.profile.tolist()]}
+        with open(_POLICY_TRACE, "a") as f:
+            f.write(json.dumps(rec) + "\n")
 
     def _observe(self, num_reqs: int, n_sampled: torch.Tensor, n_draft: torch.Tensor) -> None:
         """Feed the policy last step's cost and its drafts' fate."""
