@@ -161,13 +161,15 @@ def main(argv: list[str] | None = None) -> int:
     convs = [[dict(m) for m in pr.messages] for pr in prompts]
     names = [n.strip() for n in args.methods.split(",")]
     methods = build_methods(names, streams=args.streams)
-    engines = [Engine(m.name, m.speculative_config, args, folder) for m in methods]
+    engines: list[Engine] = []
     results: dict[str, Any] = {"meta": {"command": " ".join([sys.executable, "-m", "benchmarks.paired", *argv]),
                                         "dtype": args.dtype, "machine": machine_info(),
                                         "methods": [m.to_json() for m in methods]}, "levels": []}
     load = []
     try:
-        for e in engines:
+        for m in methods:  # one at a time: concurrent compilation on 2 busy cores times out
+            e = Engine(m.name, m.speculative_config, args, folder)
+            engines.append(e)
             e.wait_ready(args.timeout)
             print(f"[paired] {e.name}: ready", flush=True)
         cursor = 0
