@@ -139,6 +139,10 @@ def test_draft_policy_key_default_env_and_refusal(tiny_llama_dir, streams, monke
     monkeypatch.setenv("SPECSTREAM_DRAFT_POLICY", "auto")
     assert policy(dict(base, draft_policy="fixed"))["mode"] == "auto"
     monkeypatch.delenv("SPECSTREAM_DRAFT_POLICY")
+    monkeypatch.setenv("SPECSTREAM_MIN_DRAFT_PROB", "0.3")   # an explicit cut: fixed policy
+    assert policy(base)["mode"] == "fixed"
+    assert policy(dict(base, draft_policy="auto"))["mode"] == "auto"
+    monkeypatch.delenv("SPECSTREAM_MIN_DRAFT_PROB")
     with pytest.raises(ValueError, match="draft_policy"):
         engine_config(tiny_llama_dir, dict(base, draft_policy="sometimes"))
     with pytest.raises(Exception, match="draft_policy"):  # vLLM's own refusal for other methods

@@ -108,7 +108,8 @@ class DraftPolicySettings(BaseModel):
 
     ``auto`` (default): per request and step, the length that maximises expected tokens
     per second from the calibrated stream probabilities and the measured step costs,
-    zero when nothing pays. ``fixed``: every stream, cut at ``min_draft_prob``.
+    zero when nothing pays. ``fixed``: every stream, cut at ``min_draft_prob``; the default
+    when ``SPECSTREAM_MIN_DRAFT_PROB`` is set and no policy is named.
     ``cost_scale`` / ``force_off_steps`` are test knobs (environment only)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -125,6 +126,8 @@ def resolve_policy(extra: dict | None) -> DraftPolicySettings:
     if unknown:
         raise ValueError(f"unknown specstream speculative-config keys {sorted(unknown)}")
     values: dict = {}
+    if os.environ.get(MIN_DRAFT_PROB_ENV):  # an explicit cut (SpeculativeEngine(min_draft_prob=))
+        values["mode"] = "fixed"            # means the fixed policy, unless one is named below
     if raw.get("draft_policy") is not None:
         values["mode"] = raw["draft_policy"]
     if os.environ.get(DRAFT_POLICY_ENV):
