@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     folder = Path(args.out)
     folder.mkdir(parents=True, exist_ok=True)
     prompts, _ = fit_prompts(load_workload(args.workload, None, None), args.model,
-                             args.max_model_len - args.max_tokens - 10)
+                             args.max_model_len - args.max_tokens - 64)  # llm.chat adds a system turn
     need = args.rounds * sum(max(args.per_level, b) for b in args.batch_sizes)
     if len(prompts) < need:
         print(f"[paired] only {len(prompts)} prompts for {need}: prompts repeat across rounds",

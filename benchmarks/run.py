@@ -77,9 +77,11 @@ def fit_prompts(prompts: list[Prompt], model: str, budget: int) -> tuple[list[Pr
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model)
-    kept = [p for p in prompts
-            if len(tok.apply_chat_template(list(p.messages), add_generation_prompt=True,
-                                           tokenize=True)) <= budget]
+    def length(p: Prompt) -> int:
+        # tokenize=True returns a BatchEncoding (a 2-key dict) in transformers 5: count the text
+        text = tok.apply_chat_template(list(p.messages), add_generation_prompt=True, tokenize=False)
+        return len(tok(text, add_special_tokens=False).input_ids)
+    kept = [p for p in prompts if length(p) <= budget]
     return kept, len(prompts) - len(kept)
 
 
