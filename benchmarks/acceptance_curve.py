@@ -42,6 +42,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sets", default="mtbench,heldout")
     ap.add_argument("--gamma", type=int, default=4)
     ap.add_argument("--every", type=int, default=1, help="evaluate every n-th snapshot")
+    ap.add_argument("--max-examples", type=int, default=None, help="first n sequences of each set")
     ap.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     args = ap.parse_args(argv)
 
@@ -56,7 +57,7 @@ def main(argv=None) -> int:
         for ck in cks:
             row = describe(ck)
             rep = evaluate(ck, sets=tuple(args.sets.split(",")), gammas=[args.gamma], data_spec=spec,
-                           progress=False, log=lambda s: None)
+                           max_examples=args.max_examples, progress=False, log=lambda s: None)
             for name, res in rep["sets"].items():
                 st = res["drafters"]["specstream"][f"gamma_{args.gamma}"]
                 row[name] = {"mal": st["mean_acceptance_length"],

@@ -200,7 +200,8 @@ def test_tensor_parallel_2_matches_tp2_without_speculation(tiny_tp_dir, tmp_path
     log = tmp_path / "tp-drafts.jsonl"
     spec = run_engine(dict(job, spec={"method": "specstream", "model": str(streams),
                                       "num_speculative_tokens": 3},
-                           env=dict(env, SPECSTREAM_DRAFT_LOG=str(log))), tmp_path, "tp-spec")
+                           env=dict(env, SPECSTREAM_DRAFT_LOG=str(log), SPECSTREAM_DRAFT_POLICY="fixed")),
+                 tmp_path, "tp-spec")  # every step drafts: the sharded pass is exercised
     assert outputs(base) == outputs(spec)
     assert spec["metrics"]["vllm:spec_decode_num_drafts"] > 0
     # the sharded stream LoRA (column- and row-parallel) drafts what the reference drafts
