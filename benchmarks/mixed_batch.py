@@ -14,16 +14,9 @@ import json
 import tempfile
 from pathlib import Path
 
-PROMPTS = [
-    "What is the capital of France?",
-    "Write a haiku about autumn leaves.",
-    "Explain what a binary search does, briefly.",
-    "List three uses of a paperclip.",
-    "Why is the sky blue? Answer in two sentences.",
-    "Translate 'good morning' into Spanish and French.",
-    "Give me a short tip for learning to cook.",
-    "What does HTTP stand for?",
-]
+from benchmarks.storm_plan import PROMPTS as _ALL_PROMPTS
+
+PROMPTS = _ALL_PROMPTS[:8]  # the same short chat prompts the storm and the engine tests use
 MIXES = {"mixed": [0.0, 0.8] * 4, "sampled": [0.8] * 8}
 
 
