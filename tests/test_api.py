@@ -120,6 +120,11 @@ def test_other_bad_arguments(streams, smollm2_dir, tmp_path):
     for bad in (1.0, -0.1, "0.2"):
         with pytest.raises(ConfigError, match="min_draft_prob"):
             SpeculativeEngine(streams=str(streams), min_draft_prob=bad, lazy=True)
+    with pytest.raises(ConfigError, match="draft_policy"):
+        SpeculativeEngine(streams=str(streams), draft_policy="sometimes", lazy=True)
+    eng = SpeculativeEngine(streams=str(streams), draft_policy="fixed", lazy=True)
+    assert eng.llm_kwargs()["speculative_config"]["draft_policy"] == "fixed"
+    assert "speculative_config" not in eng.llm_kwargs(speculative=False)
     with pytest.raises(StreamsNotFoundError, match="streams="):
         SpeculativeEngine(model=str(smollm2_dir))  # base model without specstream/ folder
     with pytest.raises(CheckpointError):
@@ -233,8 +238,10 @@ def test_lora_adapter_validation_and_stats(tmp_path):
 @pytest.fixture(scope="module")
 def engine(streams):
     from specstream_vllm import SpeculativeEngine
+    # fixed policy: these tests count drafts, and "auto" may rightly draft none on a slow,
+    # busy machine where verification costs more than the streams' drafts save
     eng = SpeculativeEngine(streams=str(streams), gamma=4, dtype="float32", enforce_eager=True,
-                            max_model_len=1024)
+                            max_model_len=1024, draft_policy="fixed")
     yield eng
     eng.shutdown()
 

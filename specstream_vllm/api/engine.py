@@ -82,6 +82,10 @@ class SpeculativeEngine:
         lazy: start the engine on first use instead of in the constructor.
         min_draft_prob: cut each draft at the first stream whose top-1 probability is
             below this, in [0, 1); ``None`` = the checkpoint's value (see README).
+        draft_policy: ``"auto"`` (each request's draft length chosen every step to
+            maximise tokens per second, none when speculation cannot pay) or ``"fixed"``
+            (every stream, cut at ``min_draft_prob``); ``None`` = ``"fixed"`` when
+            ``min_draft_prob`` is given, else ``"auto"``.
         **engine_kwargs: passed to ``vllm.LLM`` (``max_model_len``, ``enforce_eager``,
             ``kv_cache_memory_bytes``, ``tensor_parallel_size``, ...).
 
@@ -95,7 +99,7 @@ class SpeculativeEngine:
                  gamma: int = 4, streams: Optional[str] = None, temperature: float = 0.0,
                  device: str = "auto", dtype: str = "auto", *, chat_template: Union[bool, str] = "auto",
                  lazy: bool = False, min_draft_prob: Optional[float] = None,
-                 tree_depth: Optional[int] = None, tree_width: Optional[int] = None,
+                 draft_policy: Optional[str] = None, tree_depth: Optional[int] = None, tree_width: Optional[int] = None,
                  early_exit: Optional[bool] = None, **engine_kwargs: Any):
         reject_tree_parameters({"tree_depth": tree_depth, "tree_width": tree_width,
                                 "early_exit": early_exit, **engine_kwargs}, "SpeculativeEngine")
@@ -116,6 +120,9 @@ class SpeculativeEngine:
                                                and 0.0 <= min_draft_prob < 1.0):
             raise ConfigError(f"min_draft_prob must be a probability in [0, 1), got {min_draft_prob!r}")
         self.min_draft_prob = min_draft_prob
+        if draft_policy not in (None, "auto", "fixed"):
+            raise ConfigError(f"draft_policy must be 'auto' or 'fixed', got {draft_policy!r}")
+        self.draft_policy = draft_policy
         self.tokenizer_name = tokenizer
         self.temperature = float(temperature)
         self.engine_kwargs = dict(engine_kwargs)
@@ -165,6 +172,8 @@ class SpeculativeEngine:
             kw["kv_cache_memory_bytes"] = DEFAULT_CPU_KV_CACHE_GIB * 2 ** 30
         if speculative:
             kw["speculative_config"] = self.spec.speculative_config()
+            if self.draft_policy is not None:
+                kw["speculative_config"]["draft_policy"] = self.draft_policy
         return kw
 
     @staticmethod
