@@ -10,7 +10,8 @@ import torch
 
 from specstream_vllm.checkpoint import load_checkpoint, load_checkpoint_config
 from specstream_vllm.training.conversations import (ConversationStream, encode_conversation,
-                                                    frequent_tokens, load_conversations)
+                                                    frequent_tokens, load_conversations,
+                                                    training_units)
 from specstream_vllm.training.recipe import load_recipe
 from specstream_vllm.training.teacher_forced import assistant_runs, read_manifest, sample_tf_anchors
 from specstream_vllm.training.trainer import train
@@ -89,6 +90,42 @@ def test_stream_cursor_and_vocabulary(tmp_path, smol_tokenizer):
     assert [e.id for e in b] == [c.id for c in convs[5:10]]
     vocab = frequent_tokens(a, 10, always=[2])
     assert vocab.numel() <= 11 and 2 in vocab.tolist() and torch.equal(vocab, vocab.sort().values)
+
+
+def test_second_pass_takes_every_later_window_and_the_continuations_once(tmp_path, smol_tokenizer):
+    """After the first pass (first windows), the stream walks the rest of each conversation
+    and the conversations that open with an assistant turn; every assistant token of the
+    data is then seen exactly once, and a cursor + window saved mid-way resumes exactly."""
+    f = _sharegpt_file(tmp_path / "sg.json")
+    first = load_conversations(f, "train", heldout_fraction=0.2)
+    more = load_conversations(f, "train", heldout_fraction=0.2, leading_assistant=True)
+    assert [c.id for c in more] == ["odd"] or not more  # "odd" has no user turn after its lead
+    lead = tmp_path / "lead.json"
+    lead.write_text(json.dumps([{"id": "cont", "conversations": [
+        {"from": "gpt", "value": "...continued answer"}, {"from": "human", "value": "Thanks, and 2+2?"},
+        {"from": "gpt", "value": "2+2 is 4."}]}]))
+    more = load_conversations(lead, "train", heldout_fraction=0.0, leading_assistant=True)
+    assert [m["role"] for m in more[0].messages] == ["user", "assistant"]
+    assert load_conversations(lead, "train", heldout_fraction=0.0) == []
+    L = 60  # short windows: every conversation of the file spans two or more
+    units = training_units(first, more, seed=0)
+    assert [u.conv.id for u in units[:len(first)]] == [c.id for c in first]
+    got = list(ConversationStream(smol_tokenizer, units, L))
+    assert all(w.length <= L and int(w.assistant.sum()) >= 3 for w in got)
+    whole = {c.id: encode_conversation(smol_tokenizer, c, 1 << 30) for c in first + more}
+    seen = {}
+    for w in got:
+        cid = w.id.split("#w")[0]
+        seen[cid] = seen.get(cid, 0) + int(w.assistant.sum())
+    for cid, enc in whole.items():  # nothing lost, nothing twice (windows of < 3 answer tokens aside)
+        assert int(enc.assistant.sum()) - 2 * (enc.length // L + 1) <= seen.get(cid, 0) <= int(enc.assistant.sum())
+    s = ConversationStream(smol_tokenizer, units, L)
+    head = s.take(len(first) + 3)
+    resumed = ConversationStream(smol_tokenizer, units, L, cursor=s.cursor, window=s.window)
+    assert [w.id for w in head + resumed.take(10 ** 6)] == [w.id for w in got]
+    n1 = sum(1 for w in got if "#w" not in w.id and w.id != "cont")
+    assert n1 >= len(first) - 2 and [w.id for w in got[:n1]] == [c.id for c in first][:n1]
+    assert all("#w" in w.id or w.id == "cont" for w in got[n1:])
 
 
 def test_anchor_and_target_validity_stay_inside_assistant_turns():

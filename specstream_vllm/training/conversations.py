@@ -10,6 +10,12 @@ of magnitude slower than this one forward.
   conversation whose first human turn is an MT-Bench question is dropped.
 * Order: a fixed hash order per ``seed``; the trainer keeps a cursor into it, so a
   resumed run continues on conversations it has not seen (:class:`ConversationStream`).
+* Two passes (:func:`training_units`): the first takes each conversation's first
+  ``seq_len`` tokens; the second everything the first left: the later windows of those
+  conversations (ShareGPT conversations average ~1,500 tokens, the first window holds
+  ~460) and the conversations that open with an assistant turn (continuations in
+  ShareGPT; their leading assistant turns are dropped). Old cursors stay valid: the
+  second pass only appends to the first.
 """
 from __future__ import annotations
 
@@ -30,6 +36,15 @@ class Conversation:
     messages: list[dict]  # [{"role": "user"|"assistant", "content": str}], alternating
 
 
+@dataclass(frozen=True)
+class Unit:
+    """What the stream takes from one conversation: windows ``first_window`` onwards
+    (each ``max_len`` tokens), at most ``max_windows`` of them (None: all)."""
+    conv: Conversation
+    first_window: int = 0
+    max_windows: int | None = 1
+
+
 @dataclass
 class EncodedConversation:
     id: str
@@ -42,12 +57,14 @@ class EncodedConversation:
 
 
 def load_conversations(path=None, split: str = "train", heldout_fraction: float = 0.05,
-                       exclude_first_turns: set[str] | None = None, seed: int = 0
-                       ) -> list[Conversation]:
+                       exclude_first_turns: set[str] | None = None, seed: int = 0,
+                       leading_assistant: bool = False) -> list[Conversation]:
     """Alternating user/assistant conversations of one split, in a fixed hash order.
 
     A conversation is cut at its first irregular turn (unknown role, two turns of one role
     in a row, empty text); ones without a complete user -> assistant exchange are dropped.
+    ``leading_assistant=True`` instead returns only the conversations that open with
+    assistant turns, with those turns dropped (the default drops these conversations).
     """
     out, seen = [], set()
     exclude = exclude_first_turns or set()
@@ -55,8 +72,14 @@ def load_conversations(path=None, split: str = "train", heldout_fraction: float 
         cid = str(item.get("id"))
         if conversation_split(cid, heldout_fraction) != split:
             continue
+        turns = list(item.get("conversations") or [])
+        lead = 0
+        while lead < len(turns) and _ROLES.get(str(turns[lead].get("from", "")).lower()) == "assistant":
+            lead += 1
+        if leading_assistant != (lead > 0):
+            continue
         msgs: list[dict] = []
-        for turn in item.get("conversations") or []:
+        for turn in turns[lead:]:
             role = _ROLES.get(str(turn.get("from", "")).lower())
             text = turn.get("value") or ""
             want = "user" if len(msgs) % 2 == 0 else "assistant"
@@ -74,6 +97,27 @@ def load_conversations(path=None, split: str = "train", heldout_fraction: float 
         out.append(Conversation(cid, msgs))
     out.sort(key=lambda c: _unit_hash(c.id, f"tf-order:{seed}:"))
     return out
+
+
+def training_units(first_pass: list[Conversation], continuations: list[Conversation],
+                   seed: int = 0) -> list[Unit]:
+    """The whole order a teacher-forced run walks: the first pass (each conversation's
+    first window, in ``first_pass`` order), then, in their own hash order, the rest of
+    those conversations and every window of ``continuations``."""
+    units = [Unit(c, 0, 1) for c in first_pass]
+    rest = [Unit(c, 1, None) for c in first_pass] + [Unit(c, 0, None) for c in continuations]
+    rest.sort(key=lambda u: _unit_hash(u.conv.id, f"tf-second-pass:{seed}:"))
+    return units + rest
+
+
+def window(enc: EncodedConversation, index: int, max_len: int) -> EncodedConversation | None:
+    """Tokens ``[index * max_len, (index + 1) * max_len)`` of a whole encoded conversation
+    (None past its end)."""
+    ids = enc.ids[index * max_len:(index + 1) * max_len]
+    asst = enc.assistant[index * max_len:(index + 1) * max_len]
+    if ids.numel() == 0:
+        return None
+    return EncodedConversation(enc.id if index == 0 else f"{enc.id}#w{index}", ids, asst)
 
 
 def encode_conversation(tokenizer, conv: Conversation, max_len: int) -> EncodedConversation | None:
@@ -112,28 +156,62 @@ def encode_conversation(tokenizer, conv: Conversation, max_len: int) -> EncodedC
 
 
 class ConversationStream:
-    """Encoded conversations from a cursor on; each is used once (no epochs).
+    """Encoded training windows from a cursor on; each is used once (no epochs).
 
-    ``cursor`` counts conversations consumed (encoded or skipped), so saving it and
-    resuming from it continues exactly where a run stopped.
+    Walks a list of :class:`Unit` (plain conversations mean their first window only).
+    ``cursor`` counts units finished (encoded or skipped) and ``window`` the windows
+    already taken from the current one, so saving both and resuming from them continues
+    exactly where a run stopped.
     """
 
-    def __init__(self, tokenizer, conversations: list[Conversation], max_len: int, cursor: int = 0):
-        self.tokenizer, self.convs, self.max_len = tokenizer, conversations, max_len
-        self.cursor = cursor
+    #: windows a second-pass unit yields on average (ShareGPT: ~1,500 tokens per
+    #: conversation at 512 per window); only sizes the learning-rate schedule
+    SECOND_PASS_WINDOWS = 2.5
+
+    def __init__(self, tokenizer, units: list, max_len: int, cursor: int = 0, window: int = 0):
+        self.tokenizer, self.max_len = tokenizer, max_len
+        self.units = [u if isinstance(u, Unit) else Unit(u) for u in units]
+        self.cursor, self.window = cursor, window
+        self._encoded: tuple[int, EncodedConversation | None] | None = None
+
+    @property
+    def convs(self) -> list[Conversation]:
+        return [u.conv for u in self.units]
 
     @property
     def remaining(self) -> int:
-        return max(0, len(self.convs) - self.cursor)
+        """Units not finished yet."""
+        return max(0, len(self.units) - self.cursor)
+
+    def windows_remaining(self) -> int:
+        """Windows left: exact for first-pass units, an estimate for the others."""
+        left = self.units[self.cursor:]
+        est = sum(1 if u.max_windows == 1 else self.SECOND_PASS_WINDOWS for u in left)
+        return int(est)
+
+    def _encode(self, unit: Unit) -> EncodedConversation | None:
+        if self._encoded is None or self._encoded[0] != self.cursor:
+            cap = self.max_len if unit.max_windows == 1 and unit.first_window == 0 else 1 << 30
+            self._encoded = (self.cursor, encode_conversation(self.tokenizer, unit.conv, cap))
+        return self._encoded[1]
 
     def take(self, n: int) -> list[EncodedConversation]:
-        """The next ``n`` usable conversations (fewer only when the data set runs out)."""
+        """The next ``n`` usable windows (fewer only when the data set runs out)."""
         out = []
-        while len(out) < n and self.cursor < len(self.convs):
-            enc = encode_conversation(self.tokenizer, self.convs[self.cursor], self.max_len)
-            self.cursor += 1
-            if enc is not None:
-                out.append(enc)
+        while len(out) < n and self.cursor < len(self.units):
+            unit = self.units[self.cursor]
+            enc = self._encode(unit)
+            w = None
+            if enc is not None and (unit.max_windows is None or self.window < unit.max_windows):
+                w = window(enc, unit.first_window + self.window, self.max_len)
+            if w is None:
+                self.cursor, self.window, self._encoded = self.cursor + 1, 0, None
+                continue
+            self.window += 1
+            if int(w.assistant.sum()) >= 3:  # a window of user text only teaches nothing
+                out.append(w)
+            if unit.max_windows is not None and self.window >= unit.max_windows:
+                self.cursor, self.window, self._encoded = self.cursor + 1, 0, None
         return out
 
     def __iter__(self) -> Iterator[EncodedConversation]:

@@ -33,6 +33,9 @@ class DataSpec(_Strict):
     draft_vocab_size: int = Field(8192, ge=16, description="sharegpt_conversations: the draft "
                                   "vocabulary is this many most frequent assistant tokens")
     vocab_sample: int = Field(2000, ge=1, description="conversations counted for that vocabulary")
+    second_pass: bool = Field(True, description="sharegpt_conversations: after every conversation's "
+                              "first seq_len tokens, continue with their later windows and with the "
+                              "conversations that open with an assistant turn (~4x more tokens)")
     num_train_prompts: int = Field(1200, ge=1)
     num_heldout: int = Field(64, ge=0)
     max_prompt_tokens: int = Field(192, ge=8, description="longer first turns are skipped")

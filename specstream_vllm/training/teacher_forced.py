@@ -19,7 +19,8 @@ import torch
 
 from ..checkpoint import next_token_features
 from ..reference.streams import MainPass, StreamParams, stream_logits
-from .conversations import ConversationStream, EncodedConversation, frequent_tokens, load_conversations
+from .conversations import (ConversationStream, EncodedConversation, frequent_tokens, load_conversations,
+                            training_units)
 from .losses import chunked_lm_loss
 from .recipe import Recipe
 
@@ -75,15 +76,20 @@ class TeacherForcedData:
     segments: list[dict] = field(default_factory=list)
 
     @classmethod
-    def open(cls, recipe: Recipe, base_dir: Path, tokenizer, cursor: int = 0,
+    def open(cls, recipe: Recipe, base_dir: Path, tokenizer, cursor: int = 0, window: int = 0,
              vocab: torch.Tensor | None = None, log=print) -> "TeacherForcedData":
         from .data import mtbench_texts_normalized
 
         spec = recipe.data
-        convs = load_conversations(spec.sharegpt_file, split="train", heldout_fraction=spec.heldout_fraction,
-                                   exclude_first_turns=mtbench_texts_normalized(), seed=spec.seed)
-        log(f"[data] {len(convs):,} teacher-forced ShareGPT training conversations; "
-            f"starting at #{cursor:,}")
+        kw = dict(split="train", heldout_fraction=spec.heldout_fraction,
+                  exclude_first_turns=mtbench_texts_normalized(), seed=spec.seed)
+        convs = load_conversations(spec.sharegpt_file, **kw)
+        more = load_conversations(spec.sharegpt_file, leading_assistant=True, **kw) if spec.second_pass else []
+        units = training_units(convs, more, spec.seed) if spec.second_pass else convs
+        log(f"[data] {len(convs):,} teacher-forced ShareGPT training conversations"
+            + (f" (+ a second pass: their later windows and {len(more):,} conversations that open "
+               f"with an assistant turn)" if spec.second_pass else "")
+            + f"; starting at unit #{cursor:,}" + (f", window {window}" if window else ""))
         if vocab is None:
             # the vocabulary comes from a fixed sample that does not move with the cursor
             sample = ConversationStream(tokenizer, convs, recipe.seq_len).take(spec.vocab_sample)
@@ -91,13 +97,15 @@ class TeacherForcedData:
             vocab = frequent_tokens(sample, spec.draft_vocab_size, eos)
             log(f"[data] draft vocabulary: the {vocab.numel():,} most frequent assistant tokens "
                 f"of {len(sample):,} conversations")
-        return cls(ConversationStream(tokenizer, convs, recipe.seq_len, cursor), vocab)
+        return cls(ConversationStream(tokenizer, units, recipe.seq_len, cursor, window), vocab)
 
     def manifest(self, recipe: Recipe) -> dict:
         return {"source": "sharegpt_conversations", "split": "train", "order_seed": recipe.data.seed,
                 "heldout_fraction": recipe.data.heldout_fraction, "seq_len": recipe.seq_len,
-                "conversations_consumed": self.stream.cursor,
-                "conversations_available": len(self.stream.convs),
+                "conversations_consumed": self.stream.cursor,  # units (see training_units)
+                "window": self.stream.window,
+                "conversations_available": len(self.stream.units),
+                "second_pass": recipe.data.second_pass,
                 "tokens_seen": self.tokens_seen, "anchors_seen": self.anchors_seen,
                 "draft_vocab_size": int(self.vocab.numel()), "segments": self.segments}
 

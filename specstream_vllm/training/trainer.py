@@ -263,6 +263,7 @@ def train(recipe: Recipe, examples: list[Example] | None = None, *, resume: bool
         prior = prior or init_manifest or {}
         tf_data = TeacherForcedData.open(recipe, base_dir, AutoTokenizer.from_pretrained(str(base_dir)),
                                          cursor=prior.get("conversations_consumed", 0),
+                                         window=prior.get("window", 0),
                                          vocab=params.draft_vocab, log=log)
         tf_data.tokens_seen = prior.get("tokens_seen", 0)
         tf_data.anchors_seen = prior.get("anchors_seen", 0)
@@ -289,7 +290,7 @@ def train(recipe: Recipe, examples: list[Example] | None = None, *, resume: bool
     groups.append({"params": [p for p in trainable if id(p) not in special], "lr": recipe.lr})
     opt = torch.optim.AdamW(groups, lr=recipe.lr, weight_decay=recipe.weight_decay)
     if streaming:
-        steps_per_epoch = max(1, tf_data.stream.remaining // recipe.batch_size)
+        steps_per_epoch = max(1, tf_data.stream.windows_remaining() // recipe.batch_size)
         total = steps_per_epoch
     else:
         steps_per_epoch = math.ceil(len(seqs) / recipe.batch_size)
