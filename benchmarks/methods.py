@@ -10,7 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ALL_METHODS = ("baseline", "ngram", "suffix", "medusa", "specstream")
+ALL_METHODS = ("baseline", "ngram", "suffix", "medusa", "specstream", "specstream-streams",
+               "specstream-suffix", "specstream-ngram")
+#: specstream with a fixed match source (vllm_integration/match_source.py); plain
+#: ``specstream`` uses the plugin's default
+SPECSTREAM_MATCH = {"specstream-streams": "none", "specstream-suffix": "suffix",
+                    "specstream-ngram": "ngram"}
 
 
 @dataclass
@@ -25,9 +30,14 @@ class Method:
 
     @property
     def keeps_request_state(self) -> bool:
-        """suffix caches earlier responses: an engine that already answered a prompt would
-        look better on it, so it gets a fresh engine per batch size / concurrency level."""
-        return bool(self.speculative_config) and self.speculative_config.get("method") == "suffix"
+        """suffix caches earlier responses (so does specstream with the suffix match source):
+        an engine that already answered a prompt would look better on it, so it gets a fresh
+        engine per batch size / concurrency level."""
+        spec = self.speculative_config or {}
+        if spec.get("method") == "specstream":
+            from specstream_vllm.vllm_integration.config import DEFAULT_MATCH
+            return spec.get("match", DEFAULT_MATCH) == "suffix"
+        return spec.get("method") == "suffix"
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "speculative_config": self.speculative_config,
@@ -80,9 +90,11 @@ def build_methods(names: list[str], medusa: str | None = None, streams: str | No
             m = Method(name, {"method": "suffix", "num_speculative_tokens": suffix_k})
         elif name == "medusa":
             m = _weights_method(name, "medusa", medusa, "--medusa HEADS_DIR", medusa_k, 4)
-        elif name == "specstream":
+        elif name == "specstream" or name in SPECSTREAM_MATCH:
             m = _weights_method(name, "specstream", streams, "--streams STREAMS_DIR",
                                 specstream_k, specstream_k)
+            if name in SPECSTREAM_MATCH and m.speculative_config is not None:
+                m.speculative_config["match"] = SPECSTREAM_MATCH[name]
         else:
             raise ValueError(f"unknown method {name!r}; known: {', '.join(ALL_METHODS)}")
         out.append(m)

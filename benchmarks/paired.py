@@ -11,6 +11,15 @@ rounds. Suffix's response cache never sees a prompt twice.
         --streams STREAMS --workload mixed --batch-sizes 1,4,16,32,64 --rounds 2 \\
         --per-level 6 --max-tokens 48 --out benchmarks/results/paired
 
+Several workloads in one run (``--workloads mtbench,sharegpt,code``): the engines stay up,
+each workload gets its own levels and prompts, and the report has one table per workload
+with the acceptance per position and, for specstream, the drafts taken per source
+(streams / suffix / ngram match). The match-source comparison of the README:
+
+    python -m benchmarks.paired --methods baseline,specstream-streams,specstream-suffix,ngram,suffix \\
+        --streams STREAMS --workloads mtbench,sharegpt,code --batch-sizes 1,16 --rounds 2 \\
+        --per-level 8 --max-tokens 128 --dtype float32 --out benchmarks/results/match
+
 Each engine runs in a child process (``python -m benchmarks.paired --child``) that reads
 one JSON command per line on stdin and writes its answer to a file.
 """
@@ -131,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default="baseline,specstream")
     p.add_argument("--streams")
     p.add_argument("--workload", default="mixed")
+    p.add_argument("--workloads", help="comma list (mtbench,sharegpt,code,...): overrides --workload")
+    p.add_argument("--rounds-at", default="",
+                   help="rounds per batch size, e.g. 16:1 (default --rounds everywhere)")
     p.add_argument("--batch-sizes", default="1,4,16,32,64")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--per-level", type=int, default=6, help="prompts per level: max(N, batch)")
@@ -152,13 +164,17 @@ def main(argv: list[str] | None = None) -> int:
     from .workloads import load_workload
     folder = Path(args.out)
     folder.mkdir(parents=True, exist_ok=True)
-    prompts, _ = fit_prompts(load_workload(args.workload, None, None), args.model,
-                             args.max_model_len - args.max_tokens - 64)  # llm.chat adds a system turn
-    need = args.rounds * sum(max(args.per_level, b) for b in args.batch_sizes)
-    if len(prompts) < need:
-        print(f"[paired] only {len(prompts)} prompts for {need}: prompts repeat across rounds",
-              flush=True)
-    convs = [[dict(m) for m in pr.messages] for pr in prompts]
+    rounds_at = {int(b): int(r) for b, r in (x.split(":") for x in args.rounds_at.split(",") if x)}
+    workloads = [w.strip() for w in (args.workloads or args.workload).split(",")]
+    convs_of: dict[str, list] = {}
+    for w in workloads:
+        prompts, _ = fit_prompts(load_workload(w, None, None), args.model,
+                                 args.max_model_len - args.max_tokens - 64)  # llm.chat adds a system turn
+        need = sum(rounds_at.get(b, args.rounds) * max(args.per_level, b) for b in args.batch_sizes)
+        if len(prompts) < need:
+            print(f"[paired] {w}: only {len(prompts)} prompts for {need}: prompts repeat across "
+                  "rounds", flush=True)
+        convs_of[w] = [[dict(m) for m in pr.messages] for pr in prompts]
     names = [n.strip() for n in args.methods.split(",")]
     methods = build_methods(names, streams=args.streams)
     engines: list[Engine] = []
@@ -172,10 +188,12 @@ def main(argv: list[str] | None = None) -> int:
             engines.append(e)
             e.wait_ready(args.timeout)
             print(f"[paired] {e.name}: ready", flush=True)
-        cursor = 0
-        for b in args.batch_sizes:
-            level = {"batch_size": b, "rounds": []}
-            for r in range(args.rounds):
+        for workload, b in [(w, b) for w in workloads for b in args.batch_sizes]:
+            convs = convs_of[workload]
+            cursor = sum(rounds_at.get(x, args.rounds) * max(args.per_level, x)
+                         for x in args.batch_sizes[:args.batch_sizes.index(b)])
+            level = {"workload": workload, "batch_size": b, "rounds": []}
+            for r in range(rounds_at.get(b, args.rounds)):
                 n = max(args.per_level, b)
                 chunk = [convs[(cursor + i) % len(convs)] for i in range(n)]
                 cursor += n
@@ -196,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
                 base = rnd.get("baseline")
                 line = " ".join(f"{k}={v['tok_s']:.1f}" + (f"({v['tok_s'] / base['tok_s']:.2f}x)" if base else "")
                                 for k, v in rnd.items())
-                print(f"[paired] batch {b} round {r}: {line} load {os.getloadavg()[0]:.1f}", flush=True)
+                print(f"[paired] {workload} batch {b} round {r}: {line} load "
+                      f"{os.getloadavg()[0]:.1f}", flush=True)
             results["levels"].append(level)
             (folder / "results.json").write_text(json.dumps(results))
     finally:
@@ -221,34 +240,49 @@ def _add(a: dict, b: dict) -> dict:
 
 
 def render(results: dict) -> str:
-    rows = ["| method | batch | tok/s per round | vs baseline (median of rounds) | "
-            "= baseline | mean accept len | steps w/o drafts | draft tok/step |",
-            "|---|---:|---|---:|---:|---:|---:|---:|"]
+    """One table per workload: tok/s and its ratio to no speculation (median of rounds),
+    greedy equality, mean acceptance length, acceptance per position, drafts per source
+    (share of drafts, their mean acceptance length) and the draft policy's off share."""
+    from .specmetrics import SpecCounters
     names = list(results["levels"][0]["rounds"][0]) if results["levels"] else []
-    for name in names:
-        for lv in results["levels"]:
-            rnds = lv["rounds"]
-            tps = [r[name]["tok_s"] for r in rnds]
-            ratios = [r[name]["tok_s"] / r["baseline"]["tok_s"] for r in rnds if "baseline" in r]
-            same = [a == b for r in rnds if "baseline" in r
-                    for a, b in zip(r[name]["token_ids"], r["baseline"]["token_ids"])]
-            from .specmetrics import SpecCounters
-            spec = SpecCounters()
-            for r in rnds:
-                spec = spec + SpecCounters.from_json(r[name]["spec"])
-            s = spec.to_json()
-            al = s.get("mean_acceptance_length")
-            share = s.get("no_spec_step_share")
-            rows.append(
-                f"| {name} | {lv['batch_size']} | {' / '.join(f'{x:.1f}' for x in tps)} | "
-                f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) | "
-                f"{100 * sum(same) / max(len(same), 1):.0f}% | {'-' if al is None else f'{al:.2f}'} | "
-                f"{'-' if share is None else f'{100 * share:.0f}%'} | "
-                f"{'-' if share is None else format(s['draft_tokens_per_step'], '.2f')} |")
+    out = []
+    workloads = list(dict.fromkeys(lv.get("workload", "-") for lv in results["levels"]))
+    for w in workloads:
+        rows = [f"#### {w}" if len(workloads) > 1 or w != "-" else "",
+                "| method | batch | tok/s per round | vs baseline (median of rounds) | = baseline | "
+                "mean accept len | accept per pos | drafts by source (share, accept len) | "
+                "steps w/o drafts | draft tok/step |",
+                "|---|---:|---|---:|---:|---:|---|---|---:|---:|"]
+        for name in names:
+            for lv in [x for x in results["levels"] if x.get("workload", "-") == w]:
+                rnds = lv["rounds"]
+                tps = [r[name]["tok_s"] for r in rnds]
+                ratios = [r[name]["tok_s"] / r["baseline"]["tok_s"] for r in rnds if "baseline" in r]
+                same = [a == b for r in rnds if "baseline" in r
+                        for a, b in zip(r[name]["token_ids"], r["baseline"]["token_ids"])]
+                spec = SpecCounters()
+                for r in rnds:
+                    spec = spec + SpecCounters.from_json(r[name]["spec"])
+                s = spec.to_json()
+                al = s.get("mean_acceptance_length")
+                share = s.get("no_spec_step_share")
+                pos = " / ".join(f"{x:.2f}" for x in s.get("acceptance_per_pos") or []) or "-"
+                by = s.get("by_source") or {}
+                src = ", ".join(f"{k} {100 * v['draft_share']:.0f}% ({v['mean_acceptance_length']:.2f})"
+                                for k, v in by.items() if v.get("draft_share")) or "-"
+                ratio = (f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
+                         if ratios else "-")
+                rows.append(
+                    f"| {name} | {lv['batch_size']} | {' / '.join(f'{x:.1f}' for x in tps)} | "
+                    f"{ratio} | {100 * sum(same) / max(len(same), 1):.0f}% | "
+                    f"{'-' if al is None else f'{al:.2f}'} | {pos} | {src} | "
+                    f"{'-' if share is None else f'{100 * share:.0f}%'} | "
+                    f"{'-' if share is None else format(s['draft_tokens_per_step'], '.2f')} |")
+        out.append("\n".join(x for x in rows if x))
     m = results["meta"]
-    return "\n".join(rows) + (f"\n\nload average (1 min) during the runs: mean "
-                              f"{m.get('load1_mean') or 0:.1f}, max {m.get('load1_max') or 0:.1f} "
-                              f"on {os.cpu_count()} cores\n")
+    return "\n\n".join(out) + (f"\n\nload average (1 min) during the runs: mean "
+                                f"{m.get('load1_mean') or 0:.1f}, max {m.get('load1_max') or 0:.1f} "
+                                f"on {os.cpu_count()} cores\n")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,10 @@
 Counter names (vllm/v1/spec_decode/metrics.py, vLLM 0.32): ``vllm:spec_decode_num_drafts``,
 ``vllm:spec_decode_num_draft_tokens``, ``vllm:spec_decode_num_accepted_tokens`` and the vector
 ``vllm:spec_decode_num_accepted_tokens_per_pos`` (label ``position``); specstream engines add
-``vllm:spec_decode_specstream_steps`` and ``..._steps_without_drafts`` (its draft policy).
-Prometheus adds ``_total``.
+``vllm:spec_decode_specstream_steps`` and ``..._steps_without_drafts`` (its draft policy), and
+per draft source (label ``source``: ``streams``, ``suffix``, ``ngram``)
+``vllm:spec_decode_specstream_source_drafts``, ``..._source_draft_tokens``,
+``..._source_accepted_tokens``. Prometheus adds ``_total``.
 """
 from __future__ import annotations
 
@@ -27,26 +29,33 @@ class SpecCounters:
     accepted_per_pos: list[int] = field(default_factory=list)
     steps: int = 0                      # specstream only: decode steps
     steps_without_drafts: int = 0       # specstream only: of which nothing was drafted
+    # specstream only: source -> [drafts, draft tokens, accepted tokens]
+    sources: dict[str, list[int]] = field(default_factory=dict)
 
     def __sub__(self, other: "SpecCounters") -> "SpecCounters":
         n = max(len(self.accepted_per_pos), len(other.accepted_per_pos))
         a = self.accepted_per_pos + [0] * (n - len(self.accepted_per_pos))
         b = other.accepted_per_pos + [0] * (n - len(other.accepted_per_pos))
+        sources = {k: [x - y for x, y in zip(self.sources.get(k, [0, 0, 0]),
+                                             other.sources.get(k, [0, 0, 0]))]
+                   for k in sorted(set(self.sources) | set(other.sources))}
         return SpecCounters(self.drafts - other.drafts, self.draft_tokens - other.draft_tokens,
                             self.accepted_tokens - other.accepted_tokens,
                             [x - y for x, y in zip(a, b)], self.steps - other.steps,
-                            self.steps_without_drafts - other.steps_without_drafts)
+                            self.steps_without_drafts - other.steps_without_drafts, sources)
 
     def __add__(self, other: "SpecCounters") -> "SpecCounters":
         return self - SpecCounters(-other.drafts, -other.draft_tokens, -other.accepted_tokens,
                                    [-x for x in other.accepted_per_pos], -other.steps,
-                                   -other.steps_without_drafts)
+                                   -other.steps_without_drafts,
+                                   {k: [-x for x in v] for k, v in other.sources.items()})
 
     def to_json(self) -> dict[str, Any]:
         return {"drafts": self.drafts, "draft_tokens": self.draft_tokens,
                 "accepted_tokens": self.accepted_tokens,
                 "accepted_per_pos": list(self.accepted_per_pos),
                 "steps": self.steps, "steps_without_drafts": self.steps_without_drafts,
+                **({"sources": {k: list(v) for k, v in self.sources.items()}} if self.sources else {}),
                 **summarize(self)}
 
     @staticmethod
@@ -54,7 +63,8 @@ class SpecCounters:
         return SpecCounters(int(d.get("drafts", 0)), int(d.get("draft_tokens", 0)),
                             int(d.get("accepted_tokens", 0)),
                             [int(x) for x in d.get("accepted_per_pos", [])],
-                            int(d.get("steps", 0)), int(d.get("steps_without_drafts", 0)))
+                            int(d.get("steps", 0)), int(d.get("steps_without_drafts", 0)),
+                            {k: [int(x) for x in v] for k, v in (d.get("sources") or {}).items()})
 
 
 def summarize(c: SpecCounters) -> dict[str, Any]:
@@ -71,10 +81,25 @@ def summarize(c: SpecCounters) -> dict[str, Any]:
 
 
 def _policy_summary(c: SpecCounters) -> dict[str, Any]:
-    if c.steps <= 0:
-        return {}
-    return {"no_spec_step_share": c.steps_without_drafts / c.steps,
-            "draft_tokens_per_step": c.draft_tokens / c.steps}
+    out: dict[str, Any] = {}
+    if c.steps > 0:
+        out.update({"no_spec_step_share": c.steps_without_drafts / c.steps,
+                    "draft_tokens_per_step": c.draft_tokens / c.steps})
+    if c.sources:  # per source: share of drafts, mean acceptance length of its drafts
+        total = sum(v[0] for v in c.sources.values())
+        out["by_source"] = {k: {"draft_share": v[0] / total if total else None,
+                                "mean_acceptance_length": 1.0 + v[2] / v[0] if v[0] else None}
+                            for k, v in c.sources.items()}
+    return out
+
+
+_SOURCE_FIELDS = {PREFIX + "specstream_source_drafts": 0, PREFIX + "specstream_source_draft_tokens": 1,
+                  PREFIX + "specstream_source_accepted_tokens": 2}
+
+
+def _add_source(c: SpecCounters, name: str, source: str | None, value: int) -> None:
+    if source is not None:
+        c.sources.setdefault(source, [0, 0, 0])[_SOURCE_FIELDS[name]] += value
 
 
 def from_vllm_metrics(metrics: Iterable[Any]) -> SpecCounters:
@@ -92,6 +117,8 @@ def from_vllm_metrics(metrics: Iterable[Any]) -> SpecCounters:
             c.steps += int(m.value)
         elif name == PREFIX + "specstream_steps_without_drafts":
             c.steps_without_drafts += int(m.value)
+        elif name in _SOURCE_FIELDS:
+            _add_source(c, name, (getattr(m, "labels", None) or {}).get("source"), int(m.value))
         elif name == PREFIX + "num_accepted_tokens_per_pos":
             vals = [int(v) for v in m.values]
             if len(c.accepted_per_pos) < len(vals):
@@ -126,6 +153,8 @@ def from_prometheus_text(text: str) -> SpecCounters:
             c.steps += value
         elif name == PREFIX + "specstream_steps_without_drafts":
             c.steps_without_drafts += value
+        elif name in _SOURCE_FIELDS:
+            _add_source(c, name, dict(_LABEL.findall(m.group("labels") or "")).get("source"), value)
         elif name == PREFIX + "num_accepted_tokens_per_pos":
             labels = dict(_LABEL.findall(m.group("labels") or ""))
             pos = int(labels.get("position", -1))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -198,6 +199,25 @@ def load_sharegpt() -> list[Prompt]:
     return sharegpt_prompts(turns, exclude=mtbench)
 
 
+_CODE_LINE = re.compile(r"^\s*(def |class |import |from \S+ import |#include|function |const |let |var |"
+                        r"public |private |return\b|if \(|for \(|while \(|SELECT |<\w+[ >])|"
+                        r"[;{}]\s*$")
+
+
+def looks_like_code(text: str) -> bool:
+    """A fenced code block, or at least 4 lines that look like code."""
+    if "```" in text:
+        return True
+    return sum(1 for line in text.splitlines() if _CODE_LINE.search(line)) >= 4
+
+
+def load_code() -> list[Prompt]:
+    """Code-heavy prompts: the held-out ShareGPT first turns that contain code (to fix,
+    explain, convert or extend: answers that copy much of the prompt), MT-Bench excluded."""
+    return [Prompt(p.id.replace("sharegpt-", "code-", 1), p.messages) for p in load_sharegpt()
+            if looks_like_code(p.messages[-1]["content"])]
+
+
 # ---------------------------------------------------------------- JSONL file
 
 def parse_prompts_jsonl(text: str, source: str = "<prompts>") -> list[Prompt]:
@@ -236,11 +256,13 @@ def load_workload(name: str, prompts_file: str | None = None,
         prompts = load_mtbench()
     elif name == "sharegpt":
         prompts = load_sharegpt()
+    elif name == "code":
+        prompts = load_code()
     elif name == "mixed":  # alternating, so any first N holds both
         a, b = load_mtbench(), load_sharegpt()
         prompts = [p for pair in zip(a, b) for p in pair] + a[len(b):] + b[len(a):]
     else:
-        raise ValueError(f"unknown workload {name!r} (mtbench, sharegpt, mixed, or --prompts FILE)")
+        raise ValueError(f"unknown workload {name!r} (mtbench, sharegpt, code, mixed, or --prompts FILE)")
     return prompts[:num_prompts] if num_prompts else prompts
 
 

@@ -83,12 +83,15 @@ class GreedyProposal(BaseModel):
     """How the proposer turns stream outputs into a draft: the top-1 chain of the streams,
     cut at the first stream whose top-1 probability (softmax over the draft vocabulary)
     is below ``min_draft_prob`` -- a draft token that would likely be rejected costs
-    verification compute for nothing, most of all at large batch sizes."""
+    verification compute for nothing, most of all at large batch sizes. ``match``: the
+    checkpoint's default match source beside the streams (``suffix``, ``ngram`` or ``none``;
+    the speculative config's ``"match"`` overrides it; unset: the plugin's default)."""
 
     model_config = ConfigDict(extra="forbid")
     proposal_type: Literal["greedy"] = "greedy"
     speculative_tokens: Optional[int] = Field(None, ge=1)
     min_draft_prob: float = Field(0.0, ge=0.0, lt=1.0)
+    match: Optional[Literal["suffix", "ngram", "none"]] = None
 
 
 class SpeculatorsInfo(BaseModel):

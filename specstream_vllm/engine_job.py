@@ -55,7 +55,11 @@ def _spec_metrics(llm) -> dict:
     metrics = {}
     for m in llm.get_metrics():
         if m.name.startswith("vllm:spec_decode"):
-            metrics[m.name] = getattr(m, "values", None) or getattr(m, "value", None)
+            key = m.name
+            source = (getattr(m, "labels", None) or {}).get("source")
+            if source is not None:  # specstream's per-source counters
+                key = f"{m.name}{{source={source}}}"
+            metrics[key] = getattr(m, "values", None) or getattr(m, "value", None)
     return metrics
 
 

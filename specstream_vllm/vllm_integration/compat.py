@@ -24,6 +24,16 @@ What the ``specstream`` method needs from vLLM 0.32.0 (V1 model runner):
   ``vllm:spec_decode_specstream_steps_without_drafts_total`` (mean draft tokens per step
   = ``vllm:spec_decode_num_draft_tokens_total`` / steps); the log line
   "specstream draft policy: ...". Only for engines serving ``specstream``.
+* Match source (match_source.py knows none of this): a read-only view of the runner's
+  persistent batch (tokens, prompt lengths) and vLLM's n-gram kernel
+  (``vllm.v1.spec_decode.ngram_proposer``). Drafts per source: the runner keeps each
+  request's source beside its drafts and ``take_draft_token_ids`` hands them to the
+  engine core with the draft ids; the scheduler attributes every verified draft (vLLM's
+  own ``make_spec_decoding_stats`` call, per request) to its source in an extra field of
+  ``SpecDecodingStats`` (``specstream_sources``: source -> [drafts, draft tokens, accepted
+  tokens]), which the front end turns into ``vllm:spec_decode_specstream_source_drafts``,
+  ``..._source_draft_tokens`` and ``..._source_accepted_tokens`` (label ``source``) and a
+  "by source" part of the log line.
 
 Model Runner V2 (``vllm/v1/worker/gpu/``) is a separate code path: supporting it means
 a ``SpecStream`` speculator beside its EAGLE one; until then the patch below keeps
@@ -46,7 +56,8 @@ from typing import Any, Literal, get_args
 import torch
 
 from ..errors import VersionMismatchError
-from .config import METHOD, POLICY_KEYS, resolve_policy, resolve_settings
+from ..checkpoint import load_checkpoint_config
+from .config import METHOD, POLICY_KEYS, resolve_match, resolve_policy, resolve_settings
 from .patching import Patch
 
 PINNED_VLLM_VERSION = "0.32.0"
@@ -123,16 +134,29 @@ def _post_init_specstream(self) -> None:
     settings, k, msa_arch = resolve_settings(
         self.model, target.model, arch, self.num_speculative_tokens,
         check_fingerprint=os.environ.get("SPECSTREAM_SKIP_FINGERPRINT") != "1")
+    keys = _CURRENT_POLICY_KEYS[-1] if _CURRENT_POLICY_KEYS else None
+    # the match source's knobs are vLLM's own suffix / prompt-lookup fields of this config
+    match = resolve_match(
+        keys, k,
+        checkpoint_match=load_checkpoint_config(settings.checkpoint)
+        .speculators_config.greedy_proposal().match,
+        vllm_fields={"suffix_max_tree_depth": self.suffix_decoding_max_tree_depth,
+                     "suffix_max_cached_requests": self.suffix_decoding_max_cached_requests,
+                     "suffix_max_spec_factor": self.suffix_decoding_max_spec_factor,
+                     "suffix_min_token_prob": self.suffix_decoding_min_token_prob,
+                     "ngram_min": self.prompt_lookup_min, "ngram_max": self.prompt_lookup_max})
+    policy = resolve_policy(keys, match)
     self.model = settings.checkpoint
-    self.num_speculative_tokens = k
+    # streams draft up to k tokens; a match source may draft up to match_tokens (vLLM's
+    # verification, per-position counters and lookahead slots follow the larger)
+    self.num_speculative_tokens = max(k, match.max_tokens) if match.source != "none" else k
     self.prompt_lookup_min = 0
     self.prompt_lookup_max = 0
     self.draft_model_config = target
     self.draft_parallel_config = self.target_parallel_config
     hf.architectures = [msa_arch]
     hf.specstream = settings.model_dump()
-    hf.specstream_policy = resolve_policy(
-        _CURRENT_POLICY_KEYS[-1] if _CURRENT_POLICY_KEYS else None).model_dump()
+    hf.specstream_policy = policy.model_dump()
 
 
 #: our keys taken out of the user's speculative config while vLLM builds SpeculativeConfig
@@ -251,6 +275,7 @@ class GPUModelRunnerPatch(Patch):
         clock = self.__dict__.get("_specstream_clock")
         if clock is not None:
             clock.start(scheduler_output)
+            self._specstream_sources = {}   # this step's drafts get theirs in propose
         return GPUModelRunnerPatch.original("execute_model")(self, scheduler_output, *args, **kwargs)
 
     def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, sampling_metadata,
@@ -263,13 +288,26 @@ class GPUModelRunnerPatch(Patch):
                 common_attn_metadata, slot_mappings)
         self._draft_probs = None
         self._draft_prob_req_ids = None
-        return self.drafter.propose(
+        drafts = self.drafter.propose(
             sampled_token_ids=sampled_token_ids,
             aux_hidden_states=aux_hidden_states,
             spec_decode_metadata=spec_decode_metadata,
             common_attn_metadata=common_attn_metadata,
             num_speculative_tokens=scheduler_output.num_spec_tokens_to_schedule,
         )
+        req_ids = self.input_batch.req_ids
+        sources = getattr(self.drafter, "last_sources", None) or []
+        self._specstream_sources = {req_ids[i]: src for i, src in enumerate(sources[:len(req_ids)])
+                                    if src is not None}
+        return drafts
+
+    def take_draft_token_ids(self):
+        out = GPUModelRunnerPatch.original("take_draft_token_ids")(self)
+        sources = self.__dict__.get("_specstream_sources")
+        if out is not None and sources is not None:
+            # rides with the draft ids to the engine core (same process, or pickled)
+            out.specstream_sources = [sources.get(r) for r in out.req_ids]
+        return out
 
 
 class RunnerProfilePatch(Patch):
@@ -393,6 +431,27 @@ def policy_settings(vllm_config) -> dict:
     return dict(getattr(hf, "specstream_policy", None) or {})
 
 
+def token_view(runner, num_reqs: int):
+    """The runner's persistent batch for the match source (after the step's bookkeeping:
+    the tokens sampled this step are in)."""
+    from .match_source import TokenView
+    batch = runner.input_batch
+    return TokenView(req_ids=list(batch.req_ids[:num_reqs]), token_ids=batch.token_ids_cpu,
+                     num_tokens=batch.num_tokens_no_spec, num_prompt_tokens=batch.num_prompt_tokens,
+                     max_model_len=int(runner.max_model_len))
+
+
+def runner_num_tokens(runner):
+    return runner.input_batch.num_tokens_no_spec
+
+
+def ngram_kernel():
+    """vLLM's prompt-lookup kernel (NgramProposer's numba function, vLLM 0.32.0):
+    ``(context int32[n], min_n, max_n, max_model_len, k) -> draft int32[<=k]``."""
+    from vllm.v1.spec_decode.ngram_proposer import _find_longest_matched_ngram_and_propose_tokens
+    return _find_longest_matched_ngram_and_propose_tokens
+
+
 # --------------------------------------------------------------------------- metrics
 
 class SchedulerStatsPatch(Patch):
@@ -419,6 +478,69 @@ class SchedulerStatsPatch(Patch):
         self.__dict__.pop("_specstream_decode_step", None)
         return SchedulerStatsPatch.original("make_stats")(self, spec_decoding_stats, *args, **kwargs)
 
+    # ---- drafts per source: which source made each request's scheduled drafts
+    def update_draft_token_ids(self, draft_token_ids):
+        _remember_sources(self, draft_token_ids)
+        return SchedulerStatsPatch.original("update_draft_token_ids")(self, draft_token_ids)
+
+    def update_draft_token_ids_in_output(self, draft_token_ids, scheduler_output):
+        _remember_sources(self, draft_token_ids)
+        return SchedulerStatsPatch.original("update_draft_token_ids_in_output")(
+            self, draft_token_ids, scheduler_output)
+
+    def make_spec_decoding_stats(self, spec_decoding_stats, num_draft_tokens, num_accepted_tokens,
+                                 num_invalid_spec_tokens, request_id):
+        out = SchedulerStatsPatch.original("make_spec_decoding_stats")(
+            self, spec_decoding_stats, num_draft_tokens, num_accepted_tokens,
+            num_invalid_spec_tokens, request_id)
+        source = self.__dict__.get("_specstream_sources", {}).get(request_id)
+        if out is not None and source is not None:
+            if num_invalid_spec_tokens:
+                num_draft_tokens -= num_invalid_spec_tokens.get(request_id, 0)
+            per = out.specstream_sources
+            if per is None:
+                per = out.specstream_sources = {}
+            c = per.setdefault(source, [0, 0, 0])
+            c[0] += 1
+            c[1] += num_draft_tokens
+            c[2] += num_accepted_tokens
+        return out
+
+
+def _remember_sources(scheduler, draft_token_ids) -> None:
+    """The sources of the drafts just handed to the scheduler (the next step verifies
+    them); only the requests in this batch (finished ones drop out)."""
+    sources = getattr(draft_token_ids, "specstream_sources", None)
+    if sources is None:
+        return
+    scheduler._specstream_sources = {r: s for r, s, d in zip(
+        draft_token_ids.req_ids, sources, draft_token_ids.draft_token_ids) if s is not None and len(d)}
+
+
+def _add_stats_field() -> None:
+    """``SpecDecodingStats.specstream_sources`` (source -> [drafts, draft tokens, accepted
+    tokens] of the step), a real dataclass field so that vLLM's msgpack encoding carries it
+    from the engine core to the front end (an unknown attribute would be dropped)."""
+    from vllm.v1.spec_decode.metrics import SpecDecodingStats
+    name = "specstream_sources"
+    if name in SpecDecodingStats.__dataclass_fields__:
+        return
+    f = dataclasses.field(default=None)
+    f.name, f.type = name, "dict[str, list[int]] | None"
+    f._field_type = dataclasses._FIELD  # type: ignore[attr-defined]
+    SpecDecodingStats.__annotations__[name] = dict[str, list[int]] | None
+    SpecDecodingStats.__dataclass_fields__[name] = f
+    setattr(SpecDecodingStats, name, None)
+
+
+def _match_source_name(speculative_config) -> str | None:
+    try:
+        hf = speculative_config.target_model_config.hf_config
+        src = (getattr(hf, "specstream_policy", None) or {}).get("match", {}).get("source")
+    except AttributeError:
+        return None
+    return src if src and src != "none" else None
+
 
 class SpecDecodingPromPatch(Patch):
     """Front end ``/metrics``: two counters for specstream engines."""
@@ -440,6 +562,20 @@ class SpecDecodingPromPatch(Patch):
                      "Decode steps of a specstream engine (with or without drafts)."),
                     ("vllm:spec_decode_specstream_steps_without_drafts",
                      "Decode steps in which the draft policy proposed no draft token."))]
+            sources = ["streams"] + [s for s in [_match_source_name(speculative_config)] if s]
+            self._specstream_by_source = {}
+            for name, doc in (
+                    ("vllm:spec_decode_specstream_source_drafts",
+                     "Drafts (one per request and step) taken from each draft source."),
+                    ("vllm:spec_decode_specstream_source_draft_tokens",
+                     "Draft tokens verified, per draft source."),
+                    ("vllm:spec_decode_specstream_source_accepted_tokens",
+                     "Draft tokens accepted, per draft source.")):
+                counter = self._counter_cls(name=name, documentation=doc,
+                                            labelnames=list(labelnames) + ["source"])
+                self._specstream_by_source[name] = (counter, {
+                    idx: {s: counter.labels(*values, s) for s in sources}
+                    for idx, values in per_engine_labelvalues.items()}, per_engine_labelvalues)
 
     def observe(self, spec_decoding_stats, engine_idx: int = 0):
         SpecDecodingPromPatch.original("observe")(self, spec_decoding_stats, engine_idx)
@@ -448,6 +584,14 @@ class SpecDecodingPromPatch(Patch):
             steps[engine_idx].inc(1)
             if spec_decoding_stats.num_draft_tokens == 0:
                 without[engine_idx].inc(1)
+            per = getattr(spec_decoding_stats, "specstream_sources", None) or {}
+            for source, counts in per.items():
+                for i, (counter, children, values) in enumerate(self._specstream_by_source.values()):
+                    child = children[engine_idx].get(source)
+                    if child is None:
+                        child = children[engine_idx][source] = counter.labels(
+                            *values[engine_idx], source)
+                    child.inc(counts[i])
 
 
 class SpecDecodingLoggingPatch(Patch):
@@ -459,6 +603,7 @@ class SpecDecodingLoggingPatch(Patch):
         SpecDecodingLoggingPatch.original("reset")(self)
         self._ss_steps = 0
         self._ss_without = 0
+        self._ss_sources = {}
 
     def observe(self, spec_decoding_stats):
         SpecDecodingLoggingPatch.original("observe")(self, spec_decoding_stats)
@@ -466,16 +611,24 @@ class SpecDecodingLoggingPatch(Patch):
         if spec_decoding_stats.num_draft_tokens == 0:
             self._ss_without += 1
             self._ss_seen_empty = True
+        for source, counts in (getattr(spec_decoding_stats, "specstream_sources", None) or {}).items():
+            acc = self._ss_sources.setdefault(source, [0, 0, 0])
+            for i, c in enumerate(counts):
+                acc[i] += c
 
     def log(self, log_fn=None):
         import logging as _logging
         log_fn = log_fn or _logging.getLogger("vllm.v1.spec_decode.metrics").info
         steps, without = self._ss_steps, self._ss_without
         drafts = sum(self.num_draft_tokens)
-        if getattr(self, "_ss_seen_empty", False) and steps:
+        sources = getattr(self, "_ss_sources", {})
+        if (getattr(self, "_ss_seen_empty", False) or len(sources) > 1) and steps:
+            by_source = "; ".join(
+                f"{name}: {c[0]} drafts, mean acceptance length {1 + c[2] / c[0]:.2f}"
+                for name, c in sorted(sources.items()) if c[0]) or "-"
             log_fn("specstream draft policy: %d decode steps, %d without speculation (%.0f%%), "
-                   "%.2f draft tokens per step", steps, without, 100.0 * without / steps,
-                   drafts / steps)
+                   "%.2f draft tokens per step; by source: %s", steps, without,
+                   100.0 * without / steps, drafts / steps, by_source)
         if sum(self.num_drafts) == 0:  # only steps without drafts: vLLM's line would be 0/0
             self.reset()
             return
@@ -594,6 +747,7 @@ def _patch_scheduler(module=None) -> None:
 
 def _patch_spec_metrics(module=None) -> None:
     from vllm.v1.spec_decode.metrics import SpecDecodingLogging, SpecDecodingProm
+    _add_stats_field()
     SpecDecodingPromPatch.target = SpecDecodingProm
     SpecDecodingPromPatch.apply_once()
     SpecDecodingLoggingPatch.target = SpecDecodingLogging

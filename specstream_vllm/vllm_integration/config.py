@@ -20,8 +20,13 @@ METHOD = "specstream"
 MIN_DRAFT_PROB_ENV = "SPECSTREAM_MIN_DRAFT_PROB"
 #: overrides the speculative config's ``draft_policy`` ("auto" | "fixed")
 DRAFT_POLICY_ENV = "SPECSTREAM_DRAFT_POLICY"
+#: overrides the speculative config's ``match`` ("suffix" | "ngram" | "none")
+MATCH_ENV = "SPECSTREAM_MATCH"
 #: speculative-config keys of ours that vLLM's SpeculativeConfig does not know
-POLICY_KEYS = ("draft_policy",)
+POLICY_KEYS = ("draft_policy", "match", "match_tokens")
+MATCH_SOURCES = ("suffix", "ngram", "none")
+#: the match source when neither the speculative config nor the checkpoint names one
+DEFAULT_MATCH = "none"
 
 
 class SpecStreamSettings(BaseModel):
@@ -102,6 +107,29 @@ def _min_draft_prob(from_checkpoint: float) -> float:
     return value
 
 
+class MatchSettings(BaseModel):
+    """Drafts matched in the request's own text (vllm_integration/match_source.py), a second
+    candidate beside the streams' for every request and step; travels with the policy.
+
+    ``source``: ``suffix`` (arctic-inference's suffix trees over the prompt and earlier
+    responses, as vLLM's ``suffix`` method uses them), ``ngram`` (vLLM's n-gram lookup in
+    the request's context) or ``none``. ``max_tokens``: the longest match draft (the
+    speculative config's ``match_tokens``; default ``num_speculative_tokens``; more than the
+    streams' γ widens vLLM's ``num_speculative_tokens`` for match drafts only). The suffix
+    and n-gram knobs are vLLM's own speculative-config fields (``suffix_decoding_*``,
+    ``prompt_lookup_min``/``prompt_lookup_max``), read from the same dict."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    source: Literal["suffix", "ngram", "none"] = DEFAULT_MATCH
+    max_tokens: int = Field(1, ge=1)
+    suffix_max_tree_depth: int = Field(24, ge=1)
+    suffix_max_cached_requests: int = Field(10000, ge=0)
+    suffix_max_spec_factor: float = Field(1.0, ge=0.0)
+    suffix_min_token_prob: float = Field(0.1, ge=0.0, le=1.0)
+    ngram_min: int = Field(2, ge=1)
+    ngram_max: int = Field(5, ge=1)
+
+
 class DraftPolicySettings(BaseModel):
     """How each request's draft length is chosen (vllm_integration/draft_policy.py);
     travels to the workers in ``hf_config.specstream_policy``.
@@ -117,15 +145,46 @@ class DraftPolicySettings(BaseModel):
     cost_scale: float = Field(1.0, gt=0.0)
     force_off_steps: int = Field(0, ge=0)
     force_off_from: int = Field(0, ge=0)
+    match: MatchSettings = MatchSettings(source="none")
 
 
-def resolve_policy(extra: dict | None) -> DraftPolicySettings:
-    """``extra``: our keys popped from the user's speculative config (see POLICY_KEYS)."""
+def resolve_match(extra: dict | None, num_speculative_tokens: int, *,
+                  checkpoint_match: str | None = None, vllm_fields: dict | None = None,
+                  ) -> MatchSettings:
+    """The match source: ``SPECSTREAM_MATCH`` > the speculative config's ``match`` > the
+    checkpoint's default proposal > DEFAULT_MATCH. ``vllm_fields``: vLLM's own suffix /
+    prompt-lookup fields of the same speculative config (None where the user gave none)."""
+    raw = dict(extra or {})
+    source = os.environ.get(MATCH_ENV) or raw.get("match") or checkpoint_match or DEFAULT_MATCH
+    if source not in MATCH_SOURCES:
+        raise ValueError(f"specstream match: {source!r} is not one of {list(MATCH_SOURCES)} "
+                         f"(\"match\" in the speculative config; {MATCH_ENV} overrides it)")
+    tokens = raw.get("match_tokens")
+    if tokens is None:
+        tokens = num_speculative_tokens
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or not 1 <= tokens <= 64:
+        raise ValueError(f"specstream match_tokens must be an integer in 1..64, got {tokens!r}")
+    values = {k: v for k, v in (vllm_fields or {}).items() if v is not None}
+    lo, hi = values.pop("ngram_min", None), values.pop("ngram_max", None)
+    if lo is not None or hi is not None:  # vLLM's rule: one given sets both
+        values["ngram_min"], values["ngram_max"] = (lo or hi), (hi or lo)
+        if values["ngram_min"] > values["ngram_max"]:
+            raise ValueError(f"prompt_lookup_min={lo} must be <= prompt_lookup_max={hi}")
+    try:
+        return MatchSettings(source=source, max_tokens=tokens, **values)
+    except ValidationError as exc:
+        msg = "; ".join(e["msg"] for e in exc.errors())
+        raise ValueError(f"specstream match settings: {msg}") from None
+
+
+def resolve_policy(extra: dict | None, match: MatchSettings | None = None) -> DraftPolicySettings:
+    """``extra``: our keys popped from the user's speculative config (see POLICY_KEYS);
+    ``match``: from :func:`resolve_match` (no match source when None)."""
     raw = dict(extra or {})
     unknown = set(raw) - set(POLICY_KEYS)
     if unknown:
         raise ValueError(f"unknown specstream speculative-config keys {sorted(unknown)}")
-    values: dict = {}
+    values: dict = {"match": match or MatchSettings(source="none")}
     if os.environ.get(MIN_DRAFT_PROB_ENV):  # an explicit cut (SpeculativeEngine(min_draft_prob=))
         values["mode"] = "fixed"            # means the fixed policy, unless one is named below
     if raw.get("draft_policy") is not None:

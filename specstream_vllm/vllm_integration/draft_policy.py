@@ -29,6 +29,19 @@ acceptance does not collapse after such a stretch.
 
 ``mode="fixed"`` is the previous behaviour: every stream, chain cut at the first
 probability below ``min_draft_prob``.
+
+**A second source** (the proposer's match source, match_source.py; the policy knows it
+only as :class:`Candidates`: a named draft per request with a raw confidence per
+position). Its confidences get their own :class:`Calibrator`, learnt from the acceptance
+of the drafts taken from it, so both sources speak in calibrated chain probabilities.
+Per request the policy takes the draft worth more: the sum over positions of
+``chain - tau``, where ``tau`` is the gain a drafted token must bring to pay for its
+verification (measured per-token cost x tokens per second without speculation); then
+the draft lengths are chosen across requests as above. :meth:`DraftPolicy.plan` sees the
+candidates too: the stream pass runs only if streams would be taken by some request and
+pay for the pass; a request with a good match drafts even when the pass is skipped (no
+draft-pass cost). In ``fixed`` mode a request takes the candidate when its calibrated
+expected accepted tokens exceed those of its (cut) stream chain.
 """
 from __future__ import annotations
 
@@ -157,7 +170,8 @@ class Calibrator:
         self.total_obs = torch.zeros(gamma, bins, dtype=torch.float64)
 
     def _bin(self, p: torch.Tensor) -> torch.Tensor:
-        return (p.clamp(0.0, 1.0 - 1e-9) * self.bins).to(torch.int64)
+        # the tolerance puts a float32 copy of a value in the same bin as the float64 one
+        return (p.double() * self.bins + 1e-6).clamp(0.0, self.bins - 1e-9).to(torch.int64)
 
     def observe(self, pos: torch.Tensor, p: torch.Tensor, accepted: torch.Tensor) -> None:
         """pos (0-based), p, accepted: 1-D tensors of the tested positions."""
@@ -210,6 +224,29 @@ class Calibrator:
 
 
 @dataclass
+class Candidates:
+    """Another source's drafts for the same requests as the streams' rows: raw per-position
+    confidence ``probs`` [R, w] (anything past a row's draft is ignored) and the draft
+    lengths [R] (0: no draft for that request)."""
+
+    source: str
+    probs: torch.Tensor
+    lengths: torch.Tensor
+
+
+@dataclass
+class Choice:
+    lengths: torch.Tensor          # [R] tokens each request drafts (0..g or 0..w)
+    source: list                   # [R] STREAMS, the candidates' source, or None (nothing)
+
+    def from_candidates(self, k: int) -> bool:
+        return self.source[k] not in (None, STREAMS)
+
+
+STREAMS = "streams"
+
+
+@dataclass
 class Plan:
     run_pass: bool
     depth: int          # streams to run (0 when the pass is skipped)
@@ -226,6 +263,7 @@ class PolicyStats:
     probes: int = 0
     skipped_passes: int = 0
     last_choice: list[int] = field(default_factory=list)
+    drafts_by_source: dict = field(default_factory=dict)   # request drafts taken per source
 
     def as_dict(self) -> dict:
         return {"steps": self.steps, "steps_without_speculation": self.steps_without_speculation,
@@ -233,7 +271,8 @@ class PolicyStats:
                 "mean_draft_tokens_per_step": self.draft_tokens / self.steps if self.steps else 0.0,
                 "mean_draft_tokens_per_request_step":
                     self.draft_tokens / self.request_steps if self.request_steps else 0.0,
-                "passes": self.passes, "probes": self.probes, "skipped_passes": self.skipped_passes}
+                "passes": self.passes, "probes": self.probes, "skipped_passes": self.skipped_passes,
+                "drafts_by_source": dict(self.drafts_by_source)}
 
 
 class DraftPolicy:
@@ -246,6 +285,7 @@ class DraftPolicy:
         # draft pass seconds ~ d0 + d1 * stream tokens (prior: the per-token part dominates)
         self.draft = CostModel(2, cfg.cost_decay, slope_prior=[0.8], skip_first=3)
         self.calib = Calibrator(g, cfg.calib_bins, cfg.calib_prior, cfg.calib_decay)
+        self.source_calib: dict[str, Calibrator] = {}   # other sources' confidences
         # mean chain product per position over requests (from passes): the "running
         # acceptance" that decides whether a pass is worth running at all
         self.profile = torch.full((g,), float("nan"), dtype=torch.float64)
@@ -256,6 +296,7 @@ class DraftPolicy:
         self._passes_since_full = 0
         self._probing = False
         self._empty_passes = 0                # passes in a row whose choice was "no drafts"
+        self._counted_off = False             # plan() counted this step as without speculation
 
     # ---------------------------------------------------------------- observations
     def observe_step(self, num_tokens: int, num_draft_tokens: int, seconds: float,
@@ -270,17 +311,46 @@ class DraftPolicy:
             self.draft.add([1.0, float(draft_stream_tokens)], draft_seconds)
 
     def observe_acceptance(self, probs: torch.Tensor, drafted: torch.Tensor,
-                           accepted: torch.Tensor) -> None:
-        """probs [R, g] raw stream probabilities of last step's drafts (padding ignored),
-        drafted [R] tokens verified, accepted [R] of them accepted."""
+                           accepted: torch.Tensor, source: str = STREAMS) -> None:
+        """probs [R, g] raw stream probabilities (or ``source``'s raw confidences) of last
+        step's drafts (padding ignored), drafted [R] tokens verified, accepted [R] of them
+        accepted."""
         if probs.numel() == 0:
             return
         R, g = probs.shape
+        calib = self.calib if source == STREAMS else self._calibrator(source, g)
         j = torch.arange(g).expand(R, g)
         d = drafted.to(torch.int64)[:, None].clamp(max=g)
         a = accepted.to(torch.int64)[:, None]
         tested = (j < d) & (j <= a)
-        self.calib.observe(j[tested], probs[tested], (j < a)[tested])
+        calib.observe(j[tested], probs[tested].clamp(0.0, 1.0), (j < a)[tested])
+
+    def _calibrator(self, source: str, width: int) -> Calibrator:
+        c = self.source_calib.get(source)
+        if c is None or c.gamma < width:
+            cfg = self.cfg
+            c = self.source_calib[source] = Calibrator(width, cfg.calib_bins, cfg.calib_prior,
+                                                       cfg.calib_decay)
+        return c
+
+    def expected(self, cands: Candidates) -> torch.Tensor:
+        """Calibrated chain probabilities [R, w] of the candidates' drafts (0 past each)."""
+        p = cands.probs.double().clamp(0.0, 1.0)
+        R, w = p.shape
+        if w == 0 or R == 0:
+            return torch.zeros(R, w, dtype=torch.float64)
+        cal = self._calibrator(cands.source, w).calibrate(p)
+        inside = torch.arange(w)[None, :] < cands.lengths.to(torch.int64)[:, None]
+        return (cal * inside).cumprod(1)
+
+    def _threshold(self, reqs: int) -> float:
+        """Expected accepted tokens a drafted token must bring to pay for its verification:
+        its marginal verification seconds x tokens per second without speculation."""
+        if not self._ready() or reqs <= 0:
+            return 0.0
+        w = self.verify.weights()
+        per_token = self.cfg.cost_scale * float(w[1].clamp(min=0.0))
+        return per_token * reqs / float(self._verify_cost(reqs, 0.0))
 
     # ---------------------------------------------------------------- cost helpers
     def _ready(self) -> bool:
@@ -297,6 +367,8 @@ class DraftPolicy:
         return (base + extra).clamp(min=1e-6)
 
     def _draft_cost(self, reqs: int, depth: int) -> float:
+        if depth <= 0:      # no stream pass (candidates only)
+            return 0.0
         n = float(reqs * depth)
         if self.draft.count >= 2:
             return max(self.draft.predict([1.0, n]), 0.0)
@@ -320,9 +392,12 @@ class DraftPolicy:
         return best, float(rate[best]), off
 
     # ---------------------------------------------------------------- decisions
-    def plan(self, num_reqs: int) -> Plan:
-        """Before the draft pass: run it (over how many streams) or not."""
+    def plan(self, num_reqs: int, candidates: torch.Tensor | None = None) -> Plan:
+        """Before the draft pass: run it (over how many streams) or not. ``candidates``:
+        the calibrated chains [num_reqs, w] of another source's drafts (:meth:`expected`),
+        if any: requests they serve better need no streams, and they draft without a pass."""
         cfg = self.cfg
+        self._counted_off = False
         if num_reqs <= 0:
             return Plan(False, 0)
         self.stats.steps += 1
@@ -335,11 +410,22 @@ class DraftPolicy:
             return Plan(True, cfg.gamma)
         depth = self._depth()
         # average-request estimate: every request drafts the same k of the running profile
-        prof = torch.nan_to_num(self.profile[:depth], nan=0.0) * cfg.optimism
-        gains = prof.clamp(max=1.0).repeat(num_reqs)
-        gains, _ = torch.sort(gains, descending=True)
-        best, rate, off = self._best(num_reqs, gains, depth)
-        if best > 0 and rate >= (1.0 + cfg.min_gain) * off and self._empty_passes < 4:
+        prof = (torch.nan_to_num(self.profile[:depth], nan=0.0) * cfg.optimism).clamp(max=1.0)
+        if candidates is None or candidates.numel() == 0:
+            gains, _ = torch.sort(prof.repeat(num_reqs), descending=True)
+            best, rate, off = self._best(num_reqs, gains, depth)
+            if best > 0 and rate >= (1.0 + cfg.min_gain) * off and self._empty_passes < 4:
+                return Plan(True, depth)
+            return self._skip()
+        tau = self._threshold(num_reqs)
+        cand = candidates.double()
+        streams_win = (cand - tau).clamp(min=0.0).sum(1) < (prof - tau).clamp(min=0.0).sum()
+        n_streams = int(streams_win.sum())
+        with_pass = torch.cat([prof.repeat(n_streams), cand[~streams_win].reshape(-1)])
+        best, rate, off = self._best(num_reqs, torch.sort(with_pass, descending=True)[0], depth)
+        _, rate_without, _ = self._best(num_reqs, torch.sort(cand.reshape(-1), descending=True)[0], 0)
+        if (n_streams > 0 and best > 0 and rate >= (1.0 + cfg.min_gain) * off
+                and rate > rate_without and self._empty_passes < 4):
             return Plan(True, depth)
         return self._skip()
 
@@ -348,12 +434,14 @@ class DraftPolicy:
         return start < self.stats.steps <= start + self.cfg.force_off_steps
 
     def _skip(self) -> Plan:
+        self._counted_off = True
         self._skipped += 1
         if not self._forced_off() and self._skipped >= self._backoff:
             self._skipped = 0
             self._backoff = min(2 * self._backoff, self.cfg.probe_max)
             self.stats.probes += 1
             self._probing = True
+            self._counted_off = False
             return Plan(True, self.cfg.gamma, probe=True)
         self.stats.skipped_passes += 1
         self.stats.steps_without_speculation += 1
@@ -371,57 +459,116 @@ class DraftPolicy:
         """probs [R, g] raw top-1 probabilities of the R active requests' streams ->
         draft lengths [R] (int64, 0..g). ``num_reqs``: requests decoding this step (the
         rows of ``probs`` unless told)."""
+        return self.decide(probs, num_reqs).lengths
+
+    def decide(self, probs: torch.Tensor | None, num_reqs: int | None = None,
+               candidates: Candidates | None = None) -> Choice:
+        """Each request's draft: its source and length. ``probs`` [R, g]: the streams'
+        raw top-1 probabilities (None when the stream pass did not run this step);
+        ``candidates``: another source's drafts for the same R requests."""
         cfg = self.cfg
-        R, g = probs.shape
+        ran = probs is not None
+        R = probs.shape[0] if ran else candidates.probs.shape[0] if candidates is not None else 0
         reqs = R if num_reqs is None else num_reqs
-        self.stats.passes += 1
-        probing, self._probing = self._probing, False
+        probing = False
+        if ran:
+            self.stats.passes += 1
+            probing, self._probing = self._probing, False
         if R == 0:
-            return torch.zeros(0, dtype=torch.int64)
+            return self._count(Choice(torch.zeros(0, dtype=torch.int64), []), ran)
+        g = probs.shape[1] if ran else 0
+        cand_chain = self.expected(candidates) if candidates is not None else None
+        chain = self.calib.calibrate(probs).cumprod(1) if ran else None      # [R, g]
         if cfg.mode == "fixed" or not self._ready():
-            if cfg.min_draft_prob > 0:
+            if ran and cfg.min_draft_prob > 0:
                 lengths = (probs >= cfg.min_draft_prob).to(torch.int64).cumprod(1).sum(1)
             else:
                 lengths = torch.full((R,), g, dtype=torch.int64)
-            if cfg.mode == "auto":
-                self._update_profile(self.calib.calibrate(probs).cumprod(1), g)
-            return self._count(lengths)
-        chain = self.calib.calibrate(probs).cumprod(1)          # [R, g] expected accepted
-        self._update_profile(chain, g)
+            if ran and cfg.mode == "auto":
+                self._update_profile(chain, g)
+            if cand_chain is None:
+                return self._count(self._labelled(lengths, None, None), ran)
+            # the draft with more expected accepted tokens (calibrated) per request
+            own = (chain * (torch.arange(g)[None, :] < lengths[:, None])).sum(1) if ran \
+                else torch.zeros(R, dtype=torch.float64)
+            take = cand_chain.sum(1) > own
+            lengths = torch.where(take, candidates.lengths.to(torch.int64), lengths)
+            return self._count(self._labelled(lengths, take, candidates.source), ran)
+        if ran:
+            self._update_profile(chain, g)
         if self._forced_off():
-            return self._count(torch.zeros(R, dtype=torch.int64))
-        flat = chain.reshape(-1)
+            return self._count(Choice(torch.zeros(R, dtype=torch.int64), [None] * R), ran)
+        if cand_chain is None:
+            take, best_chain = None, chain
+        else:
+            tau = self._threshold(reqs)
+            worth = lambda c: (c - tau).clamp(min=0.0).sum(1)  # noqa: E731
+            own = worth(chain) if ran else torch.full((R,), -1.0, dtype=torch.float64)
+            take = worth(cand_chain) > own
+            w = max(g, cand_chain.shape[1])
+            pad = lambda c: torch.nn.functional.pad(c, (0, w - c.shape[1]))  # noqa: E731
+            best_chain = pad(cand_chain) if not ran else torch.where(
+                take[:, None], pad(cand_chain), pad(chain))
+        W = best_chain.shape[1]
+        flat = best_chain.reshape(-1)
         order = torch.argsort(flat, descending=True)
         best, _, _ = self._best(reqs, flat[order], g)
-        if best > 0:
-            self._empty_passes = 0
-            self._backoff = cfg.probe_min
-        elif not probing:
-            self._empty_passes += 1
-        if probing:
+
+        def lengths_of(m: int) -> torch.Tensor:
+            out = torch.zeros(R * W, dtype=torch.int64)
+            out[order[:m]] = 1
+            return out.view(R, W).sum(1)
+
+        lengths = lengths_of(best)
+        if ran:
+            # did the streams earn drafts on their own (a probe's forced token does not count)?
+            stream_lengths = lengths if take is None else torch.where(take, 0, lengths)
+            if int(stream_lengths.sum()) > 0:
+                self._empty_passes = 0
+                self._backoff = cfg.probe_min
+            elif not probing:
+                self._empty_passes += 1
+        if probing and best == 0:
             # a probe drafts at least the likeliest token: the cost of a step with drafts
             # must keep being measured, or one slow early step could keep speculation off
-            best = max(best, 1)
-        lengths = torch.zeros(R * g, dtype=torch.int64)
-        lengths[order[:best]] = 1
-        lengths = lengths.view(R, g).sum(1)
-        k = int(lengths.max()) if R else 0
-        self._recent_max_k = max(k, int(0.9 * self._recent_max_k)) if k else max(
-            0, self._recent_max_k - 1)
-        return self._count(lengths)
+            lengths = lengths_of(1)
+        if ran:
+            stream_lengths = lengths if take is None else torch.where(take, 0, lengths)
+            k = int(stream_lengths.max())
+            self._recent_max_k = max(k, int(0.9 * self._recent_max_k)) if k else max(
+                0, self._recent_max_k - 1)
+        return self._count(self._labelled(lengths, take, candidates.source if candidates else None),
+                           ran)
+
+    @staticmethod
+    def _labelled(lengths: torch.Tensor, take: torch.Tensor | None, source: str | None) -> Choice:
+        names = []
+        for k, n in enumerate(lengths.tolist()):
+            if n == 0:
+                names.append(None)
+            else:
+                names.append(source if take is not None and bool(take[k]) else STREAMS)
+        return Choice(lengths, names)
 
     def _update_profile(self, chain: torch.Tensor, g: int) -> None:
         mean = chain.mean(0)
         cur = self.profile[:g]
         self.profile[:g] = torch.where(torch.isnan(cur), mean, 0.9 * cur + 0.1 * mean)
 
-    def _count(self, lengths: torch.Tensor) -> torch.Tensor:
-        total = int(lengths.sum())
+    def _count(self, choice: Choice, ran: bool = True) -> Choice:
+        total = int(choice.lengths.sum())
         self.stats.draft_tokens += total
-        if total == 0:
+        if self._counted_off:           # plan() skipped the pass and counted the step as off
+            if total > 0:               # ... but another source drafted after all
+                self.stats.steps_without_speculation -= 1
+        elif total == 0:
             self.stats.steps_without_speculation += 1
-        self.stats.last_choice = lengths.tolist()
-        return lengths
+        self._counted_off = False
+        for name in choice.source:
+            if name is not None:
+                self.stats.drafts_by_source[name] = self.stats.drafts_by_source.get(name, 0) + 1
+        self.stats.last_choice = choice.lengths.tolist()
+        return choice
 
     # ---------------------------------------------------------------- reporting
     def summary(self) -> dict:
@@ -432,4 +579,6 @@ class DraftPolicy:
                 "draft_cost_s": {"per_pass": d[0], "per_stream_token": d[1]} if d else None,
                 "profile": [None if math.isnan(x) else x for x in self.profile.tolist()],
                 "calibration": self.calib.per_position(),
-                "calibration_table": self.calib.table()}
+                "calibration_table": self.calib.table(),
+                "calibration_sources": {name: {"per_position": c.per_position(), "table": c.table()}
+                                        for name, c in self.source_calib.items()}}

@@ -13,6 +13,14 @@ How many of the drafts each request proposes is the draft policy's choice
 measured step times (from compat's step clock), each stream's top-1 probability and
 the acceptance of the previous step's drafts, and asks it whether to run the stream
 pass at all and how long each request's chain is.
+
+A match source (match_source.py, ``"match": "suffix" | "ngram" | "none"``) drafts from
+the request's own text beside the streams: its drafts are found first (cheap, CPU), the
+policy sees them as candidates when it plans the stream pass and when it chooses, and
+each request proposes one of the two drafts. The two modules know nothing of each other;
+the proposer composes them and counts, per source, the drafts taken and their accepted
+tokens (log line, policy dump; compat carries the per-request source to the scheduler
+for ``/metrics``).
 """
 from __future__ import annotations
 
@@ -24,7 +32,8 @@ import time
 import torch
 
 from . import compat
-from .draft_policy import DraftPolicy, PolicyConfig
+from .draft_policy import STREAMS, Candidates, DraftPolicy, PolicyConfig
+from .match_source import make_match_source
 
 logger = logging.getLogger("vllm.specstream")
 
@@ -44,17 +53,28 @@ class SpecStreamProposer:
         self.vllm_config = vllm_config
         self.device = device
         self.runner = runner
+        # vLLM's k: the longest draft of any source (streams: at most their own gamma)
         self.num_speculative_tokens = vllm_config.speculative_config.num_speculative_tokens
+        self.num_streams = self.num_speculative_tokens
         self.model = None
         self.min_draft_prob = 0.0
         self._layer_names: list[str] = []
         self._groups = None
         self._kv_gid = 0
-        self._stream_offsets = torch.arange(1, self.num_speculative_tokens + 1, dtype=torch.int64)
         self.policy: DraftPolicy | None = None
         self._policy_settings = compat.policy_settings(vllm_config)
-        # req_id -> raw stream probabilities of the drafts it proposed last step
-        self._pending: dict[str, list[float]] = {}
+        match = dict(self._policy_settings.get("match") or {})
+        self.match = make_match_source(match, compat.ngram_kernel)
+        self.match_tokens = min(int(match.get("max_tokens", self.num_speculative_tokens)),
+                                self.num_speculative_tokens)
+        # req_id -> (source, raw probabilities / confidences of the drafts it proposed last step)
+        self._pending: dict[str, tuple[str, list[float]]] = {}
+        # per source: [drafts taken, draft tokens, accepted tokens] (worker-side view)
+        self.source_counts: dict[str, list[int]] = {STREAMS: [0, 0, 0]}
+        if self.match is not None:
+            self.source_counts[self.match.name] = [0, 0, 0]
+        #: row -> source of the drafts returned by the last propose() (read by compat)
+        self.last_sources: list[str | None] = []
         self._last_log = time.monotonic()
 
     # vLLM calls this from the runner's load_model with the target model
@@ -69,15 +89,18 @@ class SpecStreamProposer:
         self.min_draft_prob = model.stream_settings.min_draft_prob
         self._layer_names = model.stream_attention_layer_names()
         st = model.stream_settings
+        self.num_streams = min(st.num_streams, self.num_speculative_tokens)
+        self._stream_offsets = torch.arange(1, self.num_streams + 1, dtype=torch.int64)
         ps = self._policy_settings
         self.policy = DraftPolicy(PolicyConfig(
-            gamma=self.num_speculative_tokens, mode=ps.get("mode", "auto"),
+            gamma=self.num_streams, mode=ps.get("mode", "auto"),
             min_draft_prob=self.min_draft_prob,
             draft_layer_fraction=st.num_stream_layers / max(st.num_layers, 1),
             cost_scale=ps.get("cost_scale", 1.0), force_off_steps=ps.get("force_off_steps", 0),
             force_off_from=ps.get("force_off_from", 0)))
-        logger.info("specstream: draft policy %s (gamma %d)", self.policy.cfg.mode,
-                    self.num_speculative_tokens)
+        logger.info("specstream: draft policy %s (gamma %d), match source %s (up to %d tokens)",
+                    self.policy.cfg.mode, self.num_streams,
+                    self.match.name if self.match else "none", self.match_tokens)
 
     def _ensure_groups(self) -> None:
         if self._groups is None:
@@ -95,47 +118,86 @@ class SpecStreamProposer:
     def _propose(self, *, sampled_token_ids, aux_hidden_states, spec_decode_metadata,
                  common_attn_metadata, num_speculative_tokens: int | None = None):
         cm = common_attn_metadata
-        g = min(num_speculative_tokens or self.num_speculative_tokens, self.num_speculative_tokens)
+        k = min(num_speculative_tokens or self.num_speculative_tokens, self.num_speculative_tokens)
+        g = min(k, self.num_streams)
         num_reqs = cm.num_reqs
         no_drafts: list[list[int]] = [[] for _ in range(num_reqs)]
+        self.last_sources = [None] * num_reqs
         n_sampled = torch.tensor([len(t) for t in sampled_token_ids], dtype=torch.int64)
         if spec_decode_metadata is not None:
             n_draft = torch.tensor(spec_decode_metadata.num_draft_tokens, dtype=torch.int64)
         else:
             n_draft = torch.zeros(num_reqs, dtype=torch.int64)
         self._observe(num_reqs, n_sampled, n_draft)
-        if g <= 0 or num_reqs == 0:
+        view = None
+        if self.match is not None:
+            view = compat.token_view(self.runner, num_reqs)
+            self.match.sync(view)           # every step: new tokens in, departed requests out
+        if k <= 0 or num_reqs == 0:
             return no_drafts
         active = torch.nonzero(n_sampled[:num_reqs] > 0).flatten()
         if active.numel() == 0:
             return no_drafts
-        plan = self.policy.plan(active.numel())
+        rows = active.tolist()
+        R = len(rows)
+        matches = cands = cand_chain = None
+        if view is not None:
+            matches = self.match.propose(view, rows, min(k, self.match_tokens))
+            if any(m is not None for m in matches):
+                cands = self._candidates(matches)
+                cand_chain = self.policy.expected(cands)
+        plan = self.policy.plan(R, cand_chain)
         run, depth = compat.tp_agree([int(plan.run_pass), min(plan.depth, g)])
-        if not run or depth <= 0:
-            self._trace(active.numel(), 0, [])
+        ids = prob = None
+        next_ids = anchor_pos = None
+        if run and depth > 0:
+            t0 = time.perf_counter()
+            res = self._stream_pass(cm, active, sampled_token_ids, aux_hidden_states, n_sampled,
+                                    n_draft, depth)
+            clock = compat.step_clock(self.runner)
+            if res is None:  # a rank without gathered logits; the driver rank's drafts are used
+                return no_drafts
+            ids, prob, anchor_pos, next_ids = res
+            if clock is not None and clock.current is not None:
+                clock.current.draft_seconds = time.perf_counter() - t0
+                clock.current.draft_stream_tokens = R * depth
+        elif cands is None:
+            self._trace(R, 0, [])
             self._maybe_report()
             return no_drafts
-        t0 = time.perf_counter()
-        res = self._stream_pass(cm, active, sampled_token_ids, aux_hidden_states, n_sampled,
-                                n_draft, depth)
-        clock = compat.step_clock(self.runner)
-        if res is None:  # a rank without gathered logits; the driver rank's drafts are used
-            return no_drafts
-        ids, prob = res
-        lengths = self.policy.choose(prob, active.numel()).tolist()
-        if clock is not None and clock.current is not None:
-            clock.current.draft_seconds = time.perf_counter() - t0
-            clock.current.draft_stream_tokens = int(active.numel()) * depth
-        rows, probs = ids.tolist(), prob.tolist()
+        choice = self.policy.decide(prob, R, cands)
+        lengths = choice.lengths.tolist()
+        id_rows = ids.tolist() if ids is not None else None
+        prob_rows = prob.tolist() if prob is not None else None
         req_ids = compat.runner_req_ids(self.runner)
         drafts = no_drafts
-        for k, (r, n) in enumerate(zip(active.tolist(), lengths)):
-            if n:
-                drafts[r] = rows[k][:n]
-                self._pending[req_ids[r]] = probs[k][:n]
-        self._trace(active.numel(), depth, lengths)
+        for j, (r, n) in enumerate(zip(rows, lengths)):
+            if not n:
+                continue
+            source = choice.source[j]
+            if source == STREAMS:
+                drafts[r] = id_rows[j][:n]
+                self._pending[req_ids[r]] = (STREAMS, prob_rows[j][:n])
+            else:
+                drafts[r] = matches[j].token_ids[:n]
+                self._pending[req_ids[r]] = (source, matches[j].confidence[:n])
+            self.last_sources[r] = source
+        if _DRAFT_LOG:
+            self._log_drafts(rows, sampled_token_ids, anchor_pos, id_rows, matches, choice, drafts)
+        self._trace(R, depth if ids is not None else 0, lengths)
         self._maybe_report()
         return drafts
+
+    def _candidates(self, matches) -> Candidates:
+        w = self.match_tokens
+        probs = torch.zeros(len(matches), w, dtype=torch.float64)
+        lengths = torch.zeros(len(matches), dtype=torch.int64)
+        for j, m in enumerate(matches):
+            if m is not None and m.token_ids:
+                n = min(len(m.token_ids), w)
+                probs[j, :n] = torch.tensor(m.confidence[:n], dtype=torch.float64)
+                lengths[j] = n
+        return Candidates(self.match.name, probs, lengths)
 
     def _trace(self, reqs: int, depth: int, lengths: list[int]) -> None:
         if not _POLICY_TRACE:
@@ -159,23 +221,31 @@ class SpecStreamProposer:
             return
         pending, self._pending = self._pending, {}
         req_ids = compat.runner_req_ids(self.runner)
-        g = self.num_speculative_tokens
-        probs, drafted, accepted = [], [], []
+        by_source: dict[str, tuple[list, list, list]] = {}
         for i in range(min(num_reqs, len(req_ids))):
-            p = pending.get(req_ids[i])
+            entry = pending.get(req_ids[i])
             d = int(n_draft[i]) if i < n_draft.numel() else 0
-            if p is None or d == 0 or i >= n_sampled.numel() or int(n_sampled[i]) == 0:
+            if entry is None or d == 0 or i >= n_sampled.numel() or int(n_sampled[i]) == 0:
                 continue
-            probs.append(p + [0.0] * (g - len(p)))
+            source, p = entry
+            probs, drafted, accepted = by_source.setdefault(source, ([], [], []))
+            probs.append(p)
             drafted.append(min(d, len(p)))
-            accepted.append(int(n_sampled[i]) - 1)
-        if probs:
-            self.policy.observe_acceptance(torch.tensor(probs, dtype=torch.float32),
-                                           torch.tensor(drafted), torch.tensor(accepted))
+            accepted.append(min(int(n_sampled[i]) - 1, d))
+            counts = self.source_counts.setdefault(source, [0, 0, 0])
+            counts[0] += 1
+            counts[1] += drafted[-1]
+            counts[2] += accepted[-1]
+        for source, (probs, drafted, accepted) in by_source.items():
+            w = self.num_streams if source == STREAMS else self.match_tokens
+            rows = [p[:w] + [0.0] * (w - len(p[:w])) for p in probs]
+            self.policy.observe_acceptance(torch.tensor(rows, dtype=torch.float64),
+                                           torch.tensor(drafted), torch.tensor(accepted), source)
 
     def _stream_pass(self, cm, active, sampled_token_ids, aux_hidden_states, n_sampled, n_draft,
                      g: int):
-        """Streams 1..g of every active request: (draft ids [R, g], probabilities [R, g])."""
+        """Streams 1..g of every active request: (draft ids [R, g], probabilities [R, g],
+        anchor positions [R], the tokens sampled at the anchors [R])."""
         self._ensure_groups()
         num_reqs = cm.num_reqs
         # rejected tokens of each request: the anchor sits that many tokens before the end
@@ -216,16 +286,22 @@ class SpecStreamProposer:
             return None
         ids, prob = res
         ids, prob = ids.view(R, g).to("cpu"), prob.view(R, g).to("cpu", torch.float32)
-        if _DRAFT_LOG:
-            self._log_drafts(active, anchor_pos, ids, next_ids)
-        return ids, prob
+        return ids, prob, anchor_pos, next_ids
+
+    def summary(self) -> dict:
+        """The policy's state plus the per-source counters and the match source's state."""
+        out = self.policy.summary()
+        out["sources"] = {name: {"drafts": c[0], "draft_tokens": c[1], "accepted_tokens": c[2]}
+                          for name, c in self.source_counts.items()}
+        out["match"] = self.match.state() if self.match is not None else None
+        return out
 
     def _maybe_report(self, force: bool = False) -> None:
         p = self.policy
         if _POLICY_DUMP and (force or p.stats.steps % 10 == 0):
             tmp = f"{_POLICY_DUMP}.{os.getpid()}.tmp"
             with open(tmp, "w") as f:
-                json.dump(p.summary(), f)
+                json.dump(self.summary(), f)
             os.replace(tmp, _POLICY_DUMP)
         now = time.monotonic()
         if now - self._last_log >= _LOG_EVERY_S:
@@ -233,21 +309,36 @@ class SpecStreamProposer:
             s = p.stats.as_dict()
             cal = ", ".join(f"{c['observed']:.2f}/{c['predicted']:.2f}" for c in p.calib.per_position()
                             if c["n"])
+            src = "; ".join(f"{name} {c[0]} drafts, {c[2]}/{c[1]} tokens accepted"
+                            for name, c in self.source_counts.items())
             logger.info("specstream draft policy (%s): %d steps, %d without speculation, "
                         "%.2f draft tokens per step (%.2f per request), probes %d; "
-                        "acceptance observed/predicted per position: %s", p.cfg.mode, s["steps"],
-                        s["steps_without_speculation"], s["mean_draft_tokens_per_step"],
-                        s["mean_draft_tokens_per_request_step"], s["probes"], cal or "-")
+                        "acceptance observed/predicted per position: %s; by source: %s",
+                        p.cfg.mode, s["steps"], s["steps_without_speculation"],
+                        s["mean_draft_tokens_per_step"], s["mean_draft_tokens_per_request_step"],
+                        s["probes"], cal or "-", src)
 
-    def _log_drafts(self, active, anchor_pos, out, next_ids) -> None:
-        """Debug/test hook: record (context up to the anchor, the token sampled there,
-        the streams' drafts -- as many as the pass ran) so tests can replay the reference."""
+    def _log_drafts(self, rows, sampled_token_ids, anchor_pos, stream_ids, matches, choice,
+                    drafts) -> None:
+        """Debug/test hook, one line per request and step with a candidate: the context up
+        to the anchor, the token sampled there (next-token-aware streams read it), the
+        streams' drafts as far as the pass ran ("drafts", [] without a pass: tests replay
+        the reference on them), the match source's draft ("match"), the source taken
+        ("source": "streams", the match source, or null) and the tokens proposed ("sent")."""
         tokens = self.runner.input_batch.token_ids_cpu
+        num_tokens = compat.runner_num_tokens(self.runner)
         with open(_DRAFT_LOG, "a") as f:
-            for k, (i, t, nxt) in enumerate(zip(active.tolist(), anchor_pos.tolist(),
-                                                  next_ids.tolist())):
-                f.write(json.dumps({"context": tokens[i, : t + 1].tolist(), "next_token": nxt,
-                                    "drafts": out[k].tolist()}) + "\n")
+            for j, r in enumerate(rows):
+                sd = stream_ids[j] if stream_ids is not None else []
+                md = matches[j].token_ids if matches is not None and matches[j] is not None else []
+                if not sd and not md:
+                    continue
+                # the anchor: the stream pass's, or the token before the last sampled one
+                anchor = int(anchor_pos[j]) if anchor_pos is not None else int(num_tokens[r]) - 2
+                f.write(json.dumps({"context": tokens[r, : anchor + 1].tolist(),
+                                    "next_token": int(sampled_token_ids[r][-1]),
+                                    "drafts": sd, "match": md, "source": choice.source[j],
+                                    "sent": drafts[r]}) + "\n")
 
     # The runner may call these for model-based drafters; streams need nothing extra.
     def dummy_run(self, *args, **kwargs) -> None:
