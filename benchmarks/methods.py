@@ -90,11 +90,15 @@ def build_methods(names: list[str], medusa: str | None = None, streams: str | No
             m = Method(name, {"method": "suffix", "num_speculative_tokens": suffix_k})
         elif name == "medusa":
             m = _weights_method(name, "medusa", medusa, "--medusa HEADS_DIR", medusa_k, 4)
-        elif name == "specstream" or name in SPECSTREAM_MATCH:
+        elif name == "specstream" or name.split(":")[0] in SPECSTREAM_MATCH:
+            # "specstream-suffix:8": the suffix match source drafting up to 8 tokens
+            kind, _, tokens = name.partition(":")
             m = _weights_method(name, "specstream", streams, "--streams STREAMS_DIR",
                                 specstream_k, specstream_k)
-            if name in SPECSTREAM_MATCH and m.speculative_config is not None:
-                m.speculative_config["match"] = SPECSTREAM_MATCH[name]
+            if kind in SPECSTREAM_MATCH and m.speculative_config is not None:
+                m.speculative_config["match"] = SPECSTREAM_MATCH[kind]
+                if tokens:
+                    m.speculative_config["match_tokens"] = int(tokens)
         else:
             raise ValueError(f"unknown method {name!r}; known: {', '.join(ALL_METHODS)}")
         out.append(m)

@@ -250,9 +250,9 @@ def render(results: dict) -> str:
     for w in workloads:
         rows = [f"#### {w}" if len(workloads) > 1 or w != "-" else "",
                 "| method | batch | tok/s per round | vs baseline (median of rounds) | = baseline | "
-                "mean accept len | accept per pos | drafts by source (share, accept len) | "
-                "steps w/o drafts | draft tok/step |",
-                "|---|---:|---|---:|---:|---:|---|---|---:|---:|"]
+                "tokens per step | mean accept len | accept per pos | "
+                "drafts by source (share, accept len) | steps w/o drafts | draft tok/step |",
+                "|---|---:|---|---:|---:|---:|---:|---|---|---:|---:|"]
         for name in names:
             for lv in [x for x in results["levels"] if x.get("workload", "-") == w]:
                 rnds = lv["rounds"]
@@ -272,14 +272,21 @@ def render(results: dict) -> str:
                                 for k, v in by.items() if v.get("draft_share")) or "-"
                 ratio = (f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
                          if ratios else "-")
+                # tokens per target step of a request (each request-step yields 1 + accepted):
+                # the call reduction, counting steps without drafts too
+                toks = sum(r[name]["tokens"] for r in rnds)
+                per_step = toks / max(toks - spec.accepted_tokens, 1)
                 rows.append(
                     f"| {name} | {lv['batch_size']} | {' / '.join(f'{x:.1f}' for x in tps)} | "
-                    f"{ratio} | {100 * sum(same) / max(len(same), 1):.0f}% | "
+                    f"{ratio} | {100 * sum(same) / max(len(same), 1):.0f}% | {per_step:.2f} | "
                     f"{'-' if al is None else f'{al:.2f}'} | {pos} | {src} | "
                     f"{'-' if share is None else f'{100 * share:.0f}%'} | "
                     f"{'-' if share is None else format(s['draft_tokens_per_step'], '.2f')} |")
         out.append("\n".join(x for x in rows if x))
     m = results["meta"]
+    mach = m.get("machine") or {}
+    out.append(f"machine: {mach.get('cpu_model', '?')}, {mach.get('logical_cores', '?')} logical cores, "
+               f"CPU flags: {', '.join(mach.get('cpu_flags_of_note') or []) or '-'}; dtype {m.get('dtype')}")
     return "\n\n".join(out) + (f"\n\nload average (1 min) during the runs: mean "
                                 f"{m.get('load1_mean') or 0:.1f}, max {m.get('load1_max') or 0:.1f} "
                                 f"on {os.cpu_count()} cores\n")

@@ -45,7 +45,24 @@ def machine_info() -> dict[str, Any]:
         "transformers": _version("transformers"),
         "arctic_inference": _version("arctic-inference"),
         "gpu": _gpu_name(),
+        "cpu_flags_of_note": _cpu_flags(),
     }
+
+
+_FLAGS_OF_NOTE = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def _cpu_flags() -> list[str]:
+    """The CPU features that decide vLLM-CPU's kernels and bf16 (see hardware.py)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return [f for f in _FLAGS_OF_NOTE if f in have]
+    except OSError:
+        pass
+    return []
 
 
 def _gpu_name() -> str | None:

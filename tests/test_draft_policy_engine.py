@@ -54,7 +54,9 @@ def policy_runs(smollm2_dir, shipped_streams, tmp_path_factory):
     streams = streams_for_smollm2(smollm2_dir, shipped_streams, tmp)
     job = {"model": str(smollm2_dir), "prompts": ALL, "max_tokens": LENGTHS, "batches": BATCHES,
            "max_num_seqs": BIG, "ignore_eos": True}
-    spec = {"method": "specstream", "model": str(streams), "num_speculative_tokens": 4}
+    # the streams' policy alone (the match source has its own tests: test_match_source.py)
+    spec = {"method": "specstream", "model": str(streams), "num_speculative_tokens": 4,
+            "match": "none"}
     runs = {"base": run_engine(job, tmp, "base")}
     for name, extra_spec, env in (
             ("auto", {"draft_policy": "auto"}, {}),

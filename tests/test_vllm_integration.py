@@ -2,6 +2,8 @@
 
 Every engine runs in its own process (tests/engine_job.py); each module-scoped
 fixture starts one engine, so the whole file costs a handful of engine starts.
+The tests of the streams themselves pin ``"match": "none"`` (the default match source
+drafts from the text beside them: tests/test_match_source.py).
 """
 from __future__ import annotations
 
@@ -79,7 +81,7 @@ def smollm2_runs(smollm2_dir, shipped_streams, tmp_path_factory):
     base = run_engine(base_job, tmp, "base")
     log = tmp / "drafts.jsonl"
     spec_job = dict(base_job, spec={"method": "specstream", "model": str(streams),
-                                    "num_speculative_tokens": 4},
+                                    "num_speculative_tokens": 4, "match": "none"},
                     env={"SPECSTREAM_DRAFT_LOG": str(log), "SPECSTREAM_DRAFT_POLICY": "fixed",
                          "SPECSTREAM_MIN_DRAFT_PROB": "0"})  # every stream drafts (full chains)
     spec = run_engine(spec_job, tmp, "spec")
@@ -127,7 +129,8 @@ def other_form_runs(smollm2_dir, smollm2_runs, tmp_path_factory):
     log = tmp / "drafts.jsonl"
     job = {"model": str(smollm2_dir), "prompts": PROMPTS, "max_tokens": MAX_TOKENS,
            "batches": [[i] for i in range(len(PROMPTS))] + [list(range(len(PROMPTS)))],
-           "spec": {"method": "specstream", "model": str(streams), "num_speculative_tokens": 4},
+           "spec": {"method": "specstream", "model": str(streams), "num_speculative_tokens": 4,
+                    "match": "none"},
            "env": {"SPECSTREAM_DRAFT_LOG": str(log), "SPECSTREAM_MIN_DRAFT_PROB": "0",
                    "SPECSTREAM_DRAFT_POLICY": "fixed"}}
     return base, run_engine(job, tmp, f"spec-{form}"), streams, log
@@ -150,7 +153,8 @@ def test_low_confidence_drafts_are_cut_output_unchanged(smollm2_runs, smollm2_di
     base, spec, streams, _ = smollm2_runs
     job = {"model": str(smollm2_dir), "prompts": PROMPTS, "max_tokens": MAX_TOKENS,
            "batches": [list(range(len(PROMPTS)))],
-           "spec": {"method": "specstream", "model": str(streams), "num_speculative_tokens": 4},
+           "spec": {"method": "specstream", "model": str(streams), "num_speculative_tokens": 4,
+                    "match": "none"},
            "env": {"SPECSTREAM_MIN_DRAFT_PROB": "0.2", "SPECSTREAM_DRAFT_POLICY": "fixed"}}
     res = run_engine(job, tmp_path, "cut")
     assert res["batches"][0]["outputs"] == base["batches"][-1]["outputs"]
@@ -170,7 +174,7 @@ def test_compiled_engine_and_stream_pass_token_identical(smollm2_dir, smollm2_ru
     base = run_engine(job, tmp_path, "compiled-base")
     log = tmp_path / "compiled-drafts.jsonl"
     spec = run_engine(dict(job, spec={"method": "specstream", "model": str(streams),
-                                      "num_speculative_tokens": 4},
+                                      "num_speculative_tokens": 4, "match": "none"},
                            env={"SPECSTREAM_DRAFT_LOG": str(log),
                                 "SPECSTREAM_DRAFT_POLICY": "fixed"}), tmp_path, "compiled-spec")
     assert outputs(base) == outputs(spec)
@@ -199,7 +203,7 @@ def test_tensor_parallel_2_matches_tp2_without_speculation(tiny_tp_dir, tmp_path
     base = run_engine(job, tmp_path, "tp-base")
     log = tmp_path / "tp-drafts.jsonl"
     spec = run_engine(dict(job, spec={"method": "specstream", "model": str(streams),
-                                      "num_speculative_tokens": 3},
+                                      "num_speculative_tokens": 3, "match": "none"},
                            env=dict(env, SPECSTREAM_DRAFT_LOG=str(log), SPECSTREAM_DRAFT_POLICY="fixed")),
                  tmp_path, "tp-spec")  # every step drafts: the sharded pass is exercised
     assert outputs(base) == outputs(spec)

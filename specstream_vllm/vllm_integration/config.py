@@ -26,7 +26,7 @@ MATCH_ENV = "SPECSTREAM_MATCH"
 POLICY_KEYS = ("draft_policy", "match", "match_tokens")
 MATCH_SOURCES = ("suffix", "ngram", "none")
 #: the match source when neither the speculative config nor the checkpoint names one
-DEFAULT_MATCH = "none"
+DEFAULT_MATCH = "suffix"
 
 
 class SpecStreamSettings(BaseModel):

@@ -232,6 +232,7 @@ class Candidates:
     source: str
     probs: torch.Tensor
     lengths: torch.Tensor
+    chain: torch.Tensor | None = None      # :meth:`DraftPolicy.expected`, if already computed
 
 
 @dataclass
@@ -477,7 +478,9 @@ class DraftPolicy:
         if R == 0:
             return self._count(Choice(torch.zeros(0, dtype=torch.int64), []), ran)
         g = probs.shape[1] if ran else 0
-        cand_chain = self.expected(candidates) if candidates is not None else None
+        cand_chain = None
+        if candidates is not None:
+            cand_chain = candidates.chain if candidates.chain is not None else self.expected(candidates)
         chain = self.calib.calibrate(probs).cumprod(1) if ran else None      # [R, g]
         if cfg.mode == "fixed" or not self._ready():
             if ran and cfg.min_draft_prob > 0:

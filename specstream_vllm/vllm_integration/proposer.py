@@ -145,7 +145,7 @@ class SpecStreamProposer:
             matches = self.match.propose(view, rows, min(k, self.match_tokens))
             if any(m is not None for m in matches):
                 cands = self._candidates(matches)
-                cand_chain = self.policy.expected(cands)
+                cand_chain = cands.chain = self.policy.expected(cands)
         plan = self.policy.plan(R, cand_chain)
         run, depth = compat.tp_agree([int(plan.run_pass), min(plan.depth, g)])
         ids = prob = None
