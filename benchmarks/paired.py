@@ -53,6 +53,10 @@ def child(job_path: str) -> None:
               max_num_seqs=job["max_num_seqs"], enforce_eager=job["enforce_eager"])
     warm = SamplingParams(temperature=0.0, max_tokens=16)
     llm.chat(WARMUP_CONVERSATIONS[:job["max_num_seqs"]], warm, use_tqdm=False)
+    # single requests too (batch-1 shapes compiled, a draft policy's step costs measured at
+    # batch 1 before the first timed round)
+    for conv in WARMUP_CONVERSATIONS[-job.get("warmup_single", 0):] if job.get("warmup_single") else []:
+        llm.chat([conv], SamplingParams(temperature=0.0, max_tokens=48), use_tqdm=False)
     (out_dir / "ready").write_text("ok")
     params = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"])
     for line in sys.stdin:
@@ -86,6 +90,7 @@ class Engine:
         job = {"model": args.model, "dtype": args.dtype, "speculative_config": spec,
                "max_model_len": args.max_model_len, "max_tokens": args.max_tokens,
                "max_num_seqs": max(max(args.batch_sizes), 16), "enforce_eager": args.enforce_eager,
+               "warmup_single": args.warmup_single,
                "out_dir": str(self.dir)}
         (self.dir / "job.json").write_text(json.dumps(job))
         env = dict(engine_env(args.kv_cache_gib),
@@ -150,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--warmup-single", type=int, default=0,
+                   help="single-request warm-ups (48 tokens each) after the batch warm-up")
     p.add_argument("--kv-cache-gib", type=int, default=1)
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--out", default="benchmarks/results/paired")
