@@ -175,10 +175,6 @@ class ConversationStream:
         self._encoded: tuple[int, EncodedConversation | None] | None = None
 
     @property
-    def convs(self) -> list[Conversation]:
-        return [u.conv for u in self.units]
-
-    @property
     def remaining(self) -> int:
         """Units not finished yet."""
         return max(0, len(self.units) - self.cursor)

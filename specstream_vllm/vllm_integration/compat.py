@@ -441,10 +441,6 @@ def token_view(runner, num_reqs: int):
                      max_model_len=int(runner.max_model_len))
 
 
-def runner_num_tokens(runner):
-    return runner.input_batch.num_tokens_no_spec
-
-
 def ngram_kernel():
     """vLLM's prompt-lookup kernel (NgramProposer's numba function, vLLM 0.32.0):
     ``(context int32[n], min_n, max_n, max_model_len, k) -> draft int32[<=k]``."""

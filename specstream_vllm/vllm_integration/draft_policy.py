@@ -240,9 +240,6 @@ class Choice:
     lengths: torch.Tensor          # [R] tokens each request drafts (0..g or 0..w)
     source: list                   # [R] STREAMS, the candidates' source, or None (nothing)
 
-    def from_candidates(self, k: int) -> bool:
-        return self.source[k] not in (None, STREAMS)
-
 
 STREAMS = "streams"
 

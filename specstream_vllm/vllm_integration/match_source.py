@@ -225,15 +225,18 @@ def make_match_source(settings: dict | None, ngram_kernel: Callable[[], NgramKer
                       ) -> MatchSource | None:
     """From the policy's ``match`` settings (config.MatchSettings as a dict); None for
     ``none``. ``ngram_kernel``: returns vLLM's kernel (only called for ``ngram``)."""
+    from .config import MatchSettings
+
     s = dict(settings or {})
-    source = s.get("source", "none")
-    if source == "suffix":
-        return SuffixMatch(s.get("suffix_max_tree_depth", 24), s.get("suffix_max_cached_requests", 10000),
-                           s.get("suffix_max_spec_factor", 1.0), s.get("suffix_min_token_prob", 0.1))
-    if source == "ngram":
-        if ngram_kernel is None:
-            raise ValueError("match source 'ngram' needs vLLM's n-gram kernel")
-        return NgramMatch(ngram_kernel(), s.get("ngram_min", 2), s.get("ngram_max", 5))
+    source = s.setdefault("source", "none")
     if source in ("none", None):
         return None
-    raise ValueError(f"unknown match source {source!r}")
+    if source not in ("suffix", "ngram"):
+        raise ValueError(f"unknown match source {source!r}")
+    m = MatchSettings(**s)
+    if source == "suffix":
+        return SuffixMatch(m.suffix_max_tree_depth, m.suffix_max_cached_requests,
+                           m.suffix_max_spec_factor, m.suffix_min_token_prob)
+    if ngram_kernel is None:
+        raise ValueError("match source 'ngram' needs vLLM's n-gram kernel")
+    return NgramMatch(ngram_kernel(), m.ngram_min, m.ngram_max)

@@ -325,8 +325,8 @@ class SpecStreamProposer:
         streams' drafts as far as the pass ran ("drafts", [] without a pass: tests replay
         the reference on them), the match source's draft ("match"), the source taken
         ("source": "streams", the match source, or null) and the tokens proposed ("sent")."""
-        tokens = self.runner.input_batch.token_ids_cpu
-        num_tokens = compat.runner_num_tokens(self.runner)
+        view = compat.token_view(self.runner, max(rows) + 1)
+        tokens, num_tokens = view.token_ids, view.num_tokens
         with open(_DRAFT_LOG, "a") as f:
             for j, r in enumerate(rows):
                 sd = stream_ids[j] if stream_ids is not None else []
