@@ -124,6 +124,13 @@ def test_other_bad_arguments(streams, smollm2_dir, tmp_path):
         SpeculativeEngine(streams=str(streams), draft_policy="sometimes", lazy=True)
     eng = SpeculativeEngine(streams=str(streams), draft_policy="fixed", lazy=True)
     assert eng.llm_kwargs()["speculative_config"]["draft_policy"] == "fixed"
+    assert "match" not in eng.llm_kwargs()["speculative_config"]   # the checkpoint's default
+    for bad in ({"match": "regex"}, {"match_tokens": 0}, {"match_tokens": 65}, {"match_tokens": 2.5}):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            SpeculativeEngine(streams=str(streams), lazy=True, **bad)
+    eng = SpeculativeEngine(streams=str(streams), match="ngram", match_tokens=8, lazy=True)
+    spec = eng.llm_kwargs()["speculative_config"]
+    assert (spec["match"], spec["match_tokens"]) == ("ngram", 8)
     assert "speculative_config" not in eng.llm_kwargs(speculative=False)
     with pytest.raises(StreamsNotFoundError, match="streams="):
         SpeculativeEngine(model=str(smollm2_dir))  # base model without specstream/ folder

@@ -86,6 +86,11 @@ class SpeculativeEngine:
             maximise tokens per second, none when speculation cannot pay) or ``"fixed"``
             (every stream, cut at ``min_draft_prob``); ``None`` = ``"fixed"`` when
             ``min_draft_prob`` is given, else ``"auto"``.
+        match: the second draft source beside the streams, matches in the request's own
+            text: ``"suffix"`` (arctic-inference's suffix trees), ``"ngram"`` (vLLM's
+            prompt lookup) or ``"none"``; ``None`` = the checkpoint's default, else
+            ``"suffix"`` (README "Match source").
+        match_tokens: the longest match draft, 1..64; ``None`` = ``gamma``.
         **engine_kwargs: passed to ``vllm.LLM`` (``max_model_len``, ``enforce_eager``,
             ``kv_cache_memory_bytes``, ``tensor_parallel_size``, ...).
 
@@ -99,7 +104,8 @@ class SpeculativeEngine:
                  gamma: int = 4, streams: Optional[str] = None, temperature: float = 0.0,
                  device: str = "auto", dtype: str = "auto", *, chat_template: Union[bool, str] = "auto",
                  lazy: bool = False, min_draft_prob: Optional[float] = None,
-                 draft_policy: Optional[str] = None, tree_depth: Optional[int] = None, tree_width: Optional[int] = None,
+                 draft_policy: Optional[str] = None, match: Optional[str] = None,
+                 match_tokens: Optional[int] = None, tree_depth: Optional[int] = None, tree_width: Optional[int] = None,
                  early_exit: Optional[bool] = None, **engine_kwargs: Any):
         reject_tree_parameters({"tree_depth": tree_depth, "tree_width": tree_width,
                                 "early_exit": early_exit, **engine_kwargs}, "SpeculativeEngine")
@@ -123,6 +129,13 @@ class SpeculativeEngine:
         if draft_policy not in (None, "auto", "fixed"):
             raise ConfigError(f"draft_policy must be 'auto' or 'fixed', got {draft_policy!r}")
         self.draft_policy = draft_policy
+        from ..vllm_integration.config import MATCH_SOURCES
+        if match not in (None, *MATCH_SOURCES):
+            raise ConfigError(f"match must be one of {', '.join(MATCH_SOURCES)}, got {match!r}")
+        if match_tokens is not None and not (isinstance(match_tokens, int)
+                                             and not isinstance(match_tokens, bool) and 1 <= match_tokens <= 64):
+            raise ConfigError(f"match_tokens must be an integer in 1..64, got {match_tokens!r}")
+        self.match, self.match_tokens = match, match_tokens
         self.tokenizer_name = tokenizer
         self.temperature = float(temperature)
         self.engine_kwargs = dict(engine_kwargs)
@@ -172,8 +185,9 @@ class SpeculativeEngine:
             kw["kv_cache_memory_bytes"] = DEFAULT_CPU_KV_CACHE_GIB * 2 ** 30
         if speculative:
             kw["speculative_config"] = self.spec.speculative_config()
-            if self.draft_policy is not None:
-                kw["speculative_config"]["draft_policy"] = self.draft_policy
+            for key in ("draft_policy", "match", "match_tokens"):
+                if getattr(self, key) is not None:
+                    kw["speculative_config"][key] = getattr(self, key)
         return kw
 
     @staticmethod
