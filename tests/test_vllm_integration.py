@@ -115,6 +115,33 @@ def test_drafts_equal_reference_model(smollm2_runs, smollm2_fp32):
     assert rate >= 0.97, f"only {rate:.1%} of draft tokens match the reference"
 
 
+def test_drafts_read_the_token_vllm_sampled(smollm2_runs):
+    """The token the streams are conditioned on (x_{t+1}, logged beside each draft) is the
+    one vLLM output after that context: the reference comparison above replays drafts on
+    the logged token, so this closes the chain for next-token-aware streams."""
+    _, spec, _, log = smollm2_runs
+    out = {}
+    for b in spec["batches"]:
+        for i, o in zip(b["indices"], b["outputs"]):
+            out.setdefault(i, o)
+    rows = [json.loads(x) for x in log.read_text().splitlines()]
+    by_prompt = {}
+    for r in rows:
+        by_prompt.setdefault(tuple(r["context"][:r["prompt_len"]]), []).append(r)
+    assert len(by_prompt) == len(PROMPTS)       # each prompt's rows found by its tokens
+    for (prompt, rs), o in zip(sorted(by_prompt.items(), key=lambda kv: min(
+            rows.index(r) for r in kv[1])), (out[i] for i in range(len(PROMPTS)))):
+        checked = 0
+        for r in rs:
+            k = len(r["context"]) - r["prompt_len"]
+            if k >= len(o):       # the step that reached max_tokens: vLLM drops its tail
+                continue
+            assert r["context"][r["prompt_len"]:] == o[:k]
+            assert r["next_token"] == o[k], f"prompt {len(prompt)} tokens, answer token {k}"
+            checked += 1
+        assert checked >= len(rs) - 2     # one final step each in the batch-1 and batch-8 runs
+
+
 @pytest.fixture(scope="module")
 def other_form_runs(smollm2_dir, smollm2_runs, tmp_path_factory):
     """Streams of the input form the shipped checkpoint does not use (paper vs

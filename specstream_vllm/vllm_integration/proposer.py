@@ -321,7 +321,7 @@ class SpecStreamProposer:
     def _log_drafts(self, rows, sampled_token_ids, anchor_pos, stream_ids, matches, choice,
                     drafts) -> None:
         """Debug/test hook, one line per request and step with a candidate: the context up
-        to the anchor, the token sampled there (next-token-aware streams read it), the
+        to the anchor (its first "prompt_len" tokens the prompt), the token sampled there (next-token-aware streams read it), the
         streams' drafts as far as the pass ran ("drafts", [] without a pass: tests replay
         the reference on them), the match source's draft ("match"), the source taken
         ("source": "streams", the match source, or null) and the tokens proposed ("sent")."""
@@ -336,6 +336,7 @@ class SpecStreamProposer:
                 # the anchor: the stream pass's, or the token before the last sampled one
                 anchor = int(anchor_pos[j]) if anchor_pos is not None else int(num_tokens[r]) - 2
                 f.write(json.dumps({"context": tokens[r, : anchor + 1].tolist(),
+                                    "prompt_len": int(view.num_prompt_tokens[r]),
                                     "next_token": int(sampled_token_ids[r][-1]),
                                     "drafts": sd, "match": md, "source": choice.source[j],
                                     "sent": drafts[r]}) + "\n")
