@@ -188,7 +188,8 @@ class MSAMixin:
         x = h[:, None, :] + self.stream_embeddings[:g].to(h.dtype)
         if self.stream_settings.next_token_aware:
             emb = self.model.embed_tokens(next_token_ids)  # vocab-parallel: whole rows on every rank
-            gx = next_token_features(emb) @ self.token_map_A.t() @ self.token_map_B.t()
+            # the map is float32 (as in the reference), the embedding the engine's dtype
+            gx = next_token_features(emb).to(self.token_map_A.dtype) @ self.token_map_A.t() @ self.token_map_B.t()
             x = x + gx.to(h.dtype)[:, None, :]
         return x.reshape(-1, h.shape[-1])
 
@@ -197,7 +198,7 @@ class MSAMixin:
         with its probability under the softmax over that vocabulary (float32)."""
         vocab = self.stream_draft_vocab
         if vocab is not None and self._local_draft_head:
-            w = self.lm_head.weight.index_select(0, vocab)
+            w = self._draft_head_rows(vocab)
             logits = (hidden.to(w.dtype) @ w.t()).float()
         else:
             logits = self.compute_logits(hidden)  # full head: vocab-parallel shards gathered
@@ -209,6 +210,20 @@ class MSAMixin:
         top, idx = logits.max(dim=-1)
         prob = torch.exp(top - torch.logsumexp(logits, dim=-1))
         return (idx if vocab is None else vocab[idx]), prob
+
+    def _draft_head_rows(self, vocab: torch.Tensor) -> torch.Tensor:
+        """The LM head's rows of the draft vocabulary, gathered once: copying them every
+        step (8,192 x d) cost about as much as the draft head's matmul. Gathered again if
+        the head's weights were replaced or written in place (weight reloads)."""
+        w = self.lm_head.weight
+        try:
+            version = w._version
+        except RuntimeError:  # inference tensors keep no version counter
+            version = None
+        key = (w.data_ptr(), version, vocab.data_ptr())
+        if getattr(self, "_draft_head_cache", (None, None))[0] != key:
+            self._draft_head_cache = (key, w.index_select(0, vocab))
+        return self._draft_head_cache[1]
 
     def stream_lora_delta(self, layer: int, fused: str, x: torch.Tensor) -> torch.Tensor | None:
         key = f"{layer}_{fused}"
