@@ -183,3 +183,20 @@ def test_probe_drafts_one_token_so_a_bad_cost_estimate_recovers():
         p.observe_step(1 + n, n, 0.030 + 0.002 * (1 + n))   # the machine's real cost
     assert drafted[0] == 0
     assert all(n > 0 for n in drafted[-10:])
+
+
+def test_cost_model_slopes_never_negative_when_features_are_collinear():
+    """A policy that only ever drafts one token: ``tokens`` and ``any_drafts`` are the same
+    feature. The fit must not split one cost into a big per-token term and a negative
+    fixed term (which priced 2+ token drafts far too high in a real engine)."""
+    import random
+    rnd = random.Random(0)
+    m = CostModel(3, decay=0.999, slope_prior=[0.5, 0.0])
+    for i in range(400):
+        d = 1.0 if i % 25 == 0 else 0.0           # drafts on 4% of steps, one token each
+        m.add([1.0, d, d], 0.024 + 0.009 * d + rnd.uniform(-0.004, 0.004))
+    w = m.weights()
+    assert float(w[1]) >= 0 and float(w[2]) >= 0, w
+    one = m.predict([1.0, 1.0, 1.0]) - m.predict([1.0, 0.0, 0.0])
+    assert 0.004 < one < 0.014, one                # the one-token draft's extra cost is kept
+    assert m.predict([1.0, 4.0, 1.0]) - m.predict([1.0, 0.0, 0.0]) < 0.05

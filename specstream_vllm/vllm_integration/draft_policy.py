@@ -137,9 +137,25 @@ class CostModel:
                     a[i, i] += lam
                     b[i] += lam * prior
                 a[0, 0] += 1e-9
-                w = torch.linalg.solve(a, b)
+                w = self._solve_nonnegative_slopes(a, b)
             self._w = w
         return self._w
+
+    @staticmethod
+    def _solve_nonnegative_slopes(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``a w = b`` with every slope after the intercept >= 0: a cost never falls with
+        more work. Collinear features (a policy that only ever drafts one token makes
+        ``tokens`` and ``any_drafts`` equal) otherwise split one cost into a large positive
+        and a negative term, which mis-prices the drafts the data never showed."""
+        free = list(range(a.shape[0]))
+        while True:
+            w = torch.zeros(a.shape[0], dtype=torch.float64)
+            idx = torch.tensor(free)
+            w[idx] = torch.linalg.solve(a[idx][:, idx], b[idx])
+            neg = [i for i in free[1:] if w[i] < 0]
+            if not neg:
+                return w
+            free.remove(min(neg, key=lambda i: float(w[i])))
 
     def predict(self, x: list[float]) -> float:
         return float(self.weights() @ torch.tensor(x, dtype=torch.float64))
