@@ -129,12 +129,14 @@ class SpeculativeEngine:
         if draft_policy not in (None, "auto", "fixed"):
             raise ConfigError(f"draft_policy must be 'auto' or 'fixed', got {draft_policy!r}")
         self.draft_policy = draft_policy
-        from ..vllm_integration.config import MATCH_SOURCES
+        from ..vllm_integration.config import MATCH_SOURCES, check_match_tokens
         if match not in (None, *MATCH_SOURCES):
             raise ConfigError(f"match must be one of {', '.join(MATCH_SOURCES)}, got {match!r}")
-        if match_tokens is not None and not (isinstance(match_tokens, int)
-                                             and not isinstance(match_tokens, bool) and 1 <= match_tokens <= 64):
-            raise ConfigError(f"match_tokens must be an integer in 1..64, got {match_tokens!r}")
+        if match_tokens is not None:
+            try:
+                check_match_tokens(match_tokens)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         self.match, self.match_tokens = match, match_tokens
         self.tokenizer_name = tokenizer
         self.temperature = float(temperature)

@@ -148,6 +148,12 @@ class DraftPolicySettings(BaseModel):
     match: MatchSettings = MatchSettings(source="none")
 
 
+def check_match_tokens(tokens) -> None:
+    """The one rule for ``match_tokens`` (speculative config and SpeculativeEngine)."""
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or not 1 <= tokens <= 64:
+        raise ValueError(f"specstream match_tokens must be an integer in 1..64, got {tokens!r}")
+
+
 def resolve_match(extra: dict | None, num_speculative_tokens: int, *,
                   checkpoint_match: str | None = None, vllm_fields: dict | None = None,
                   ) -> MatchSettings:
@@ -162,8 +168,7 @@ def resolve_match(extra: dict | None, num_speculative_tokens: int, *,
     tokens = raw.get("match_tokens")
     if tokens is None:
         tokens = num_speculative_tokens
-    if not isinstance(tokens, int) or isinstance(tokens, bool) or not 1 <= tokens <= 64:
-        raise ValueError(f"specstream match_tokens must be an integer in 1..64, got {tokens!r}")
+    check_match_tokens(tokens)
     values = {k: v for k, v in (vllm_fields or {}).items() if v is not None}
     lo, hi = values.pop("ngram_min", None), values.pop("ngram_max", None)
     if lo is not None or hi is not None:  # vLLM's rule: one given sets both
