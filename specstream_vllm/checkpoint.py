@@ -34,6 +34,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import BaseModelMismatchError, CheckpointError
+from .families import (FAMILIES, LLAMA, LORA_TARGETS, SUPPORTED_ARCHITECTURES,  # noqa: F401 - re-exported
+                       dims_of, lora_module_shapes)
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
@@ -46,9 +48,6 @@ TOKEN_MAP_EPS = 1e-6
 STREAMS_SUBDIR = "specstream"
 MODEL_TYPE = "specstream"
 
-#: HF architectures with an MSA implementation (reference model and vLLM patch).
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 class LoraSpec(BaseModel):
@@ -181,9 +180,9 @@ def base_fingerprint(model_dir: str | Path) -> str:
             "num_key_value_heads", "intermediate_size", "vocab_size")
     h.update(json.dumps({k: cfg.get(k) for k in keys}, sort_keys=True).encode())
     files = _weight_files(model_dir)
-    n = cfg.get("num_hidden_layers", 1)
-    probes = ["model.embed_tokens.weight", f"model.layers.{n - 1}.self_attn.o_proj.weight",
-              "model.layers.0.self_attn.q_proj.weight"]
+    n = dims_of(cfg).num_hidden_layers or 1
+    family = FAMILIES.get((cfg.get("architectures") or ["?"])[0], LLAMA)
+    probes = [p.format(last=n - 1) for p in family.fingerprint_probes]
     for name in probes:
         if name not in files:
             continue
@@ -197,12 +196,13 @@ def base_fingerprint(model_dir: str | Path) -> str:
 def base_model_ref(model_dir: str | Path) -> BaseModelRef:
     model_dir = Path(model_dir)
     cfg = _read_base_config(model_dir)
+    dims = dims_of(cfg)
     return BaseModelRef(
         name_or_path=str(model_dir),
         architecture=(cfg.get("architectures") or ["?"])[0],
-        num_hidden_layers=cfg["num_hidden_layers"],
-        hidden_size=cfg["hidden_size"],
-        vocab_size=cfg["vocab_size"],
+        num_hidden_layers=dims.num_hidden_layers,
+        hidden_size=dims.hidden_size,
+        vocab_size=dims.vocab_size,
         fingerprint=base_fingerprint(model_dir),
     )
 
@@ -282,19 +282,6 @@ def load_checkpoint(path: str | Path, *, base_model_dir: str | Path | None = Non
     return cfg, tensors
 
 
-def lora_module_shapes(config) -> dict[str, tuple[int, int]]:
-    """(in_features, out_features) of each LoRA-able linear of a Llama-layout decoder layer.
-
-    ``config`` is an HF config object or its ``config.json`` dict."""
-    get = (lambda k: config.get(k)) if isinstance(config, dict) else (lambda k: getattr(config, k, None))
-    d, H = get("hidden_size"), get("num_attention_heads")
-    hd = get("head_dim") or d // H
-    q, kv = H * hd, (get("num_key_value_heads") or H) * hd
-    i = get("intermediate_size")
-    return {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
-            "gate_proj": (d, i), "up_proj": (d, i), "down_proj": (i, d)}
-
-
 def expected_tensor_shapes(cfg: StreamCheckpointConfig,
                            base_config: dict | None = None) -> dict[str, tuple[int, ...]]:
     """Every tensor the config implies, with its shape. LoRA shapes need the base model's
@@ -308,6 +295,10 @@ def expected_tensor_shapes(cfg: StreamCheckpointConfig,
         shapes = lora_module_shapes(base_config)
         for layer in range(cfg.first_stream_layer, cfg.base_model.num_hidden_layers):
             for name in cfg.lora.target_modules:
+                if name not in shapes:
+                    raise CheckpointError(
+                        f"LoRA target {name} does not exist in a {cfg.base_model.architecture}; "
+                        f"it has {list(shapes)}")
                 fan_in, fan_out = shapes[name]
                 out[f"layers.{layer}.{name}.lora_A"] = (cfg.lora.rank, fan_in)
                 out[f"layers.{layer}.{name}.lora_B"] = (fan_out, cfg.lora.rank)
@@ -376,10 +367,11 @@ def validate_against_base(cfg: StreamCheckpointConfig, base_model_dir: str | Pat
         return  # a hub name we cannot read here; the architecture check happens in vLLM
     ref = base_model_ref(base_dir) if check_fingerprint else None
     base_cfg = _read_base_config(base_dir)
-    if cfg.num_stream_layers > base_cfg.get("num_hidden_layers", 0):
+    dims = dims_of(base_cfg)
+    if cfg.num_stream_layers > (dims.num_hidden_layers or 0):
         raise CheckpointError(
             f"checkpoint uses num_stream_layers={cfg.num_stream_layers} but base model {base_dir} "
-            f"has only {base_cfg.get('num_hidden_layers')} layers")
+            f"has only {dims.num_hidden_layers} layers")
     if ref is not None and ref.fingerprint != cfg.base_model.fingerprint:
         raise BaseModelMismatchError(
             f"stream checkpoint was trained for base model '{cfg.base_model.name_or_path}' "
@@ -388,10 +380,11 @@ def validate_against_base(cfg: StreamCheckpointConfig, base_model_dir: str | Pat
             f"(fingerprint {ref.fingerprint}); serve the base model it was trained for or train "
             "streams for this model with `specstream train --base-model ...`")
     for key in ("hidden_size", "num_hidden_layers", "vocab_size"):
-        if base_cfg.get(key) is not None and base_cfg.get(key) != getattr(cfg.base_model, key):
+        have = getattr(dims, key)
+        if have is not None and have != getattr(cfg.base_model, key):
             raise BaseModelMismatchError(
                 f"stream checkpoint says its base model has {key}={getattr(cfg.base_model, key)} "
-                f"but {base_dir} has {key}={base_cfg.get(key)}; serve the base model the streams "
+                f"but {base_dir} has {key}={have}; serve the base model the streams "
                 "were trained for (or train streams for this one with `specstream train`)")
 
 

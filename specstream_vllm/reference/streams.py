@@ -1,4 +1,4 @@
-"""Reference Multi-Stream Attention over HF transformers Llama-family models.
+"""Reference Multi-Stream Attention over HF transformers models (every supported family).
 
 This is the executable form of the contract in DESIGN.md, shared by the trainer and
 by the parity tests of the vLLM proposer:
@@ -7,8 +7,12 @@ by the parity tests of the vLLM proposer:
   residual stream entering layer ``L - N_s``;
 * it runs through the top ``N_s`` decoder layers (with an optional stream-only LoRA
   delta), then the final norm and the LM head, and predicts token ``x_{t+1+j}``;
-* it sits at rotary position ``t + j`` and attends to the main stream's keys/values of
-  the same layer at positions ``<= t`` and to streams ``1..j`` of the same ``t``.
+* it sits at position ``t + j`` (rotary angle or ALiBi key position; families with learned
+  absolute positions add them at the input only, so the streams inherit the anchor's
+  through ``h_t``) and attends to the main stream's keys/values of the same layer at
+  positions ``<= t`` and to streams ``1..j`` of the same ``t``.
+
+Module access per family is in ``hf_layers.py``; the attention is written once here.
 
 The main stream is the unmodified model, so its per-layer inputs are captured with
 forward pre-hooks on the model's own forward and its keys/values are recomputed from
@@ -24,13 +28,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..checkpoint import (DRAFT_VOCAB_KEY, EMBEDDINGS_KEY, SUPPORTED_ARCHITECTURES, TOKEN_MAP_A_KEY,
-                          TOKEN_MAP_B_KEY, LoraSpec, StreamCheckpointConfig, lora_module_shapes,
-                          next_token_features)
-from ..errors import UnsupportedArchitectureError
-
-_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
-_MLP = ("gate_proj", "up_proj", "down_proj")
+from ..checkpoint import (DRAFT_VOCAB_KEY, EMBEDDINGS_KEY, TOKEN_MAP_A_KEY, TOKEN_MAP_B_KEY,
+                          LoraSpec, StreamCheckpointConfig, lora_module_shapes, next_token_features)
+from ..families import family_of
+from .hf_layers import hf_layers
 
 
 def unwrap_causal_lm(model: nn.Module) -> nn.Module:
@@ -41,15 +42,12 @@ def unwrap_causal_lm(model: nn.Module) -> nn.Module:
 
 
 def decoder_of(model: nn.Module) -> nn.Module:
-    return unwrap_causal_lm(model).model
+    """The HF decoder stack (``model.model``, ``transformer``, ``model.decoder``, ...)."""
+    return hf_layers(unwrap_causal_lm(model)).decoder()
 
 
 def check_architecture(config) -> None:
-    arch = (getattr(config, "architectures", None) or ["?"])[0]
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise UnsupportedArchitectureError(
-            f"architecture {arch} has no Multi-Stream Attention implementation; supported: "
-            f"{list(SUPPORTED_ARCHITECTURES)} (add one under model_patches/)")
+    family_of(config)
 
 
 module_shapes = lora_module_shapes
@@ -81,6 +79,10 @@ class StreamParams(nn.Module):
             self.token_map_B = nn.Parameter(torch.zeros(d, token_map_rank))
         if lora is not None:
             shapes = module_shapes(config)
+            missing = [n for n in lora.target_modules if n not in shapes]
+            if missing:
+                raise ValueError(f"LoRA targets {missing} do not exist in this model; it has "
+                                 f"{list(shapes)}")
             for layer in self.layer_ids:
                 for name in lora.target_modules:
                     fan_in, fan_out = shapes[name]
@@ -193,7 +195,7 @@ class MainPass:
 @contextmanager
 def capture_layer_inputs(model: nn.Module, layer_ids):
     """Record the hidden state entering each of ``layer_ids`` during a forward."""
-    layers = decoder_of(model).layers
+    layers = hf_layers(unwrap_causal_lm(model)).layers()
     store: dict[int, torch.Tensor] = {}
     handles = []
     for i in layer_ids:
@@ -235,16 +237,22 @@ def _linear(layer_idx: int, name: str, module: nn.Module, x: torch.Tensor,
     return y
 
 
-def _rope(model: nn.Module, x: torch.Tensor, positions: torch.Tensor):
-    return decoder_of(model).rotary_emb(x, positions)
-
-
 def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, H, S, hd]; cos/sin: [B, S, hd] (HF's rotate-half convention)."""
+    """x: [B, H, S, hd]; cos/sin: [B, S, rd], rd <= hd: the first rd dims rotate (HF's
+    rotate-half convention; partial rotary when rd < hd)."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    h = x.shape[-1] // 2
-    rot = torch.cat((-x[..., h:], x[..., :h]), dim=-1)
-    return x * cos + rot * sin
+    rd = cos.shape[-1]
+    xr, rest = x[..., :rd], x[..., rd:]
+    h = rd // 2
+    rot = torch.cat((-xr[..., h:], xr[..., :h]), dim=-1)
+    out = xr * cos + rot * sin
+    return out if rest.shape[-1] == 0 else torch.cat((out, rest), dim=-1)
+
+
+def _heads(x: torch.Tensor, n: int, hd: int) -> torch.Tensor:
+    """[B, S, n * hd] -> [B, n, S, hd]"""
+    B, S = x.shape[:2]
+    return x.view(B, S, n, hd).transpose(1, 2)
 
 
 def stream_logits(model: nn.Module, params: StreamParams, main: MainPass,
@@ -257,14 +265,12 @@ def stream_logits(model: nn.Module, params: StreamParams, main: MainPass,
     streams also need ``next_tokens`` ([B, A]): x_{t+1}, the token sampled at each anchor.
     """
     cm = unwrap_causal_lm(model)
-    cfg = cm.config
-    dec = cm.model
+    fam = hf_layers(cm)
+    dims = fam.dims
     g = num_streams or params.num_streams
     B, A = anchors.shape
-    H, KV = cfg.num_attention_heads, cfg.num_key_value_heads
-    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
-    first = params.first_layer
-    h_first = main.layer_inputs[first]
+    H, KV, hd = dims.num_attention_heads, dims.num_key_value_heads, dims.head_dim
+    h_first = main.layer_inputs[params.first_layer]
     T = h_first.shape[1]
     bidx = torch.arange(B, device=anchors.device)[:, None]
     # stream inputs: h_t + e_j (+ g(x_{t+1})) at positions t + j
@@ -272,50 +278,61 @@ def stream_logits(model: nn.Module, params: StreamParams, main: MainPass,
     if params.next_token_aware:
         if next_tokens is None:
             raise ValueError("next-token-aware streams need next_tokens (x_{t+1} per anchor)")
-        nxt = dec.embed_tokens(next_tokens)
+        nxt = fam.input_embedding()(next_tokens)
     x = params.stream_inputs(h_first[bidx, anchors], g, nxt).reshape(B, A * g, -1)
     js = torch.arange(1, g + 1, device=anchors.device)
     spos = (anchors[:, :, None] + js).reshape(B, A * g)
-    s_cos, s_sin = _rope(model, x, spos)
-    m_cos, m_sin = _rope(model, x, main.position_ids)
+    positions = fam.family.positions
+    if positions == "rope":
+        s_cos, s_sin = fam.rotary(x, spos)
+        m_cos, m_sin = fam.rotary(x, main.position_ids)
     # masks: stream (t, j) sees main t' <= t, and stream j' <= j of the same t
     main_ok = main.position_ids[:, None, :] <= anchors.reshape(B, A, 1).repeat_interleave(g, 1)  # [B, A*g, T]
     tri = torch.tril(torch.ones(g, g, dtype=torch.bool, device=x.device))  # [g, g]
+    acc = torch.promote_types(x.dtype, torch.float32)  # softmax in >= fp32
+    if positions == "alibi":  # bias = slope * key position (softmax ignores the query's own)
+        slopes = fam.alibi_slopes().to(x.device, acc)[None, :, None, None]
+        bias_main = slopes * main.position_ids[:, None, None, :].to(acc)  # [B, H, 1, T]
+        bias_str = slopes[..., None] * spos.view(B, 1, A, 1, g).to(acc)  # [B, H, A, 1, g]
+    scale = fam.attention_scale()
+    rep = H // KV
     for li in params.layer_ids:
-        layer = dec.layers[li]
-        attn, mlp = layer.self_attn, layer.mlp
+        layer = fam.layers()[li]
+
+        def lin(name, module, h, li=li):
+            return _linear(li, name, module, h, params)
+
+        def delta(name, h, li=li):
+            return params.delta(li, name, h)
+
         # main keys/values of this layer, recomputed from the main layer input
-        hm = layer.input_layernorm(main.layer_inputs[li])
-        km = attn.k_proj(hm).view(B, T, KV, hd).transpose(1, 2)
-        vm = attn.v_proj(hm).view(B, T, KV, hd).transpose(1, 2)
-        km = _apply_rope(km, m_cos, m_sin)
+        km, vm = fam.kv(layer, fam.attn_norm(layer, main.layer_inputs[li]))
+        km, vm = _heads(km, KV, hd), _heads(vm, KV, hd)
+        _, km = fam.head_norms(layer, km, km)
         # stream queries/keys/values
-        hs = layer.input_layernorm(x)
-        q = _linear(li, "q_proj", attn.q_proj, hs, params).view(B, A * g, H, hd).transpose(1, 2)
-        ks = _linear(li, "k_proj", attn.k_proj, hs, params).view(B, A * g, KV, hd).transpose(1, 2)
-        vs = _linear(li, "v_proj", attn.v_proj, hs, params).view(B, A * g, KV, hd).transpose(1, 2)
-        q = _apply_rope(q, s_cos, s_sin)
-        ks = _apply_rope(ks, s_cos, s_sin)
-        rep = H // KV
+        hs = fam.attn_norm(layer, x)
+        q, ks, vs = fam.qkv(layer, hs, lin, delta)
+        q, ks, vs = _heads(q, H, hd), _heads(ks, KV, hd), _heads(vs, KV, hd)
+        q, ks = fam.head_norms(layer, q, ks)
+        if positions == "rope":
+            km = _apply_rope(km, m_cos, m_sin)
+            q, ks = _apply_rope(q, s_cos, s_sin), _apply_rope(ks, s_cos, s_sin)
         km_, vm_ = km.repeat_interleave(rep, 1), vm.repeat_interleave(rep, 1)
         ks_ = ks.repeat_interleave(rep, 1).view(B, H, A, g, hd)
         vs_ = vs.repeat_interleave(rep, 1).view(B, H, A, g, hd)
-        scale = hd ** -0.5
-        acc = torch.promote_types(q.dtype, torch.float32)  # softmax in >= fp32
         s_main = (q @ km_.transpose(-1, -2)).to(acc) * scale  # [B, H, A*g, T]
-        s_main = s_main.masked_fill(~main_ok[:, None], float("-inf"))
         qa = q.view(B, H, A, g, hd)
         s_str = (qa @ ks_.transpose(-1, -2)).to(acc) * scale  # [B, H, A, g, g]
+        if positions == "alibi":
+            s_main, s_str = s_main + bias_main, s_str + bias_str
+        s_main = s_main.masked_fill(~main_ok[:, None], float("-inf"))
         s_str = s_str.masked_fill(~tri, float("-inf")).view(B, H, A * g, g)
         p = torch.softmax(torch.cat([s_main, s_str], dim=-1), dim=-1).to(q.dtype)
         out = p[..., :T] @ vm_ + (p[..., T:].view(B, H, A, g, g) @ vs_).view(B, H, A * g, hd)
         out = out.transpose(1, 2).reshape(B, A * g, H * hd)
-        x = x + _linear(li, "o_proj", attn.o_proj, out, params)
-        hm2 = layer.post_attention_layernorm(x)
-        gate = _linear(li, "gate_proj", mlp.gate_proj, hm2, params)
-        up = _linear(li, "up_proj", mlp.up_proj, hm2, params)
-        x = x + _linear(li, "down_proj", mlp.down_proj, mlp.act_fn(gate) * up, params)
-    x = dec.norm(x).view(B, A, g, -1)
+        x = x + fam.out_proj(layer, out, lin)
+        x = x + fam.mlp(layer, fam.mlp_norm(layer, x), lin)
+    x = fam.final_norm(x).view(B, A, g, -1)
     if return_hidden:
         return x
     return cm.lm_head(x)
