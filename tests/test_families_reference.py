@@ -192,3 +192,77 @@ def test_unsupported_variants_are_refused(tmp_path):
         family_of(cfg)
     with pytest.raises(UnsupportedArchitectureError, match="supported: .*GPT2LMHeadModel"):
         family_of({"architectures": ["FalconForCausalLM"]})
+
+
+# --------------------------------------------------------------------------- trainer, decoder
+
+def _family_dir(tmp_path_factory, arch: str) -> Path:
+    return make_tiny(tmp_path_factory.mktemp("famtrain") / arch, arch, vocab=256)  # _examples: ids < 200
+
+
+@pytest.mark.parametrize("arch", FAMILY_ARCHS)
+def test_family_trainer_writes_a_checkpoint_the_reference_decodes_losslessly(arch, tmp_path_factory):
+    """A few lossless steps (next-token-aware streams, LoRA on every target the family has),
+    then the checkpoint loads against its base and the reference decoder built from it
+    reproduces plain greedy decoding."""
+    from transformers import AutoModelForCausalLM
+
+    from specstream_vllm.checkpoint import load_checkpoint
+    from specstream_vllm.reference.decoder import speculative_generate
+    from specstream_vllm.training.trainer import train
+    from tests.test_training import TINY, _examples
+    from specstream_vllm.training.recipe import load_recipe
+
+    base = _family_dir(tmp_path_factory, arch)
+    out = tmp_path_factory.mktemp("famrun") / arch
+    targets = list(family_of({"architectures": [_ARCH[arch]]}).lora_targets)
+    recipe = load_recipe(TINY, {"base_model": str(base), "output_dir": str(out), "max_steps": 3,
+                                "stream_input": "next_token", "token_map_rank": 8,
+                                "lora": {"rank": 4, "alpha": 8.0, "target_modules": targets}})
+    res = train(recipe, _examples(), progress=False, log=lambda s: None)
+    cfg, tensors = load_checkpoint(res.checkpoint_dir, base_model_dir=base, num_speculative_tokens=3)
+    assert cfg.base_model.architecture == _ARCH[arch] and cfg.stream_input == "next_token"
+    assert f"layers.2.{targets[0]}.lora_A" in tensors
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).eval()
+    params = StreamParams.from_checkpoint(model.config, cfg, tensors)
+    ids = torch.randint(3, 128, (1, 7), generator=torch.Generator().manual_seed(3))
+    spec, stats = speculative_generate(model, params, ids, 20, 3)
+    from tests.test_reference import _generate
+    assert spec == _generate(model, ids, 20) and stats.num_drafts > 0
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "bloom"])
+def test_family_finetuned_mode_targets_the_family_modules(arch, tmp_path_factory):
+    """Fine-tuned mode puts peft's LoRA on the family's own (fused) modules and saves a merged
+    model whose streams load against it."""
+    from specstream_vllm.checkpoint import STREAMS_SUBDIR, load_checkpoint
+    from specstream_vllm.training.recipe import load_recipe
+    from specstream_vllm.training.trainer import train
+    from tests.test_training import TINY, _examples
+
+    base = _family_dir(tmp_path_factory, arch)
+    out = tmp_path_factory.mktemp("famft") / arch
+    recipe = load_recipe(TINY, {"base_model": str(base), "output_dir": str(out), "max_steps": 2,
+                                "mode": "finetuned", "loss": {"alpha0": 1.0},
+                                "lora": {"rank": 4, "alpha": 8.0,
+                                         "target_modules": ["q_proj", "o_proj", "down_proj"]}})
+    train(recipe, _examples(), progress=False, log=lambda s: None)
+    merged = out / "model"
+    cfg, _ = load_checkpoint(merged / STREAMS_SUBDIR, base_model_dir=merged)
+    assert cfg.mode == "finetuned" and cfg.base_model.architecture == _ARCH[arch]
+
+
+def test_lora_target_a_family_lacks_is_refused_at_the_recipe(tmp_path_factory, tmp_path):
+    from specstream_vllm.training.recipe import load_recipe
+    from specstream_vllm.training.trainer import train
+    from tests.test_training import TINY, _examples
+
+    base = _family_dir(tmp_path_factory, "gpt2")
+    recipe = load_recipe(TINY, {"base_model": str(base), "output_dir": str(tmp_path / "r"),
+                                "max_steps": 1, "lora": {"rank": 4, "target_modules": ["gate_proj"]}})
+    with pytest.raises(ValueError, match=r"gate_proj.*GPT2LMHeadModel"):
+        train(recipe, _examples(), progress=False, log=lambda s: None)
+
+
+_ARCH = {"qwen3": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel", "opt": "OPTForCausalLM",
+         "bloom": "BloomForCausalLM"}

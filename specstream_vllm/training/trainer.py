@@ -23,6 +23,7 @@ import torch
 
 from ..checkpoint import (DRAFT_VOCAB_KEY, STREAMS_SUBDIR, GreedyProposal, SpeculatorsInfo,
                           StreamCheckpointConfig, base_model_ref, save_checkpoint)
+from ..families import check_lora_targets, family_of
 from ..reference.streams import (MainPass, StreamParams, capture_layer_inputs, check_architecture,
                                  decoder_of, stream_logits, unwrap_causal_lm)
 from .data import Example
@@ -229,12 +230,16 @@ def train(recipe: Recipe, examples: list[Example] | None = None, *, resume: bool
     if recipe.num_stream_layers > cfg.num_hidden_layers:
         raise ValueError(f"num_stream_layers={recipe.num_stream_layers} exceeds the model's "
                          f"{cfg.num_hidden_layers} layers")
+    if recipe.lora is not None:
+        check_lora_targets(cfg, recipe.lora.target_modules)
     finetuned = recipe.mode == "finetuned"
     if finetuned:
         from peft import LoraConfig, get_peft_model
+        names = family_of(cfg).peft_modules  # canonical target -> this family's module name
         model = get_peft_model(model, LoraConfig(
             r=recipe.lora.rank, lora_alpha=recipe.lora.alpha,
-            target_modules=list(recipe.lora.target_modules), lora_dropout=0.0, bias="none"))
+            target_modules=sorted({names[t] for t in recipe.lora.target_modules}),
+            lora_dropout=0.0, bias="none"))
     form = dict(stream_input=recipe.stream_input,
                 token_map_rank=recipe.token_map_rank if recipe.stream_input == "next_token" else None)
     params = StreamParams(cfg, recipe.num_streams, recipe.num_stream_layers,
@@ -452,7 +457,11 @@ def _fixed_data_step(recipe: Recipe, model, params: StreamParams, seqs: list[Seq
         main_loss = alpha0 * ml
     else:
         main, final = cache.batch(idx, seqs)
-    hidden = stream_logits(model, params, main, anchors, g, return_hidden=True)  # [B,A,g,d]
+    nxt = None  # next-token-aware streams see x_{t+1}, the token at the anchor's next position
+    if params.next_token_aware:
+        nxt = torch.gather(ids, 1, torch.minimum(anchors + 1, (lens - 1)[:, None]))
+    hidden = stream_logits(model, params, main, anchors, g, return_hidden=True,
+                           next_tokens=nxt)  # [B,A,g,d]
     B, A = anchors.shape
     js = torch.arange(1, g + 1)
     lab_pos = anchors[:, :, None] + 1 + js  # [B,A,g]
