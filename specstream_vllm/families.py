@@ -72,7 +72,7 @@ PHI = Family("phi", "rope", _UNGATED,
 FAMILIES: dict[str, Family] = {
     "LlamaForCausalLM": LLAMA, "MistralForCausalLM": LLAMA, "Qwen2ForCausalLM": LLAMA,
     "Qwen3ForCausalLM": LLAMA, "GPT2LMHeadModel": GPT2, "OPTForCausalLM": OPT,
-    "BloomForCausalLM": BLOOM,
+    "BloomForCausalLM": BLOOM, "PhiForCausalLM": PHI,
 }
 SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
 

@@ -44,16 +44,23 @@ def make_tiny(path: Path, arch: str, *, hidden: int = 64, heads: int = 4, layers
     elif arch == "bloom":
         cfg = tf.BloomConfig(hidden_size=hidden, n_layer=layers, n_head=heads, **common)
         model = tf.BloomForCausalLM(cfg)
+    elif arch == "phi":  # partial rotary and per-head q/k LayerNorms exercised
+        cfg = tf.PhiConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                           intermediate_size=2 * hidden, partial_rotary_factor=0.5, qk_layernorm=True,
+                           max_position_embeddings=512, **common)
+        model = tf.PhiForCausalLM(cfg)
     else:
         raise ValueError(arch)
     model.eval()
     with torch.no_grad():  # sharper logits: fewer near-ties between the engines
         model.lm_head.weight.copy_(torch.randn_like(model.lm_head.weight) * 0.5)
+        if model.lm_head.bias is not None:  # Phi: a bias that changes the argmax
+            model.lm_head.bias.copy_(torch.randn_like(model.lm_head.bias))
     model.save_pretrained(str(path), safe_serialization=True)
     return path
 
 
-FAMILY_ARCHS = ["qwen3", "gpt2", "opt", "bloom"]
+FAMILY_ARCHS = ["qwen3", "gpt2", "opt", "bloom", "phi"]
 
 
 @pytest.fixture(scope="module", params=FAMILY_ARCHS)
@@ -119,12 +126,17 @@ def _lora_hooks(arch, model, params, li, rows):
         on(layer.self_attention.dense, ["o_proj"])
         on(layer.mlp.dense_h_to_4h, ["up_proj"])
         on(layer.mlp.dense_4h_to_h, ["down_proj"])
-    elif arch == "opt":
+    elif arch in ("opt", "phi"):
         for n in ("q_proj", "k_proj", "v_proj"):
             on(getattr(layer.self_attn, n), [n])
-        on(layer.self_attn.out_proj, ["o_proj"])
-        on(layer.fc1, ["up_proj"])
-        on(layer.fc2, ["down_proj"])
+        if arch == "opt":
+            on(layer.self_attn.out_proj, ["o_proj"])
+            on(layer.fc1, ["up_proj"])
+            on(layer.fc2, ["down_proj"])
+        else:
+            on(layer.self_attn.dense, ["o_proj"])
+            on(layer.mlp.fc1, ["up_proj"])
+            on(layer.mlp.fc2, ["down_proj"])
     else:
         for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
             on(getattr(layer.self_attn, n), [n])
@@ -179,7 +191,7 @@ def test_family_streams_equal_hf_forward_with_injected_streams(family_model, t):
 
 
 def test_every_family_has_a_layer_description():
-    assert {"Qwen3ForCausalLM", "GPT2LMHeadModel", "OPTForCausalLM", "BloomForCausalLM"} <= set(FAMILIES)
+    assert set(_ARCH.values()) <= set(FAMILIES)
 
 
 def test_unsupported_variants_are_refused(tmp_path):
@@ -265,4 +277,4 @@ def test_lora_target_a_family_lacks_is_refused_at_the_recipe(tmp_path_factory, t
 
 
 _ARCH = {"qwen3": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel", "opt": "OPTForCausalLM",
-         "bloom": "BloomForCausalLM"}
+         "bloom": "BloomForCausalLM", "phi": "PhiForCausalLM"}

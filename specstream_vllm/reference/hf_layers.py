@@ -32,6 +32,9 @@ def _plus(y: torch.Tensor, d: torch.Tensor | None) -> torch.Tensor:
 class HFLayers:
     """Llama layout (Llama, SmolLM, Mistral, Qwen2, Qwen3): the default."""
 
+    #: attention and MLP read the same normed input and both add to the residual (Phi)
+    parallel_block = False
+
     def __init__(self, causal_lm: nn.Module):
         self.cm = causal_lm
         self.config = causal_lm.config
@@ -192,7 +195,35 @@ class BloomLayers(HFLayers):
         return alibi[:, 0, 1]
 
 
-_BY_ARCH = {"GPT2LMHeadModel": GPT2Layers, "OPTForCausalLM": OPTLayers, "BloomForCausalLM": BloomLayers}
+class PhiLayers(HFLayers):
+    """Phi-1/1.5/2: parallel attention and MLP on one LayerNorm, partial rotary (the rotary
+    module's cos/sin cover the first ``partial_rotary_factor * hd`` dims), optional per-head
+    q/k LayerNorms, biased projections and LM head."""
+
+    parallel_block = True
+
+    def final_norm(self, x):
+        return self.decoder().final_layernorm(x)
+
+    def mlp_norm(self, layer, x):  # pragma: no cover - parallel block: the MLP reads attn_norm
+        raise NotImplementedError
+
+    def head_norms(self, layer, q, k):
+        a = layer.self_attn
+        if getattr(a, "qk_layernorm", False):
+            q, k = a.q_layernorm(q), a.k_layernorm(k)
+        return q, k
+
+    def out_proj(self, layer, o, lin):
+        return lin("o_proj", layer.self_attn.dense, o)
+
+    def mlp(self, layer, h, lin):
+        m = layer.mlp
+        return lin("down_proj", m.fc2, m.activation_fn(lin("up_proj", m.fc1, h)))
+
+
+_BY_ARCH = {"GPT2LMHeadModel": GPT2Layers, "OPTForCausalLM": OPTLayers, "BloomForCausalLM": BloomLayers,
+            "PhiForCausalLM": PhiLayers}
 
 
 def architecture(causal_lm: nn.Module) -> str:

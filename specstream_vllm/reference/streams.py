@@ -330,8 +330,11 @@ def stream_logits(model: nn.Module, params: StreamParams, main: MainPass,
         p = torch.softmax(torch.cat([s_main, s_str], dim=-1), dim=-1).to(q.dtype)
         out = p[..., :T] @ vm_ + (p[..., T:].view(B, H, A, g, g) @ vs_).view(B, H, A * g, hd)
         out = out.transpose(1, 2).reshape(B, A * g, H * hd)
-        x = x + fam.out_proj(layer, out, lin)
-        x = x + fam.mlp(layer, fam.mlp_norm(layer, x), lin)
+        if fam.parallel_block:  # x + attn(n(x)) + mlp(n(x))
+            x = x + fam.out_proj(layer, out, lin) + fam.mlp(layer, hs, lin)
+        else:
+            x = x + fam.out_proj(layer, out, lin)
+            x = x + fam.mlp(layer, fam.mlp_norm(layer, x), lin)
     x = fam.final_norm(x).view(B, A, g, -1)
     if return_hidden:
         return x

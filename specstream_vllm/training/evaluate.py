@@ -35,7 +35,9 @@ def stream_drafter(params: StreamParams, gamma: int, chunk: int = 128) -> Drafte
 
         T = final.shape[1]
         main = MainPass(None, layers, torch.arange(T).unsqueeze(0))
-        lm = params.draft_lm_weight(unwrap_causal_lm(model).lm_head.weight)
+        head = unwrap_causal_lm(model).lm_head
+        lm = params.draft_lm_weight(head.weight)
+        bias = None if head.bias is None else params.draft_lm_weight(head.bias)
         out = []
         for s in range(0, anchors.numel(), chunk):
             a = anchors[s:s + chunk].unsqueeze(0)
@@ -43,7 +45,8 @@ def stream_drafter(params: StreamParams, gamma: int, chunk: int = 128) -> Drafte
             nxt = ids[a + 1] if params.next_token_aware else None
             h = stream_logits(model, params, main, a, gamma, return_hidden=True,
                               next_tokens=nxt)[0]  # [a, g, d]
-            out.append(params.draft_ids(chunked_argmax(h.reshape(-1, h.shape[-1]), lm)).view(-1, gamma))
+            out.append(params.draft_ids(chunked_argmax(h.reshape(-1, h.shape[-1]), lm, bias=bias))
+                       .view(-1, gamma))
         return torch.cat(out)
     return draft
 
@@ -59,7 +62,8 @@ def acceptance_on(model, examples: list[Example], drafters: dict[str, tuple[Draf
     stats = {name: {g: AcceptanceStats() for g in gammas if g <= gmax}
              for name, (_, gmax) in drafters.items()}
     agree = total = 0
-    lm = unwrap_causal_lm(model).lm_head.weight
+    head = unwrap_causal_lm(model).lm_head
+    lm, bias = head.weight, head.bias
     for ex in tqdm(examples, disable=not progress, desc="eval", dynamic_ncols=True):
         toks = ex.tokens
         n, p = len(toks), len(ex.prompt_ids)
@@ -67,7 +71,7 @@ def acceptance_on(model, examples: list[Example], drafters: dict[str, tuple[Draf
             continue
         ids = torch.tensor([toks])
         layers, final = run_main(model, ids, None, layer_ids, True)
-        main_top = chunked_argmax(final[0, p - 1:n - 1], lm)
+        main_top = chunked_argmax(final[0, p - 1:n - 1], lm, bias=bias)
         agree += int((main_top == ids[0, p:]).sum())
         total += n - p
         anchors = torch.arange(p - 1, n - 1)

@@ -170,7 +170,8 @@ def fit_token_map(model, params: StreamParams, data: TeacherForcedData, recipe: 
 
 
 def tf_step(model, params: StreamParams, data: TeacherForcedData, recipe: Recipe,
-            lm_weight_vocab: torch.Tensor, step: int, main_model=None):
+            lm_weight_vocab: torch.Tensor, step: int, main_model=None,
+            lm_bias_vocab: torch.Tensor | None = None):
     """Loss and per-(anchor, stream) correctness of one step, or None when data ran out.
 
     Returns ``(loss, correct [B, A, g], valid [B, A, g])``; correct = the stream's top-1
@@ -201,7 +202,7 @@ def tf_step(model, params: StreamParams, data: TeacherForcedData, recipe: Recipe
     wts = valid.float() * (torch.tensor(recipe.stream_weights()) / counts)[None, None, :]
     d = hidden.shape[-1]
     loss, correct = chunked_lm_loss(hidden.reshape(-1, d), lm_weight_vocab, None, wts.reshape(-1),
-                                    recipe.lm_head_chunk, target_h.float())
+                                    recipe.lm_head_chunk, target_h.float(), bias=lm_bias_vocab)
     data.tokens_seen += int(lens.sum())
     data.anchors_seen += int(avalid.sum())
     return loss, correct.reshape(B, A, g), valid

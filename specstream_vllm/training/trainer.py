@@ -336,9 +336,11 @@ def train(recipe: Recipe, examples: list[Example] | None = None, *, resume: bool
     weights = recipe.stream_weights()
     alpha0 = recipe.main_weight()
     lm_weight = unwrap_causal_lm(model).lm_head.weight
+    lm_bias = unwrap_causal_lm(model).lm_head.bias  # Phi's LM head has one; None elsewhere
     vocab_map = None
     if streaming:
         lm_weight = lm_weight[params.draft_vocab].contiguous()
+        lm_bias = None if lm_bias is None else lm_bias[params.draft_vocab]
         log(f"[train] training softmax over the {params.draft_vocab.numel():,}-token draft vocabulary")
     elif recipe.train_vocab == "data" and not finetuned:
         vocab = response_vocab(seqs)
@@ -346,6 +348,7 @@ def train(recipe: Recipe, examples: list[Example] | None = None, *, resume: bool
         vocab_map = torch.full((lm_weight.shape[0],), -1, dtype=torch.long)
         vocab_map[vocab] = torch.arange(vocab.numel())
         lm_weight = lm_weight[vocab].contiguous()
+        lm_bias = None if lm_bias is None else lm_bias[vocab]
         log(f"[train] training softmax over the {vocab.numel():,} tokens of the training responses")
     g = recipe.num_streams
     bar = tqdm(total=total, initial=step, disable=not progress, dynamic_ncols=True, desc="train")
@@ -378,7 +381,7 @@ def train(recipe: Recipe, examples: list[Example] | None = None, *, resume: bool
     while step < total:
         if streaming:
             from .teacher_forced import tf_step
-            res = tf_step(model, params, tf_data, recipe, lm_weight, step, main_model)
+            res = tf_step(model, params, tf_data, recipe, lm_weight, step, main_model, lm_bias)
             if res is None:
                 log("[train] every training conversation has been used")
                 break
@@ -386,7 +389,7 @@ def train(recipe: Recipe, examples: list[Example] | None = None, *, resume: bool
         else:
             loss, correct, valid = _fixed_data_step(
                 recipe, model, params, seqs, cache, step, steps_per_epoch, finetuned, layer_ids,
-                lm_weight, vocab_map, weights, alpha0, d, g)
+                lm_weight, vocab_map, weights, alpha0, d, g, lm_bias)
         _optimize(loss, opt, sched, trainable, recipe.grad_clip)
         step += 1
         if budget is not None and recipe.schedule_by_time:
@@ -436,7 +439,7 @@ def train(recipe: Recipe, examples: list[Example] | None = None, *, resume: bool
 
 def _fixed_data_step(recipe: Recipe, model, params: StreamParams, seqs: list[Seq], cache, step: int,
                      steps_per_epoch: int, finetuned: bool, layer_ids, lm_weight, vocab_map,
-                     weights, alpha0: float, d: int, g: int):
+                     weights, alpha0: float, d: int, g: int, lm_bias=None):
     """Loss, correctness and validity ``[B, A, g]`` of one step on the (cached) fixed data set."""
     idx, bseqs, anchors, avalid = step_batch(seqs, recipe, step, steps_per_epoch)
     lens = torch.tensor([s.length for s in bseqs])
@@ -453,7 +456,8 @@ def _fixed_data_step(recipe: Recipe, model, params: StreamParams, seqs: list[Seq
         ok = (t[None] >= plen[:, None] - 1) & (t[None] < lens[:, None] - 1)
         w = ok.float() / ok.sum().clamp(min=1)
         ml, _ = chunked_lm_loss(final[:, :-1].reshape(-1, d), lm_weight,
-                                ids[:, 1:].reshape(-1), w.reshape(-1), recipe.lm_head_chunk)
+                                ids[:, 1:].reshape(-1), w.reshape(-1), recipe.lm_head_chunk,
+                                bias=lm_bias)
         main_loss = alpha0 * ml
     else:
         main, final = cache.batch(idx, seqs)
@@ -480,7 +484,7 @@ def _fixed_data_step(recipe: Recipe, model, params: StreamParams, seqs: list[Seq
         bidx = torch.arange(B)[:, None, None].expand_as(tpos)
         target_h = final[bidx, tpos].reshape(-1, d)
     sl, correct = chunked_lm_loss(hidden.reshape(-1, d), lm_weight, labels.reshape(-1),
-                                  wts.reshape(-1), recipe.lm_head_chunk, target_h)
+                                  wts.reshape(-1), recipe.lm_head_chunk, target_h, bias=lm_bias)
     loss = sl + main_loss
     return loss, correct.reshape(B, A, g), valid
 
