@@ -3,13 +3,23 @@
 Shipped inside the package as ``specstream_vllm.model_patches`` (see pyproject).
 This module stays import-light: the vLLM model classes are registered lazily by
 ``module:Class`` strings, so loading the plugin does not import vLLM's models.
+One mechanism (``stream_layers.py``) serves every family; a family module holds its
+``Layout`` and one class per served architecture.
 """
 
-_FAMILY = "specstream_vllm.model_patches.llama_family"
+_PKG = "specstream_vllm.model_patches"
+
+
+def _entry(arch: str, module: str) -> tuple[str, str]:
+    name = f"SpecStream{arch}"
+    return name, f"{_PKG}.{module}:{name}"
+
 
 #: served base architecture -> (MSA architecture registered with vLLM, "module:Class")
 MSA_ARCHITECTURES: dict[str, tuple[str, str]] = {
-    "LlamaForCausalLM": ("SpecStreamLlamaForCausalLM", f"{_FAMILY}:SpecStreamLlamaForCausalLM"),
-    "MistralForCausalLM": ("SpecStreamMistralForCausalLM", f"{_FAMILY}:SpecStreamMistralForCausalLM"),
-    "Qwen2ForCausalLM": ("SpecStreamQwen2ForCausalLM", f"{_FAMILY}:SpecStreamQwen2ForCausalLM"),
+    "LlamaForCausalLM": _entry("LlamaForCausalLM", "llama_family"),
+    "MistralForCausalLM": _entry("MistralForCausalLM", "llama_family"),
+    "Qwen2ForCausalLM": _entry("Qwen2ForCausalLM", "llama_family"),
+    "Qwen3ForCausalLM": _entry("Qwen3ForCausalLM", "llama_family"),
 }
+

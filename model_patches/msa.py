@@ -7,7 +7,8 @@ The MSA model *is* the served target model (same weights, same KV cache) plus:
   way vLLM shards the base linear it corrects (column-parallel: B rows of this
   rank; row-parallel: A columns of this rank, the rank-r partial is all-reduced);
 * the hidden state entering layer ``L - N_s`` as an auxiliary output of the main
-  forward (vLLM's EAGLE-3 mechanism), which the proposer turns into stream inputs;
+  forward (vLLM's EAGLE-3 mechanism, or a decoder subclass for families without it:
+  stream_layers.py), which the proposer turns into stream inputs;
 * in the next-token-aware form, the map g of the token sampled at the anchor
   (``token_map_A/B``, float32, replicated; the input embedding is the target's own);
 * the checkpoint's draft vocabulary, if any: drafts are the argmax over those LM-head
@@ -147,11 +148,11 @@ class MSAMixin:
             for li in range(s.first_layer, s.num_layers):
                 for key, mod in self._lora_modules_for_layer(cfg, li, s).items():
                     self.stream_lora[key] = mod  # float32, see ShardedLoRA.forward
-        self.model._set_aux_hidden_state_layers((s.first_layer,))
+        self._set_aux_layer()
 
     # ---- vLLM's EAGLE-3 aux-hidden-state interface: always our one layer ----
     def set_aux_hidden_state_layers(self, layers) -> None:
-        self.model._set_aux_hidden_state_layers((self.stream_settings.first_layer,))
+        self._set_aux_layer()
 
     def get_eagle3_default_aux_hidden_state_layers(self) -> tuple[int, ...]:
         return (self.stream_settings.first_layer,)
@@ -187,7 +188,7 @@ class MSAMixin:
         in the order and dtype of the reference model (reference/streams.py)."""
         x = h[:, None, :] + self.stream_embeddings[:g].to(h.dtype)
         if self.stream_settings.next_token_aware:
-            emb = self.model.embed_tokens(next_token_ids)  # vocab-parallel: whole rows on every rank
+            emb = self.input_embedding()(next_token_ids)  # vocab-parallel: whole rows on every rank
             # the map is float32 (as in the reference), the embedding the engine's dtype
             gx = next_token_features(emb).to(self.token_map_A.dtype) @ self.token_map_A.t() @ self.token_map_B.t()
             x = x + gx.to(h.dtype)[:, None, :]
@@ -230,7 +231,13 @@ class MSAMixin:
         mod = self.stream_lora[key] if key in self.stream_lora else None
         return mod(x) if mod is not None else None
 
-    # family modules implement these two
+    # stream_layers.StreamModel implements these
+    def _set_aux_layer(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def input_embedding(self) -> nn.Module:  # pragma: no cover - abstract
+        raise NotImplementedError
+
     def _lora_key(self, layer: int, name: str) -> str:  # pragma: no cover - abstract
         raise NotImplementedError
 

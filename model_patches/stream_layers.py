@@ -1,0 +1,274 @@
+"""One Multi-Stream Attention mechanism for every family, driven by a :class:`Layout`.
+
+A family differs from another only in where things are (attribute paths), how the
+residual stream is carried (vLLM's fused add-RMSNorm or plain pre-LN adds), whether its
+MLP is gated, and how positions enter (rotary at t+j; learned absolute, i.e. nowhere in
+the layers; ALiBi, applied by vLLM's ``Attention`` from the key's cache position). The
+stream pass, the stream LoRA's TP layout and the aux hidden state are written once here;
+a family module is a Layout plus one class per served architecture.
+
+Stream LoRA slots (canonical names -> the vLLM linear they correct):
+``qkv`` (q/k/v members of the QKVParallelLinear), ``o`` (o_proj), ``mlp_in`` (gate/up,
+or up alone) and ``mlp_out`` (down). Shards follow the linear's own TP sizes.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+import torch.nn as nn
+
+from .msa import MSAMixin, ShardedLoRA, StreamSettings, _tp
+
+logger = logging.getLogger(__name__)
+
+_SLOT = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": "o",
+         "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "mlp_out"}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a family keeps its parts in vLLM's model (dotted attribute paths).
+
+    ``decoder`` is relative to the ``*ForCausalLM``; ``layers``, ``embedding`` (the raw
+    token embedding the next-token map reads) and ``final_norm`` to the decoder; the
+    rest to one decoder layer. ``mlp`` is (in linear, activation, out linear).
+    """
+    decoder: str
+    layers: str
+    embedding: str
+    final_norm: str
+    norms: tuple[str, str]
+    attn: str
+    qkv: str
+    o_proj: str
+    mlp: tuple[str, str, str]
+    gated_mlp: bool
+    positions: Literal["rope", "learned", "alibi"]
+    residual: Literal["fused", "plain"] = "plain"
+    qk_norm: bool = False
+    #: vLLM's EAGLE-3 aux output exists (EagleModelMixin); otherwise the decoder is
+    #: built as ``StreamModel.aux_forward_class`` (same modules, forward also returns
+    #: the aux hidden state)
+    eagle_aux: bool = False
+
+
+def get(obj, path: str):
+    """``get(layer, "mlp.c_fc")``; a plain loop (traced by torch.compile)."""
+    for name in path.split(".") if path else ():
+        obj = getattr(obj, name)
+    return obj
+
+
+class StreamModel(MSAMixin):
+    """Mixed in before a vLLM ``*ForCausalLM``; the family sets ``layout``."""
+
+    layout: Layout
+    #: for families without vLLM's aux output: a subclass of the decoder's class whose
+    #: forward returns ``(hidden, [h entering the first stream layer])``, built in its place
+    aux_forward_class: type | None = None
+
+    def __init__(self, *, vllm_config, prefix: str = "", **kwargs):
+        if self.layout.eagle_aux:
+            super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
+        else:
+            from vllm.distributed.parallel_state import get_pp_group
+            if get_pp_group().world_size > 1:
+                raise ValueError(f"specstream on {type(self).__name__} does not support "
+                                 "pipeline parallelism (tensor parallelism is supported)")
+            with _built_as(self.aux_forward_class):
+                super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
+        self._init_streams(vllm_config)
+        if not self.layout.eagle_aux:
+            self.stream_decoder().stream_first_layer = self.stream_settings.first_layer
+        attn = get(self.stream_layers()[self.stream_settings.first_layer], self.layout.attn)
+        if not self.layout.qk_norm and (hasattr(attn, "q_norm") or hasattr(attn, "k_norm")):
+            raise ValueError(f"q/k-norm attention is not supported by {type(self).__name__}")
+        self._compiled_stream_forward = None
+        if not vllm_config.model_config.enforce_eager and os.environ.get("SPECSTREAM_COMPILE_DRAFT") != "0":
+            self._compiled_stream_forward = torch.compile(self._stream_forward, dynamic=True)
+
+    def stream_decoder(self) -> nn.Module:
+        """The module holding the decoder layers (GPT-2's ``transformer``, OPT's ``model.decoder``)."""
+        return get(self, self.layout.decoder)
+
+    def stream_layers(self) -> nn.ModuleList:
+        return get(self.stream_decoder(), self.layout.layers)
+
+    def input_embedding(self) -> nn.Module:
+        return get(self.stream_decoder(), self.layout.embedding)
+
+    def _set_aux_layer(self) -> None:
+        if self.layout.eagle_aux:
+            self.stream_decoder()._set_aux_hidden_state_layers((self.stream_settings.first_layer,))
+
+    def load_weights(self, weights):
+        loaded = super().load_weights(weights)
+        self._load_streams()
+        return loaded
+
+    # ---- stream LoRA: one ShardedLoRA per vLLM linear, shaped by that linear ----
+    def _lora_key(self, layer: int, name: str) -> str:
+        return f"{layer}_{_SLOT[name]}"
+
+    def _lora_modules_for_layer(self, cfg, layer: int, s: StreamSettings) -> dict[str, nn.Module]:
+        L = self.layout
+        lay = self.stream_layers()[layer]
+        attn = get(lay, L.attn)
+        targets = set(s.lora_targets)
+        r, sc = s.lora_rank, s.lora_scaling
+        if not L.gated_mlp and "gate_proj" in targets:
+            raise ValueError(f"{type(self).__name__} has no gate_proj (ungated MLP) to put a "
+                             "stream LoRA on")
+        rank, _ = _tp()
+        out: dict[str, nn.Module] = {}
+        if targets & {"q_proj", "k_proj", "v_proj"}:
+            qkv = get(attn, L.qkv)
+            hd, hq, kv_local = qkv.head_size, qkv.num_heads, qkv.num_kv_heads
+            kv0 = (rank // qkv.num_kv_head_replicas) * kv_local
+            slices = [("q_proj", rank * hq * hd, (rank + 1) * hq * hd),
+                      ("k_proj", kv0 * hd, (kv0 + kv_local) * hd),
+                      ("v_proj", kv0 * hd, (kv0 + kv_local) * hd)]
+            out[f"{layer}_qkv"] = ShardedLoRA(r, sc, qkv.input_size, out_slices=slices)
+        if "o_proj" in targets:
+            out[f"{layer}_o"] = _row_parallel(get(attn, L.o_proj), r, sc, rank)
+        mlp_in = get(lay, L.mlp[0])
+        if L.gated_mlp and targets & {"gate_proj", "up_proj"}:
+            i_loc = mlp_in.output_size_per_partition // 2
+            slices = [("gate_proj", rank * i_loc, (rank + 1) * i_loc),
+                      ("up_proj", rank * i_loc, (rank + 1) * i_loc)]
+            out[f"{layer}_mlp_in"] = ShardedLoRA(r, sc, mlp_in.input_size, out_slices=slices)
+        elif not L.gated_mlp and "up_proj" in targets:
+            i_loc = mlp_in.output_size_per_partition
+            out[f"{layer}_mlp_in"] = ShardedLoRA(
+                r, sc, mlp_in.input_size, out_slices=[("up_proj", rank * i_loc, (rank + 1) * i_loc)])
+        if "down_proj" in targets:
+            out[f"{layer}_mlp_out"] = _row_parallel(get(lay, L.mlp[2]), r, sc, rank)
+        return out
+
+    def _with_lora(self, layer: int, slot: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        delta = self.stream_lora_delta(layer, slot, x)
+        return y if delta is None else y + delta.to(y.dtype)
+
+    # ---- the stream pass ----
+    def _stream_attention(self, li: int, lay: nn.Module, positions: torch.Tensor,
+                          h: torch.Tensor) -> torch.Tensor:
+        L = self.layout
+        attn = get(lay, L.attn)
+        qkv_linear = get(attn, L.qkv)
+        qkv, _ = qkv_linear(h)
+        qkv = self._with_lora(li, "qkv", h, qkv)
+        hd = qkv_linear.head_size
+        q_size, kv_size = qkv_linear.num_heads * hd, qkv_linear.num_kv_heads * hd
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        if L.qk_norm:  # Qwen3: per-head RMSNorm of q and k, before rotary
+            q = attn.q_norm(q.view(*q.shape[:-1], q.shape[-1] // hd, hd)).view(q.shape)
+            k = attn.k_norm(k.view(*k.shape[:-1], k.shape[-1] // hd, hd)).view(k.shape)
+        if L.positions == "rope":  # stream j at t+j; ALiBi: the kernel reads the slot's position
+            q, k = attn.rotary_emb(positions, q, k)
+        o = attn.attn(q, k, v)  # reads the target's cache, writes the stream slots
+        out, _ = get(attn, L.o_proj)(o)
+        return self._with_lora(li, "o", o, out)
+
+    def _stream_mlp(self, li: int, lay: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        lin_in, act_fn, lin_out = (get(lay, p) for p in self.layout.mlp)
+        u, _ = lin_in(h)
+        u = self._with_lora(li, "mlp_in", h, u)
+        a = act_fn(u)
+        down, _ = lin_out(a)
+        return self._with_lora(li, "mlp_out", a, down)
+
+    def _stream_layer(self, li: int, positions: torch.Tensor, hidden: torch.Tensor,
+                      residual: torch.Tensor | None):
+        lay = self.stream_layers()[li]
+        norm1, norm2 = (get(lay, n) for n in self.layout.norms)
+        if self.layout.residual == "fused":  # vLLM's add-RMSNorm: residual carried beside
+            if residual is None:
+                residual = hidden
+                h = norm1(hidden)
+            else:
+                h, residual = norm1(hidden, residual)
+            out = self._stream_attention(li, lay, positions, h)
+            h, residual = norm2(out, residual)
+            return self._stream_mlp(li, lay, h), residual
+        hidden = hidden + self._stream_attention(li, lay, positions, norm1(hidden))
+        return hidden + self._stream_mlp(li, lay, norm2(hidden)), None
+
+    def stream_forward(self, stream_inputs: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Run stream tokens (``h_t + e_j``, flattened) through the top N_s layers.
+
+        Must be called inside a forward context whose attention metadata describes
+        the stream tokens; returns final-normed hidden states for ``compute_logits``.
+        Compiled with torch.compile (dynamic shapes) unless the engine runs eagerly
+        (``enforce_eager``) or ``SPECSTREAM_COMPILE_DRAFT=0``; if compilation fails the
+        pass falls back to eager for good (rerunning it rewrites the same cache slots).
+        """
+        if self._compiled_stream_forward is not None:
+            try:
+                return self._compiled_stream_forward(stream_inputs, positions)
+            except Exception as exc:  # noqa: BLE001 - a compiler problem must not stop serving
+                logger.warning("specstream: compiled stream pass failed (%s: %s); running it "
+                               "eagerly from now on", type(exc).__name__, exc)
+                self._compiled_stream_forward = None
+        return self._stream_forward(stream_inputs, positions)
+
+    def _stream_forward(self, stream_inputs: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        s = self.stream_settings
+        hidden, residual = stream_inputs, None
+        for li in range(s.first_layer, s.num_layers):
+            hidden, residual = self._stream_layer(li, positions, hidden, residual)
+        norm = get(self.stream_decoder(), self.layout.final_norm)
+        if self.layout.residual == "fused":
+            hidden, _ = norm(hidden, residual)
+            return hidden
+        return hidden if norm is None else norm(hidden)
+
+    def stream_attention_layer_names(self) -> list[str]:
+        s, L = self.stream_settings, self.layout
+        layers = self.stream_layers()
+        return [get(layers[i], L.attn).attn.layer_name for i in range(s.first_layer, s.num_layers)]
+
+
+@contextmanager
+def _built_as(subclass: type):
+    """While the vLLM model builds itself, its module-level name for the decoder class
+    (``GPT2Model``, ``OPTDecoder``, ...) means ``subclass``: the decoder is created as the
+    aux-output subclass, so vLLM's torch.compile wrapper (which binds ``self.forward``
+    in ``__init__``) compiles that forward."""
+    base = subclass.__bases__[0]
+    module = sys.modules[base.__module__]
+    if getattr(module, base.__name__) is not base:
+        raise RuntimeError(f"{module.__name__}.{base.__name__} is not vLLM's own class")
+    setattr(module, base.__name__, subclass)
+    try:
+        yield
+    finally:
+        setattr(module, base.__name__, base)
+
+
+def _row_parallel(linear, r: int, scaling: float, rank: int) -> ShardedLoRA:
+    n = linear.input_size_per_partition
+    return ShardedLoRA(r, scaling, linear.input_size, in_slice=(rank * n, (rank + 1) * n),
+                       full_out=linear.output_size)
+
+
+def layers_with_aux(decoder, layout: Layout, hidden: torch.Tensor,
+                    call_layer: Callable[[nn.Module, torch.Tensor], torch.Tensor]):
+    """The rest of a decoder forward after its input embedding (single pipeline stage),
+    also returning the hidden state entering layer ``decoder.stream_first_layer``: the
+    same modules in the same order as vLLM's own forward, so the main output's numerics
+    do not change."""
+    aux = []
+    for i, layer in enumerate(get(decoder, layout.layers)):
+        if i == decoder.stream_first_layer:
+            aux.append(hidden)
+        hidden = call_layer(layer, hidden)
+    norm = get(decoder, layout.final_norm)
+    if norm is not None:
+        hidden = norm(hidden)
+    return hidden, aux
