@@ -21,5 +21,8 @@ MSA_ARCHITECTURES: dict[str, tuple[str, str]] = {
     "MistralForCausalLM": _entry("MistralForCausalLM", "llama_family"),
     "Qwen2ForCausalLM": _entry("Qwen2ForCausalLM", "llama_family"),
     "Qwen3ForCausalLM": _entry("Qwen3ForCausalLM", "llama_family"),
+    "GPT2LMHeadModel": _entry("GPT2LMHeadModel", "gpt2"),
+    "OPTForCausalLM": _entry("OPTForCausalLM", "opt"),
+    "BloomForCausalLM": _entry("BloomForCausalLM", "bloom"),
 }
 

@@ -78,11 +78,33 @@ def test_missing_model_field(tiny_llama_dir):
 
 def test_unsupported_architecture(tmp_path, streams):
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
     torch.manual_seed(0)
-    d = tmp_path / "gpt2"
-    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=256)).save_pretrained(str(d))
-    with pytest.raises(ValueError, match="does not support architecture GPT2LMHeadModel"):
+    d = tmp_path / "neox"
+    GPTNeoXForCausalLM(GPTNeoXConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                                     intermediate_size=128, vocab_size=256)).save_pretrained(str(d))
+    with pytest.raises(ValueError, match="does not support architecture GPTNeoXForCausalLM") as err:
+        engine_config(d, {"method": "specstream", "model": str(streams)})
+    for arch in ("LlamaForCausalLM", "Qwen3ForCausalLM", "GPT2LMHeadModel", "OPTForCausalLM",
+                 "BloomForCausalLM"):
+        assert arch in str(err.value)  # the error names what is supported
+
+
+@pytest.mark.parametrize("variant,words", [
+    ({"do_layer_norm_before": False}, "post-layer-norm OPT"),
+    ({"word_embed_proj_dim": 32}, "project_in/out"),
+])
+def test_unsupported_opt_variant(tmp_path, streams, variant, words):
+    """OPT variants the stream pass does not model (opt-350m's post-LN, project_in/out)
+    fail in the front end, before the checkpoint is even read."""
+    import torch
+    from transformers import OPTConfig, OPTForCausalLM
+    torch.manual_seed(0)
+    d = tmp_path / "opt"
+    cfg = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, ffn_dim=128,
+               vocab_size=256, word_embed_proj_dim=64, max_position_embeddings=256)
+    OPTForCausalLM(OPTConfig(**dict(cfg, **variant))).save_pretrained(str(d))
+    with pytest.raises(ValueError, match=words):
         engine_config(d, {"method": "specstream", "model": str(streams)})
 
 

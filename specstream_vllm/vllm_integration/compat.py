@@ -133,7 +133,7 @@ def _post_init_specstream(self) -> None:
         return
     settings, k, msa_arch = resolve_settings(
         self.model, target.model, arch, self.num_speculative_tokens,
-        check_fingerprint=os.environ.get("SPECSTREAM_SKIP_FINGERPRINT") != "1")
+        check_fingerprint=os.environ.get("SPECSTREAM_SKIP_FINGERPRINT") != "1", base_config=hf)
     keys = _CURRENT_POLICY_KEYS[-1] if _CURRENT_POLICY_KEYS else None
     # the match source's knobs are vLLM's own suffix / prompt-lookup fields of this config
     match = resolve_match(

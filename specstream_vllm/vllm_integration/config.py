@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..checkpoint import STREAMS_SUBDIR, load_checkpoint, load_checkpoint_config, resolve_checkpoint_dir
 from ..errors import CheckpointError, UnsupportedArchitectureError
+from ..families import check_variant
 from specstream_vllm.model_patches import MSA_ARCHITECTURES
 
 METHOD = "specstream"
@@ -47,17 +48,19 @@ class SpecStreamSettings(BaseModel):
 
 def resolve_settings(streams_path: str | None, base_model: str, base_architecture: str,
                      num_speculative_tokens: int | None, check_fingerprint: bool = True,
-                     ) -> tuple[SpecStreamSettings, int, str]:
+                     base_config=None) -> tuple[SpecStreamSettings, int, str]:
     """Validate a stream checkpoint against the served model.
 
     Returns the settings, the number of tokens to draft and the MSA architecture name.
     ``streams_path`` may be None when the served model directory carries its streams
-    (fine-tuned mode).
+    (fine-tuned mode). ``base_config``: the served model's HF config (variant checks).
     """
     if base_architecture not in MSA_ARCHITECTURES:
         raise UnsupportedArchitectureError(
             f"specstream does not support architecture {base_architecture} yet; supported: "
             f"{sorted(MSA_ARCHITECTURES)}. Add an MSA model under model_patches/.")
+    if base_config is not None:  # variants of a supported family the stream pass does not model
+        check_variant(base_config, base_architecture)
     if streams_path is None:
         if not (Path(base_model) / STREAMS_SUBDIR).is_dir():
             raise CheckpointError(
