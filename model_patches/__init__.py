@@ -24,5 +24,6 @@ MSA_ARCHITECTURES: dict[str, tuple[str, str]] = {
     "GPT2LMHeadModel": _entry("GPT2LMHeadModel", "gpt2"),
     "OPTForCausalLM": _entry("OPTForCausalLM", "opt"),
     "BloomForCausalLM": _entry("BloomForCausalLM", "bloom"),
+    "PhiForCausalLM": _entry("PhiForCausalLM", "phi"),
 }
 

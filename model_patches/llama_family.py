@@ -20,7 +20,7 @@ LLAMA = Layout(decoder="model", layers="layers", embedding="embed_tokens", final
                norms=("input_layernorm", "post_attention_layernorm"), attn="self_attn",
                qkv="qkv_proj", o_proj="o_proj", mlp=("mlp.gate_up_proj", "mlp.act_fn", "mlp.down_proj"),
                gated_mlp=True, positions="rope", residual="fused", eagle_aux=True)
-QWEN3 = replace(LLAMA, qk_norm=True)
+QWEN3 = replace(LLAMA, qk_norm=("q_norm", "k_norm"))
 
 
 class LlamaFamilyMSA(StreamModel):

@@ -199,8 +199,10 @@ class MSAMixin:
         with its probability under the softmax over that vocabulary (float32)."""
         vocab = self.stream_draft_vocab
         if vocab is not None and self._local_draft_head:
-            w = self._draft_head_rows(vocab)
+            w, b = self._draft_head_rows(vocab)
             logits = (hidden.to(w.dtype) @ w.t()).float()
+            if b is not None:  # LM heads with a bias (Phi)
+                logits = logits + b.float()
         else:
             logits = self.compute_logits(hidden)  # full head: vocab-parallel shards gathered
             if logits is None:  # ranks that do not receive the gathered logits
@@ -212,18 +214,21 @@ class MSAMixin:
         prob = torch.exp(top - torch.logsumexp(logits, dim=-1))
         return (idx if vocab is None else vocab[idx]), prob
 
-    def _draft_head_rows(self, vocab: torch.Tensor) -> torch.Tensor:
-        """The LM head's rows of the draft vocabulary, gathered once: copying them every
-        step (8,192 x d) cost about as much as the draft head's matmul. Gathered again if
-        the head's weights were replaced or written in place (weight reloads)."""
+    def _draft_head_rows(self, vocab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The LM head's rows (and bias entries, if any) of the draft vocabulary, gathered
+        once: copying them every step (8,192 x d) cost about as much as the draft head's
+        matmul. Gathered again if the head's weights were replaced or written in place
+        (weight reloads)."""
         w = self.lm_head.weight
+        bias = getattr(self.lm_head, "bias", None)
         try:
             version = w._version
         except RuntimeError:  # inference tensors keep no version counter
             version = None
         key = (w.data_ptr(), version, vocab.data_ptr())
         if getattr(self, "_draft_head_cache", (None, None))[0] != key:
-            self._draft_head_cache = (key, w.index_select(0, vocab))
+            self._draft_head_cache = (key, (w.index_select(0, vocab),
+                                            None if bias is None else bias.index_select(0, vocab)))
         return self._draft_head_cache[1]
 
     def stream_lora_delta(self, layer: int, fused: str, x: torch.Tensor) -> torch.Tensor | None:

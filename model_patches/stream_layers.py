@@ -1,11 +1,12 @@
 """One Multi-Stream Attention mechanism for every family, driven by a :class:`Layout`.
 
 A family differs from another only in where things are (attribute paths), how the
-residual stream is carried (vLLM's fused add-RMSNorm or plain pre-LN adds), whether its
-MLP is gated, and how positions enter (rotary at t+j; learned absolute, i.e. nowhere in
-the layers; ALiBi, applied by vLLM's ``Attention`` from the key's cache position). The
-stream pass, the stream LoRA's TP layout and the aux hidden state are written once here;
-a family module is a Layout plus one class per served architecture.
+residual stream is carried (vLLM's fused add-RMSNorm, plain pre-LN adds, or attention
+and MLP side by side), whether its MLP is gated, and how positions enter (rotary at
+t+j; learned absolute, i.e. nowhere in the layers; ALiBi, applied by vLLM's
+``Attention`` from the key's cache position). The stream pass, the stream LoRA's TP
+layout and the aux hidden state are written once here; a family module is a Layout
+plus one class per served architecture.
 
 Stream LoRA slots (canonical names -> the vLLM linear they correct):
 ``qkv`` (q/k/v members of the QKVParallelLinear), ``o`` (o_proj), ``mlp_in`` (gate/up,
@@ -50,8 +51,12 @@ class Layout:
     mlp: tuple[str, str, str]
     gated_mlp: bool
     positions: Literal["rope", "learned", "alibi"]
-    residual: Literal["fused", "plain"] = "plain"
-    qk_norm: bool = False
+    #: fused: vLLM's add-RMSNorm carries the residual; plain: pre-LN adds; parallel: one
+    #: norm feeds attention and MLP side by side (Phi), both added to the residual
+    residual: Literal["fused", "plain", "parallel"] = "plain"
+    #: per-head q/k norms applied before rotary (attribute names on the attention module;
+    #: absent modules are skipped: Phi has them only with qk_layernorm=true)
+    qk_norm: tuple[str, str] | None = None
     #: vLLM's EAGLE-3 aux output exists (EagleModelMixin); otherwise the decoder is
     #: built as ``StreamModel.aux_forward_class`` (same modules, forward also returns
     #: the aux hidden state)
@@ -87,7 +92,7 @@ class StreamModel(MSAMixin):
         if not self.layout.eagle_aux:
             self.stream_decoder().stream_first_layer = self.stream_settings.first_layer
         attn = get(self.stream_layers()[self.stream_settings.first_layer], self.layout.attn)
-        if not self.layout.qk_norm and (hasattr(attn, "q_norm") or hasattr(attn, "k_norm")):
+        if self.layout.qk_norm is None and (hasattr(attn, "q_norm") or hasattr(attn, "k_norm")):
             raise ValueError(f"q/k-norm attention is not supported by {type(self).__name__}")
         self._compiled_stream_forward = None
         if not vllm_config.model_config.enforce_eager and os.environ.get("SPECSTREAM_COMPILE_DRAFT") != "0":
@@ -161,26 +166,33 @@ class StreamModel(MSAMixin):
         L = self.layout
         attn = get(lay, L.attn)
         qkv_linear = get(attn, L.qkv)
-        qkv, _ = qkv_linear(h)
+        qkv = _out(qkv_linear(h))
         qkv = self._with_lora(li, "qkv", h, qkv)
         hd = qkv_linear.head_size
         q_size, kv_size = qkv_linear.num_heads * hd, qkv_linear.num_kv_heads * hd
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        if L.qk_norm:  # Qwen3: per-head RMSNorm of q and k, before rotary
-            q = attn.q_norm(q.view(*q.shape[:-1], q.shape[-1] // hd, hd)).view(q.shape)
-            k = attn.k_norm(k.view(*k.shape[:-1], k.shape[-1] // hd, hd)).view(k.shape)
+        if L.qk_norm is not None:  # Qwen3, Phi: per-head norms of q and k, before rotary
+            q_norm, k_norm = (getattr(attn, n, None) for n in L.qk_norm)
+            if q_norm is not None:
+                q = q_norm(q.view(*q.shape[:-1], q.shape[-1] // hd, hd)).view(q.shape)
+            if k_norm is not None:
+                k = k_norm(k.view(*k.shape[:-1], k.shape[-1] // hd, hd)).view(k.shape)
         if L.positions == "rope":  # stream j at t+j; ALiBi: the kernel reads the slot's position
-            q, k = attn.rotary_emb(positions, q, k)
+            q, k = self._rotary(attn, positions, q, k)
         o = attn.attn(q, k, v)  # reads the target's cache, writes the stream slots
-        out, _ = get(attn, L.o_proj)(o)
+        out = _out(get(attn, L.o_proj)(o))
         return self._with_lora(li, "o", o, out)
+
+    def _rotary(self, attn: nn.Module, positions: torch.Tensor, q: torch.Tensor,
+                k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return attn.rotary_emb(positions, q, k)
 
     def _stream_mlp(self, li: int, lay: nn.Module, h: torch.Tensor) -> torch.Tensor:
         lin_in, act_fn, lin_out = (get(lay, p) for p in self.layout.mlp)
-        u, _ = lin_in(h)
+        u = _out(lin_in(h))
         u = self._with_lora(li, "mlp_in", h, u)
         a = act_fn(u)
-        down, _ = lin_out(a)
+        down = _out(lin_out(a))
         return self._with_lora(li, "mlp_out", a, down)
 
     def _stream_layer(self, li: int, positions: torch.Tensor, hidden: torch.Tensor,
@@ -196,6 +208,10 @@ class StreamModel(MSAMixin):
             out = self._stream_attention(li, lay, positions, h)
             h, residual = norm2(out, residual)
             return self._stream_mlp(li, lay, h), residual
+        if self.layout.residual == "parallel":
+            h = norm1(hidden)
+            out = self._stream_attention(li, lay, positions, h) + self._stream_mlp(li, lay, h)
+            return out + hidden, None
         hidden = hidden + self._stream_attention(li, lay, positions, norm1(hidden))
         return hidden + self._stream_mlp(li, lay, norm2(hidden)), None
 
@@ -249,6 +265,12 @@ def _built_as(subclass: type):
         yield
     finally:
         setattr(module, base.__name__, base)
+
+
+def _out(y):
+    """A vLLM linear's output: ``(out, bias)`` from native models, the tensor alone from
+    the Transformers backend's (``return_bias=False``)."""
+    return y[0] if isinstance(y, tuple) else y
 
 
 def _row_parallel(linear, r: int, scaling: float, rank: int) -> ShardedLoRA:

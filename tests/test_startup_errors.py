@@ -86,7 +86,7 @@ def test_unsupported_architecture(tmp_path, streams):
     with pytest.raises(ValueError, match="does not support architecture GPTNeoXForCausalLM") as err:
         engine_config(d, {"method": "specstream", "model": str(streams)})
     for arch in ("LlamaForCausalLM", "Qwen3ForCausalLM", "GPT2LMHeadModel", "OPTForCausalLM",
-                 "BloomForCausalLM"):
+                 "BloomForCausalLM", "PhiForCausalLM"):
         assert arch in str(err.value)  # the error names what is supported
 
 
