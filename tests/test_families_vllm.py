@@ -1,14 +1,15 @@
 """The MSA models of the other families inside real vLLM engines: Qwen3 (q/k-norm before
-rotary), OPT (learned positions), GPT-2 (fused c_attn, learned positions) and BLOOM
-(ALiBi, per-head interleaved query_key_value).
+rotary), OPT (learned positions), Phi (vLLM's Transformers backend: parallel attention and
+MLP, partial rotary, q/k LayerNorms, LM-head bias), GPT-2 (fused c_attn, learned
+positions) and BLOOM (ALiBi, per-head interleaved query_key_value).
 
 Tiny random-weight float32 models (head_dim 64: vLLM-CPU attention supports 32, 64, 80, ...)
 built from transformers configs; token-id prompts, no tokenizer. Per family one engine
 without speculation and one specstream engine (every step drafts: fixed policy, no cut,
 no match source; random LoRA on every canonical target the family has, next-token-aware
 streams, a draft vocabulary). GPT-2 and BLOOM run both engines at tensor parallel 2, which
-also covers their LoRA sharding and BLOOM's ALiBi slopes split across ranks; Qwen3 and
-OPT run at TP 1 (the single-rank draft head over the draft vocabulary's rows).
+also covers their LoRA sharding and BLOOM's ALiBi slopes split across ranks; Qwen3, OPT
+and Phi run at TP 1 (the single-rank draft head over the draft vocabulary's rows).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ MAX_TOKENS = [16, 20, 12, 24, 18, 10, 22, 14]
 BATCHES = [[0], [1], [2], list(range(len(PROMPT_LENS)))]  # batch 1 three times, then batch 8
 UNGATED = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
 #: family -> (tensor parallel size, LoRA targets)
-FAMILIES = {"qwen3": (1, UNGATED + ["gate_proj"]), "opt": (1, UNGATED),
+FAMILIES = {"qwen3": (1, UNGATED + ["gate_proj"]), "opt": (1, UNGATED), "phi": (1, UNGATED),
             "gpt2": (2, UNGATED), "bloom": (2, UNGATED)}
 
 
@@ -59,6 +60,14 @@ def make_tiny(kind: str, path: Path, *, hidden: int = 256, heads: int = 4, layer
             ffn_dim=2 * hidden, word_embed_proj_dim=hidden, max_position_embeddings=512,
             tie_word_embeddings=False, **common))
         norm = model.model.decoder.final_layer_norm
+    elif kind == "phi":
+        model = T.PhiForCausalLM(T.PhiConfig(
+            hidden_size=hidden, num_attention_heads=heads, num_hidden_layers=layers,
+            intermediate_size=2 * hidden, partial_rotary_factor=0.5, qk_layernorm=True,
+            max_position_embeddings=512, tie_word_embeddings=False, **common))
+        norm = model.model.final_layernorm
+        with torch.no_grad():
+            model.lm_head.bias.normal_(0, 2.0)  # the draft head must add its bias rows
     elif kind == "bloom":
         model = T.BloomForCausalLM(T.BloomConfig(hidden_size=hidden, n_head=heads, n_layer=layers,
                                                  initializer_range=0.1, **common))
