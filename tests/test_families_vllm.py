@@ -6,8 +6,8 @@ positions) and BLOOM (ALiBi, per-head interleaved query_key_value).
 Tiny random-weight float32 models (head_dim 64: vLLM-CPU attention supports 32, 64, 80, ...)
 built from transformers configs; token-id prompts, no tokenizer. Per family one engine
 without speculation and one specstream engine (every step drafts: fixed policy, no cut,
-no match source; random LoRA on every canonical target the family has, next-token-aware
-streams, a draft vocabulary). GPT-2 and BLOOM run both engines at tensor parallel 2, which
+no match source; streams written by the trainer: two steps from random streams with LoRA
+on every canonical target the family has, next-token-aware, a draft vocabulary). GPT-2 and BLOOM run both engines at tensor parallel 2, which
 also covers their LoRA sharding and BLOOM's ALiBi slopes split across ranks; Qwen3, OPT
 and Phi run at TP 1 (the single-rank draft head over the draft vocabulary's rows).
 """
@@ -83,16 +83,35 @@ def make_tiny(kind: str, path: Path, *, hidden: int = 256, heads: int = 4, layer
     return path
 
 
+def trained_streams(model_dir: Path, tmp: Path, targets: list[str]) -> Path:
+    """What vLLM serves here is written by the trainer: two lossless steps (next-token-aware
+    form, LoRA on every target the family has) continuing random streams whose LoRA B and
+    g are non-zero and whose draft vocabulary is the odd token ids, so every part of the
+    stream pass changes the drafts."""
+    from specstream_vllm.training.recipe import load_recipe
+    from specstream_vllm.training.trainer import train
+    from tests.test_training import TINY, _examples
+
+    lora = LoraSpec(rank=4, target_modules=targets)
+    init = init_checkpoint(model_dir, tmp / "init", num_streams=3, num_stream_layers=2, lora=lora,
+                           random_lora_b=True, init_std=0.5, draft_vocab=list(range(3, VOCAB, 2)),
+                           stream_input="next_token", token_map_rank=8)
+    recipe = load_recipe(TINY, {"base_model": str(model_dir), "output_dir": str(tmp / "trained"),
+                                "init_from": str(init), "max_steps": 2, "num_streams": 3,
+                                "num_stream_layers": 2, "stream_input": "next_token",
+                                "token_map_rank": 8, "lora": lora.model_dump()})
+    res = train(recipe, _examples(), progress=False, log=lambda s: None)
+    assert res.steps == 2
+    return res.checkpoint_dir
+
+
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def family_runs(request, tmp_path_factory):
     kind = request.param
     tp, targets = FAMILIES[kind]
     tmp = tmp_path_factory.mktemp(kind)
     model_dir = make_tiny(kind, tmp / kind)
-    streams = init_checkpoint(model_dir, tmp / "streams", num_streams=3, num_stream_layers=2,
-                              lora=LoraSpec(rank=4, target_modules=targets), random_lora_b=True,
-                              init_std=0.5, draft_vocab=list(range(3, VOCAB, 2)),
-                              stream_input="next_token", token_map_rank=8)
+    streams = trained_streams(model_dir, tmp, targets)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in PROMPT_LENS]
     # TP 1: engine core and worker in the job's own process (vLLM's "uni" executor) on one
