@@ -28,6 +28,11 @@ def make_tiny(path: Path, arch: str, *, hidden: int = 64, heads: int = 4, layers
     torch.manual_seed(seed)
     common = dict(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                   tie_word_embeddings=False)
+    if arch in ("qwen2", "mistral", "llama"):
+        from tests.conftest import make_tiny_llama
+        make_tiny_llama(path, heads=heads, kv_heads=heads // 2, layers=layers, hidden=hidden,
+                        vocab=vocab, seed=seed, arch=arch)
+        return path
     if arch == "qwen3":
         cfg = tf.Qwen3Config(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                              num_key_value_heads=heads // 2, head_dim=hidden // heads,
@@ -60,7 +65,7 @@ def make_tiny(path: Path, arch: str, *, hidden: int = 64, heads: int = 4, layers
     return path
 
 
-FAMILY_ARCHS = ["qwen3", "gpt2", "opt", "bloom", "phi"]
+FAMILY_ARCHS = ["qwen2", "mistral", "qwen3", "gpt2", "opt", "bloom", "phi"]
 
 
 @pytest.fixture(scope="module", params=FAMILY_ARCHS)
@@ -137,7 +142,7 @@ def _lora_hooks(arch, model, params, li, rows):
             on(layer.self_attn.dense, ["o_proj"])
             on(layer.mlp.fc1, ["up_proj"])
             on(layer.mlp.fc2, ["down_proj"])
-    else:
+    else:  # Llama layout (Qwen2, Mistral, Qwen3)
         for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
             on(getattr(layer.self_attn, n), [n])
         for n in ("gate_proj", "up_proj", "down_proj"):
@@ -276,5 +281,5 @@ def test_lora_target_a_family_lacks_is_refused_at_the_recipe(tmp_path_factory, t
         train(recipe, _examples(), progress=False, log=lambda s: None)
 
 
-_ARCH = {"qwen3": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel", "opt": "OPTForCausalLM",
+_ARCH = {"qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM", "qwen3": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel", "opt": "OPTForCausalLM",
          "bloom": "BloomForCausalLM", "phi": "PhiForCausalLM"}

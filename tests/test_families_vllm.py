@@ -1,4 +1,5 @@
-"""The MSA models of the other families inside real vLLM engines: Qwen3 (q/k-norm before
+"""The MSA models of the other families inside real vLLM engines: Qwen2 (the Llama layout
+with q/k/v biases), Qwen3 (q/k-norm before
 rotary), OPT (learned positions), Phi (vLLM's Transformers backend: parallel attention and
 MLP, partial rotary, q/k LayerNorms, LM-head bias), GPT-2 (fused c_attn, learned
 positions) and BLOOM (ALiBi, per-head interleaved query_key_value).
@@ -31,7 +32,7 @@ MAX_TOKENS = [16, 20, 12, 24, 18, 10, 22, 14]
 BATCHES = [[0], [1], [2], list(range(len(PROMPT_LENS)))]  # batch 1 three times, then batch 8
 UNGATED = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
 #: family -> (tensor parallel size, LoRA targets)
-FAMILIES = {"qwen3": (1, UNGATED + ["gate_proj"]), "opt": (1, UNGATED), "phi": (1, UNGATED),
+FAMILIES = {"qwen2": (1, UNGATED + ["gate_proj"]), "qwen3": (1, UNGATED + ["gate_proj"]), "opt": (1, UNGATED), "phi": (1, UNGATED),
             "gpt2": (2, UNGATED), "bloom": (2, UNGATED)}
 
 
@@ -44,7 +45,13 @@ def make_tiny(kind: str, path: Path, *, hidden: int = 256, heads: int = 4, layer
     import transformers as T
     torch.manual_seed(seed)
     common = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    if kind == "qwen3":
+    if kind == "qwen2":  # the Llama layout with q/k/v biases
+        model = T.Qwen2ForCausalLM(T.Qwen2Config(
+            hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+            num_attention_heads=heads, num_key_value_heads=heads // 2, max_position_embeddings=512,
+            tie_word_embeddings=False, **common))
+        norm = model.model.norm
+    elif kind == "qwen3":
         model = T.Qwen3ForCausalLM(T.Qwen3Config(
             hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
             num_attention_heads=heads, num_key_value_heads=heads // 2, head_dim=hidden // heads,
