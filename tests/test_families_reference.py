@@ -218,10 +218,12 @@ def _family_dir(tmp_path_factory, arch: str) -> Path:
 
 
 @pytest.mark.parametrize("arch", FAMILY_ARCHS)
-def test_family_trainer_writes_a_checkpoint_the_reference_decodes_losslessly(arch, tmp_path_factory):
+def test_family_trainer_writes_a_checkpoint_the_reference_decodes_losslessly(arch, tmp_path_factory,
+                                                                            monkeypatch):
     """A few lossless steps (next-token-aware streams, LoRA on every target the family has),
-    then the checkpoint loads against its base and the reference decoder built from it
-    reproduces plain greedy decoding."""
+    then the checkpoint loads against its base, the reference decoder built from it
+    reproduces plain greedy decoding, and `specstream eval`'s one-forward acceptance replays
+    that decoder's steps draft by draft."""
     from transformers import AutoModelForCausalLM
 
     from specstream_vllm.checkpoint import load_checkpoint
@@ -245,7 +247,22 @@ def test_family_trainer_writes_a_checkpoint_the_reference_decodes_losslessly(arc
     ids = torch.randint(3, 128, (1, 7), generator=torch.Generator().manual_seed(3))
     spec, stats = speculative_generate(model, params, ids, 20, 3)
     from tests.test_reference import _generate
-    assert spec == _generate(model, ids, 20) and stats.num_drafts > 0
+    assert spec == _generate(model, ids, 20)
+    # specstream eval: the same acceptance, step by step, from one forward over the answer
+    from specstream_vllm.reference import decoder as dec
+    from specstream_vllm.training.data import Example
+    from specstream_vllm.training.evaluate import acceptance_on, stream_drafter
+    records: list[tuple[int, int]] = []
+    orig = dec.AcceptanceStats.record
+    monkeypatch.setattr(dec.AcceptanceStats, "record",
+                        lambda self, g, a: (records.append((g, a)), orig(self, g, a))[1])
+    prompt = ids[0].tolist()
+    _, _ = speculative_generate(model, params, ids, 20, 3)
+    ref, records[:] = list(records), []
+    rep = acceptance_on(model, [Example("e", prompt, spec)], {"s": (stream_drafter(params, 3), 3)},
+                        list(params.layer_ids), [3], progress=False)
+    assert rep["main_argmax_agreement_with_answer"] == 1.0  # the LM head (and its bias) as HF's
+    assert len(records) >= 1 and records == ref[:len(records)] and stats.num_drafts > 0
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "bloom"])
