@@ -21,10 +21,6 @@ Lin = Callable[[str, nn.Module, torch.Tensor], torch.Tensor]
 Delta = Callable[[str, torch.Tensor], "torch.Tensor | None"]
 
 
-def _no_delta(name: str, x: torch.Tensor) -> None:
-    return None
-
-
 def _plus(y: torch.Tensor, d: torch.Tensor | None) -> torch.Tensor:
     return y if d is None else y + d
 
@@ -94,8 +90,9 @@ class HFLayers:
         return self.dims.head_dim ** -0.5
 
 
-class GPT2Layers(HFLayers):
-    """GPT-2: fused Conv1D c_attn ([q|k|v]), learned absolute positions at the input."""
+class _FusedQKVLayers(HFLayers):
+    """GPT-2 and BLOOM: ``transformer.h`` layers, ``ln_f``, one fused q/k/v projection whose
+    output the subclass splits; each member's LoRA delta goes to its own slice."""
 
     def decoder(self):
         return self.cm.transformer
@@ -106,21 +103,31 @@ class GPT2Layers(HFLayers):
     def final_norm(self, x):
         return self.decoder().ln_f(x)
 
+    def split_qkv(self, layer, h):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def qkv(self, layer, h, lin, delta):
+        q, k, v = self.split_qkv(layer, h)
+        return _plus(q, delta("q_proj", h)), _plus(k, delta("k_proj", h)), _plus(v, delta("v_proj", h))
+
+    def kv(self, layer, h):
+        return self.split_qkv(layer, h)[1:]
+
+    def head_norms(self, layer, q, k):
+        return q, k
+
+
+class GPT2Layers(_FusedQKVLayers):
+    """GPT-2: fused Conv1D c_attn ([q|k|v]), learned absolute positions at the input."""
+
     def attn_norm(self, layer, x):
         return layer.ln_1(x)
 
     def mlp_norm(self, layer, x):
         return layer.ln_2(x)
 
-    def qkv(self, layer, h, lin, delta):
-        q, k, v = layer.attn.c_attn(h).split(self.dims.hidden_size, dim=-1)
-        return _plus(q, delta("q_proj", h)), _plus(k, delta("k_proj", h)), _plus(v, delta("v_proj", h))
-
-    def kv(self, layer, h):
-        return self.qkv(layer, h, None, _no_delta)[1:]
-
-    def head_norms(self, layer, q, k):
-        return q, k
+    def split_qkv(self, layer, h):
+        return layer.attn.c_attn(h).split(self.dims.hidden_size, dim=-1)
 
     def out_proj(self, layer, o, lin):
         return lin("o_proj", layer.attn.c_proj, o)
@@ -145,9 +152,6 @@ class OPTLayers(HFLayers):
     def mlp_norm(self, layer, x):
         return layer.final_layer_norm(x)
 
-    def head_norms(self, layer, q, k):
-        return q, k
-
     def out_proj(self, layer, o, lin):
         return lin("o_proj", layer.self_attn.out_proj, o)
 
@@ -155,30 +159,14 @@ class OPTLayers(HFLayers):
         return lin("down_proj", layer.fc2, layer.activation_fn(lin("up_proj", layer.fc1, h)))
 
 
-class BloomLayers(HFLayers):
+class BloomLayers(_FusedQKVLayers):
     """BLOOM: fused query_key_value laid out per head as [H, 3, hd], ALiBi positions."""
 
-    def decoder(self):
-        return self.cm.transformer
-
-    def layers(self):
-        return self.decoder().h
-
-    def final_norm(self, x):
-        return self.decoder().ln_f(x)
-
-    def qkv(self, layer, h, lin, delta):
+    def split_qkv(self, layer, h):
         m = self.dims
         y = layer.self_attention.query_key_value(h)
         y = y.view(*y.shape[:-1], m.num_attention_heads, 3, m.head_dim)
-        q, k, v = (y[..., i, :].reshape(*y.shape[:-3], -1) for i in range(3))
-        return _plus(q, delta("q_proj", h)), _plus(k, delta("k_proj", h)), _plus(v, delta("v_proj", h))
-
-    def kv(self, layer, h):
-        return self.qkv(layer, h, None, _no_delta)[1:]
-
-    def head_norms(self, layer, q, k):
-        return q, k
+        return tuple(y[..., i, :].reshape(*y.shape[:-3], -1) for i in range(3))
 
     def out_proj(self, layer, o, lin):
         return lin("o_proj", layer.self_attention.dense, o)
