@@ -144,6 +144,23 @@ def test_forced_high_cost_turns_speculation_off():
     assert off.stats.steps_without_speculation >= 25                          # mostly off
 
 
+def test_forced_high_cost_holds_when_step_times_do_not_grow_with_tokens():
+    """Batch 1 on a busy, memory-bound CPU: steps with more tokens happened to be faster,
+    and the (non-negative) fit sees no per-token cost at all. A verified
+    token still costs something (``min_token_cost``), so a forced cost still turns
+    speculation off, and at the real cost confident streams still draft."""
+    probs = torch.full((1, 4), 0.9)
+    on = DraftPolicy(PolicyConfig(gamma=4))
+    off = DraftPolicy(PolicyConfig(gamma=4, cost_scale=1000.0))
+    for p in (on, off):
+        feed_costs(p, per_step=0.030, per_token=-0.0005, reqs=1)
+        assert float(p.verify.weights()[1]) == 0.0
+    assert sum(int(x.sum()) for x in run_steps(on, probs)) > 0
+    assert off.stats.steps_without_speculation == 0
+    run_steps(off, probs)
+    assert off.stats.steps_without_speculation >= 25
+
+
 def test_speculation_resumes_after_forced_off_stretch():
     """Nothing learnt is lost while speculation is off: drafts come back right after."""
     p = DraftPolicy(PolicyConfig(gamma=4, force_off_steps=20))

@@ -67,6 +67,7 @@ class PolicyConfig:
     probe_max: int = 64
     optimism: float = 1.15                  # per-request choice beats the average profile
     min_gain: float = 0.08                  # speculate only if predicted >= 8% faster than off
+    min_token_cost: float = 0.01            # a verified token costs >= 1% of a batch-1 step
     calib_bins: int = 10
     calib_prior: float = 16.0               # pseudo-observations at the raw probability
     calib_decay: float = 0.9995             # per observed position: ~2000-observation memory
@@ -362,13 +363,21 @@ class DraftPolicy:
         its marginal verification seconds x tokens per second without speculation."""
         if not self._ready() or reqs <= 0:
             return 0.0
-        w = self.verify.weights()
-        per_token = self.cfg.cost_scale * float(w[1].clamp(min=0.0))
+        per_token = self.cfg.cost_scale * float(self._token_cost())
         return per_token * reqs / float(self._verify_cost(reqs, 0.0))
 
     # ---------------------------------------------------------------- cost helpers
     def _ready(self) -> bool:
         return self.verify.count >= self.cfg.warmup_samples
+
+    def _token_cost(self) -> torch.Tensor:
+        """Seconds one more verified token costs. Never below ``min_token_cost`` of a
+        batch-1 step: every token goes through the LM head and the sampler, and a fit that
+        never sees the token count vary (a steady batch, drafts always the same length)
+        would otherwise call drafts free, which no cost scale could correct."""
+        w = self.verify.weights()
+        floor = self.cfg.min_token_cost * float((w[0] + w[1]).clamp(min=0.0))
+        return w[1].clamp(min=floor)
 
     def _verify_cost(self, reqs: int, drafts: torch.Tensor | float) -> torch.Tensor:
         w = self.verify.weights()
@@ -376,7 +385,7 @@ class DraftPolicy:
         base = w[0] + w[1] * reqs
         # neither a verified token nor the drafts' fixed cost can be negative: a noisy fit
         # must not make drafting look cheaper than free
-        extra = self.cfg.cost_scale * (w[1].clamp(min=0.0) * m
+        extra = self.cfg.cost_scale * (self._token_cost() * m
                                        + w[2].clamp(min=0.0) * (m > 0).double())
         return (base + extra).clamp(min=1e-6)
 
