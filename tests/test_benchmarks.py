@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -181,7 +182,8 @@ def test_offline_smoke(tmp_path: Path) -> None:
            "--methods", "baseline,ngram", "--prompts", str(prompts), "--batch-sizes", "1",
            "--max-tokens", "16", "--max-model-len", "512", "--enforce-eager", "--kv-cache-gib", "1",
            "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=570)
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")  # as tests' run_engine
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=570, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     data = json.loads((out / "results.json").read_text())
     agg = data["offline"]["aggregate"]

@@ -67,9 +67,9 @@ def test_short_storm_greedy_identical_no_failures(smollm2_dir, shipped_streams, 
     if shipped_streams is None:
         pytest.skip("no shipped streams")
     model, max_len = str(smollm2_dir), 512
-    plan = storm_plan(48, seed=7, max_tokens=(24, 96))
+    plan = storm_plan(36, seed=7, max_tokens=(24, 96))
     # long answers that outgrow the cache: the scheduler must preempt and recompute
-    plan += storm_plan(10, seed=8, max_tokens=(200, 300), ignore_eos=True,
+    plan += storm_plan(6, seed=8, max_tokens=(200, 300), ignore_eos=True,
                        kinds=["greedy", "seeded", "greedy_stream"], tag="long-")
     plan += edge_plan(storm.edge_token_ids(model), max_len, gamma=4) + limits_plan()
     report = storm.run_pair(model, str(shipped_streams), {"storm": (plan, 24)}, tmp_path, "short",
@@ -80,7 +80,7 @@ def test_short_storm_greedy_identical_no_failures(smollm2_dir, shipped_streams, 
     r = report["short/storm"]
     assert not r["wrong_greedy"], r["wrong_greedy"][:2]
     assert not r["failures"], r["failures"][:10]
-    assert r["greedy_compared"] >= 36 and r["aborted"] > 0
+    assert r["greedy_compared"] >= 26 and r["aborted"] > 0
     assert r["edges"]["edge-prompt-at-len"][0] == r["edges"]["edge-prompt-over-len"][0] == 400
     fill = {k: v for k, v in r["edges"].items() if k.startswith("edge-fill-")}
     assert fill and all(v == [200, int(k.rsplit("-", 1)[1]), ["length"]]
