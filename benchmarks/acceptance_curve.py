@@ -35,6 +35,23 @@ def describe(ckpt: Path) -> dict:
             "train_acc_ema": (tr.get("last") or {}).get("acc_ema")}
 
 
+def score(ckpt: Path, sets: list[str], gamma: int, max_examples: int | None,
+          answers_recipe: str) -> dict:
+    """One checkpoint's row: what it cost (:func:`describe`) and its chain acceptance at
+    ``gamma`` on each set, scored on the answers ``answers_recipe``'s data settings make."""
+    from specstream_vllm.training.evaluate import evaluate
+    from specstream_vllm.training.recipe import load_recipe
+
+    row = describe(ckpt)
+    rep = evaluate(ckpt, sets=tuple(sets), gammas=[gamma], data_spec=load_recipe(answers_recipe).data,
+                   max_examples=max_examples, progress=False, log=lambda s: None)
+    for name, res in rep["sets"].items():
+        st = res["drafters"]["specstream"][f"gamma_{gamma}"]
+        row[name] = {"mal": st["mean_acceptance_length"],
+                     "per_position": st["per_position_acceptance"]}
+    return row
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", help="run directories (their snapshots/ are read) or checkpoints")
@@ -46,22 +63,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     args = ap.parse_args(argv)
 
-    from specstream_vllm.training.evaluate import evaluate
-    from specstream_vllm.training.recipe import load_recipe
-
-    spec = load_recipe(args.answers_recipe).data
     rows = []
     for run in map(Path, args.runs):
         cks = checkpoints_of(run)
         cks = cks[:-1][::args.every] + cks[-1:] if cks else []
         for ck in cks:
-            row = describe(ck)
-            rep = evaluate(ck, sets=tuple(args.sets.split(",")), gammas=[args.gamma], data_spec=spec,
-                           max_examples=args.max_examples, progress=False, log=lambda s: None)
-            for name, res in rep["sets"].items():
-                st = res["drafters"]["specstream"][f"gamma_{args.gamma}"]
-                row[name] = {"mal": st["mean_acceptance_length"],
-                             "per_position": st["per_position_acceptance"]}
+            row = score(ck, sets=args.sets.split(","), gamma=args.gamma,
+                        max_examples=args.max_examples, answers_recipe=args.answers_recipe)
             rows.append(row)
             print(json.dumps(row), flush=True)
     if args.out:

@@ -244,3 +244,19 @@ def test_run_online_fresh_server_per_level_only_for_suffix(monkeypatch: pytest.M
     calls.clear()
     res = run.run_online({"concurrencies": [1, 4, 16]}, tmp_path, "t", args, suffix.keeps_request_state)
     assert calls == [[1], [4], [16]] and [x["concurrency"] for x in res["levels"]] == [1, 4, 16]
+
+
+def test_stream_sweep_variants_and_table() -> None:
+    import argparse
+
+    from benchmarks.stream_sweep import parse_variant, to_markdown
+    assert parse_variant("base=") == ("base", [])
+    assert parse_variant("deep=num_stream_layers=8,lora.rank=16") == (
+        "deep", ["num_stream_layers=8", "lora.rank=16"])
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_variant("=lr=1")
+    row = {"variant": "deep", "overrides": ["num_stream_layers=8"], "stream_params": 785_000,
+           "steps": 90, "tokens_seen": 330_000, "train_acc_ema": [0.3, 0.1],
+           "mtbench": {"mal": 1.31, "per_position": [0.28, 0.03]}}
+    md = to_markdown([row], 12)
+    assert "| deep | num_stream_layers=8 | 785,000 | 90 | 330,000 | 1.310 | 0.28 / 0.03 |" in md
