@@ -1,7 +1,8 @@
 """What matters at this scale: stream variants trained for the same CPU time, then scored.
 
-Each variant is the recipe with a few ``--set`` overrides, trained from scratch on the
-same conversation stream for ``--minutes`` of training-loop time (``time_budget_minutes``:
+Each variant is the recipe with a few ``--set`` overrides, trained on the same
+conversation stream (from scratch, or continuing one checkpoint when the variants set
+``init_from``) for ``--minutes`` of training-loop time (``time_budget_minutes``:
 equal CPU time, not equal steps, because that is the budget a user has), then scored by
 ``benchmarks.acceptance_curve`` (exact chain acceptance on the base model's greedy MT-Bench
 answers). Variants run one after another: run nothing else on the machine meanwhile, or
@@ -85,8 +86,8 @@ def stream_params(ckpt: Path) -> int:
 
 
 def to_markdown(rows: list[dict], minutes: float) -> str:
-    lines = [f"Every variant trained {minutes:g} min (training loop) from scratch on the same "
-             "conversations; MT-Bench MAL = chain acceptance at γ=4 on the base model's greedy "
+    lines = [f"Every variant trained {minutes:g} min (training loop) on the same conversations; "
+             "MT-Bench MAL = chain acceptance at γ=4 on the base model's greedy "
              "answers.", "",
              "| variant | overrides | stream params | steps | tokens seen | MT-Bench MAL | per position "
              "| train top-1 (EMA) |", "|---|---|---:|---:|---:|---:|---|---|"]

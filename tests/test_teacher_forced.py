@@ -13,7 +13,8 @@ from specstream_vllm.training.conversations import (ConversationStream, encode_c
                                                     frequent_tokens, load_conversations,
                                                     training_units)
 from specstream_vllm.training.recipe import load_recipe
-from specstream_vllm.training.teacher_forced import assistant_runs, read_manifest, sample_tf_anchors
+from specstream_vllm.training.teacher_forced import (assistant_runs, chain_consistent, read_manifest,
+                                                     sample_tf_anchors)
 from specstream_vllm.training.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,6 +138,31 @@ def test_anchor_and_target_validity_stay_inside_assistant_turns():
     assert got == [1, 2, 6]  # x_{t+1} and x_{t+2} are assistant tokens of one turn
 
 
+def test_chain_targets_keep_stream_j_only_where_the_data_is_the_models_greedy_chain():
+    """final[p] is one-hot on the model's greedy token for position p+1: stream j at anchor t
+    stays only while the data's x_{t+2..t+j} equal those tokens (x_{t+1} is free)."""
+    V, T = 6, 10
+    ids = torch.tensor([[0, 1, 2, 3, 4, 5, 1, 2, 3, 4]])
+    greedy_next = torch.tensor([1, 9, 3, 3, 4, 5, 2, 2, 3, 0]) % V  # the model's x_{p+1}
+    final = torch.nn.functional.one_hot(greedy_next, V).float()[None] * 5.0
+    head = torch.nn.Linear(V, V, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(V))
+    anchors = torch.tensor([[0, 2, 4]])
+    valid = torch.ones(1, 3, 3, dtype=torch.bool)
+    keep = chain_consistent(valid, anchors, ids, final, head, chunk=2)
+    # t=0: x2=2 vs greedy after final[1] (=3): stream 2, 3 dropped
+    # t=2: x4=4 vs greedy after final[3] (=3): dropped at stream 2
+    # t=4: x6=1 vs greedy after final[5] (=5): dropped
+    assert keep[0].tolist() == [[True, False, False]] * 3
+    greedy_next = ids[0, 1:].tolist() + [0]                          # the data is the greedy chain
+    final = torch.nn.functional.one_hot(torch.tensor(greedy_next), V).float()[None] * 5.0
+    final[0, 6] = torch.nn.functional.one_hot(torch.tensor(0), V) * 5.0  # ... but x_7 is not
+    keep = chain_consistent(valid, anchors, ids, final, head)
+    assert keep[0].tolist() == [[True, True, True], [True, True, True], [True, True, False]]
+    assert not chain_consistent(torch.zeros_like(valid), anchors, ids, final, head).any()
+
+
 @pytest.fixture(scope="module")
 def tiny_chat_model(tmp_path_factory, smollm2_dir):
     """A random tiny Llama with SmolLM2's tokenizer (and its chat template)."""
@@ -191,6 +217,28 @@ def test_teacher_forced_training_writes_next_token_checkpoint_and_resumes(tiny_c
     m3 = read_manifest(out3)
     assert m3["segments"][-1]["start_conversation"] == 16 and m3["conversations_consumed"] == 22
     assert torch.equal(load_checkpoint(out3)[1]["draft_vocab"], tensors["draft_vocab"])
+
+
+def test_chain_targets_train_and_score_fewer_deep_targets(tiny_chat_model, tmp_path):
+    from specstream_vllm.training import teacher_forced
+    data = _sharegpt_file(tmp_path / "sg.json")
+    seen = []
+    real = teacher_forced.chain_consistent
+
+    def spy(valid, *a, **k):
+        keep = real(valid, *a, **k)
+        seen.append((valid.sum((0, 1)), keep.sum((0, 1))))
+        return keep
+    teacher_forced.chain_consistent = spy
+    try:
+        res = train(_tf_recipe(tiny_chat_model, data, tmp_path / "c", chain_targets=True),
+                    progress=False, log=lambda s: None)
+    finally:
+        teacher_forced.chain_consistent = real
+    assert res.steps == 3 and len(seen) == 3
+    before, after = (torch.stack(x).sum(0) for x in zip(*seen))
+    assert after[0] == before[0]                         # stream 1: no agreement needed
+    assert (after[1:] < before[1:]).all()                # a random model rarely agrees with text
 
 
 def test_init_from_refuses_a_different_stream_form(tiny_chat_model, tmp_path):

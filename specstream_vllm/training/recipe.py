@@ -91,6 +91,10 @@ class Recipe(_Strict):
     grad_clip: float = Field(1.0, ge=0)
     anchors_per_seq: int = Field(64, ge=1, description="stream positions sampled per sequence")
     loss: LossSpec = Field(default_factory=LossSpec)
+    chain_targets: bool = Field(
+        False, description="teacher-forced data: train stream j only where the data's x_{t+2..t+j} "
+                           "are the base model's own greedy tokens (the only case in which its draft "
+                           "is verified); elsewhere its target depends on tokens it cannot see")
     distill: bool = Field(False, description="KL to the base model's softmax at t+j, not the hard token")
     stream_input: Literal["paper", "next_token"] = Field(
         "paper", description='"paper": stream j gets h_t + e_j; "next_token": also g(x_{t+1}), '

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import next_token_features
-from ..reference.streams import MainPass, StreamParams, stream_logits
+from ..reference.streams import MainPass, StreamParams, stream_logits, unwrap_causal_lm
 from .conversations import (ConversationStream, EncodedConversation, frequent_tokens, load_conversations,
                             training_units)
 from .losses import chunked_lm_loss
@@ -53,6 +53,42 @@ def sample_tf_anchors(run: torch.Tensor, lens: torch.Tensor, num: int, g: torch.
         anchors.append(torch.cat([cand, cand[:1].repeat(pad)]))
         valid.append(torch.arange(num) < k)
     return torch.stack(anchors), torch.stack(valid)
+
+
+@torch.no_grad()
+def chain_consistent(valid: torch.Tensor, anchors: torch.Tensor, ids: torch.Tensor,
+                     final: torch.Tensor, lm_head: torch.nn.Module, chunk: int = 1024) -> torch.Tensor:
+    """``valid [B, A, g]`` kept only where stream j's draft could be verified at all: the
+    data's x_{t+2} .. x_{t+j} are the base model's own greedy tokens.
+
+    Stream j never sees x_{t+2..t+j}; inside vLLM it drafts only after streams < j were
+    accepted, i.e. when those tokens are the model's greedy choices. Where the data's
+    tokens differ (human or ChatGPT text the model would not have written), the model's
+    distribution at t+j is conditioned on a token the stream cannot know, and training
+    towards it teaches noise. Stream 1's input x_{t+1} is seen by next-token-aware
+    streams and needs no agreement. Greedy = argmax over the full vocabulary of the
+    main pass's final states (the rows where it matters only, one position at a time).
+    """
+    B, A, g = valid.shape
+    keep = valid.clone()
+    weight, bias = lm_head.weight, lm_head.bias
+    for j in range(2, g + 1):
+        b, a = keep[:, :, j - 1].nonzero(as_tuple=True)   # stream j still valid so far
+        if b.numel() == 0:
+            break
+        p = anchors[b, a] + j - 1                          # final[t+j-1] predicts x_{t+j}
+        greedy = torch.cat([_argmax_logits(final[b[s:s + chunk], p[s:s + chunk]], weight, bias)
+                            for s in range(0, b.numel(), chunk)])
+        bad = greedy != ids[b, p + 1]
+        keep[b[bad], a[bad], j - 1:] = False
+    return keep
+
+
+def _argmax_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    logits = h.to(weight.dtype) @ weight.T
+    if bias is not None:
+        logits = logits + bias
+    return logits.argmax(-1)
 
 
 def pad_encoded(batch: list[EncodedConversation]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -196,6 +232,9 @@ def tf_step(model, params: StreamParams, data: TeacherForcedData, recipe: Recipe
     js = torch.arange(1, g + 1)
     # stream j's target: the base model at t+j; x_{t+1..t+1+j} must all be assistant tokens
     valid = avalid[:, :, None] & (run[bidx, anchors + 1][:, :, None] >= js + 1)
+    if recipe.chain_targets:
+        valid = chain_consistent(valid, anchors, ids, final, unwrap_causal_lm(model).lm_head,
+                                 recipe.lm_head_chunk)
     tpos = torch.minimum(anchors[:, :, None] + js, (lens - 1)[:, None, None])
     target_h = final[torch.arange(B)[:, None, None], tpos].reshape(-1, final.shape[-1])
     counts = valid.sum(dim=(0, 1)).clamp(min=1).float()
