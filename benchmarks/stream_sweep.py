@@ -37,7 +37,7 @@ def train(recipe: str, name: str, sets: list[str], minutes: float, root: Path) -
         print(f"[sweep] {name}: already trained ({out}), kept", flush=True)
         return out
     cmd = [sys.executable, "-m", "specstream_vllm.cli", "train", "--recipe", recipe, "-o", str(out),
-           "--no-progress", "--set", f"time_budget_minutes={minutes}", "--set", "snapshot_every=0"]
+           "--no-progress", "--set", f"time_budget_minutes={minutes}"]
     for s in sets:
         cmd += ["--set", s]
     out.mkdir(parents=True, exist_ok=True)
