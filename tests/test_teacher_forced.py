@@ -250,3 +250,41 @@ def test_init_from_refuses_a_different_stream_form(tiny_chat_model, tmp_path):
         train(_tf_recipe(tiny_chat_model, data, tmp_path / "b", stream_input="paper",
                          init_from=str(first.checkpoint_dir)), progress=False, log=lambda s: None)
     assert load_checkpoint_config(first.checkpoint_dir).stream_input == "next_token"
+
+
+def test_init_from_a_lower_lora_rank_widens_it_without_changing_the_streams(tiny_chat_model, tmp_path):
+    from transformers import AutoConfig
+
+    from specstream_vllm.checkpoint import LoraSpec
+    from specstream_vllm.reference.streams import StreamParams
+    from specstream_vllm.training.trainer import _widen_lora
+    cfg = AutoConfig.from_pretrained(str(tiny_chat_model))
+    targets = ["q_proj", "v_proj", "down_proj"]
+    old = StreamParams(cfg, 3, 2, LoraSpec(rank=4, alpha=16, target_modules=targets))
+    for b in old.lora_B.values():
+        torch.nn.init.normal_(b)
+    wide = StreamParams(cfg, 3, 2, LoraSpec(rank=8, alpha=16, target_modules=targets))
+    tensors = _widen_lora(old.state_tensors(), old.lora, wide)
+    assert tensors["layers.1.q_proj.lora_A"].shape[0] == 8
+    for key in wide.lora_A:
+        layer, name = key.split("_", 2)[1:]
+        x = torch.randn(5, wide.lora_A[key].shape[1])
+        with torch.no_grad():
+            wide.lora_A[key].copy_(tensors[f"layers.{layer}.{name}.lora_A"])
+            wide.lora_B[key].copy_(tensors[f"layers.{layer}.{name}.lora_B"])
+        assert torch.allclose(wide.delta(int(layer), name, x), old.delta(int(layer), name, x), atol=1e-5)
+    # through the trainer: a rank-4 checkpoint continued at rank 8; other differences refused
+    from specstream_vllm.errors import ConfigError
+    data = _sharegpt_file(tmp_path / "sg.json")
+    lora4 = {"lora.rank": 4, "lora.target_modules": targets}
+    first = train(_tf_recipe(tiny_chat_model, data, tmp_path / "r4", max_steps=1, **lora4),
+                  progress=False, log=lambda s: None)
+    logs: list[str] = []
+    train(_tf_recipe(tiny_chat_model, data, tmp_path / "r8", max_steps=1, init_from=str(first.checkpoint_dir),
+                     **{"lora.rank": 8, "lora.target_modules": targets}), progress=False, log=logs.append)
+    assert any("LoRA rank 8" in m for m in logs)
+    assert load_checkpoint_config(tmp_path / "r8").lora.rank == 8
+    with pytest.raises(ConfigError, match="higher LoRA rank"):
+        train(_tf_recipe(tiny_chat_model, data, tmp_path / "t", max_steps=1, init_from=str(first.checkpoint_dir),
+                         **{"lora.rank": 8, "lora.target_modules": targets[:2]}), progress=False,
+              log=lambda s: None)

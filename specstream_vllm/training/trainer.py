@@ -522,18 +522,52 @@ def _init_params(params: StreamParams, model_config, recipe: Recipe, out_dir: Pa
     if src is None:
         return None
     cfg, tensors = load_checkpoint(src)
+    widen = _lora_widening(cfg.lora, params.lora)
     if (cfg.stream_input, cfg.num_streams, cfg.num_stream_layers) != (
             params.stream_input, params.num_streams, params.num_stream_layers) or \
-            (cfg.token_map_rank or None) != params.token_map_rank or cfg.lora != params.lora:
+            (cfg.token_map_rank or None) != params.token_map_rank or (cfg.lora != params.lora
+                                                                      and not widen):
         from ..errors import ConfigError
         raise ConfigError(f"cannot start from {src}: its streams (input {cfg.stream_input}, "
                           f"{cfg.num_streams} streams, {cfg.num_stream_layers} layers, lora {cfg.lora}) "
-                          "differ from the recipe's; use a matching recipe")
+                          "differ from the recipe's; use a matching recipe (only a higher LoRA "
+                          "rank on the same targets may differ)")
+    if widen:
+        tensors = _widen_lora(tensors, cfg.lora, params)
+        cfg = cfg.model_copy(update={"lora": params.lora})
+        log(f"[train] LoRA rank {cfg.lora.rank} from {src}'s rank {widen}: new directions start "
+            "at zero, the streams' function is unchanged")
     loaded = StreamParams.from_checkpoint(model_config, cfg, tensors)
     params.load_state_dict(loaded.state_dict(), strict=False)
     params.set_draft_vocab(loaded.draft_vocab)
     log(f"[train] starting from the streams of {src}")
     return read_manifest(resolve_checkpoint_dir(src)) or {}
+
+def _lora_widening(old, new) -> int | None:
+    """The old rank when ``new`` is ``old`` with a higher rank (same targets), else None."""
+    if old is None or new is None or new.rank <= old.rank:
+        return None
+    if list(old.target_modules) != list(new.target_modules):
+        return None
+    return old.rank
+
+
+def _widen_lora(tensors: dict, old, params: StreamParams) -> dict:
+    """A checkpoint's LoRA at ``params``' higher rank, computing the same function: the old
+    A rows and B columns kept (B rescaled for the new alpha/rank scaling), new A rows from
+    the fresh initialisation in ``params``, new B columns zero (as a LoRA starts)."""
+    out = dict(tensors)
+    r, ratio = old.rank, old.scaling / params.lora.scaling
+    for key, a_new in params.lora_A.items():
+        layer, name = key.split("_", 2)[1:]
+        ka, kb = f"layers.{layer}.{name}.lora_A", f"layers.{layer}.{name}.lora_B"
+        a = a_new.detach().clone()
+        a[:r] = tensors[ka]
+        b = torch.zeros_like(params.lora_B[key])
+        b[:, :r] = tensors[kb] * ratio
+        out[ka], out[kb] = a, b
+    return out
+
 
 def _export(recipe: Recipe, model, params: StreamParams, base_dir: Path, out_dir: Path, step: int,
             history: list[dict], n_stream: int, seconds: float, final: bool,
