@@ -6,12 +6,12 @@ knows about particular methods.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ALL_METHODS = ("baseline", "ngram", "suffix", "medusa", "specstream", "specstream-streams",
-               "specstream-suffix", "specstream-ngram")
+ALL_METHODS = ("baseline", "baseline-sync", "ngram", "suffix", "medusa", "specstream",
+               "specstream-streams", "specstream-suffix", "specstream-ngram")
 #: specstream with a fixed match source (vllm_integration/match_source.py); plain
 #: ``specstream`` uses the plugin's default
 SPECSTREAM_MATCH = {"specstream-streams": "none", "specstream-suffix": "suffix",
@@ -27,6 +27,9 @@ class Method:
     weights_dir: str | None = None  # where its extra parameters live (for counting)
     skip_reason: str | None = None
     extra_params: int | None = None
+    #: extra ``vllm.LLM`` arguments (``benchmarks.paired`` only): "baseline-sync" is the
+    #: baseline with async scheduling off, as vLLM 0.32 runs every specstream engine
+    engine_args: dict[str, Any] = field(default_factory=dict)
 
     @property
     def keeps_request_state(self) -> bool:
@@ -42,7 +45,7 @@ class Method:
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "speculative_config": self.speculative_config,
                 "weights_dir": self.weights_dir, "skip_reason": self.skip_reason,
-                "extra_params": self.extra_params,
+                "extra_params": self.extra_params, "engine_args": self.engine_args,
                 "fresh_engine_per_level": self.keeps_request_state}
 
 
@@ -83,6 +86,8 @@ def build_methods(names: list[str], medusa: str | None = None, streams: str | No
     for name in names:
         if name == "baseline":
             m = Method(name, None)
+        elif name == "baseline-sync":
+            m = Method(name, None, engine_args={"async_scheduling": False})
         elif name == "ngram":
             m = Method(name, {"method": "ngram", "num_speculative_tokens": 4,
                               "prompt_lookup_min": 2, "prompt_lookup_max": 4})

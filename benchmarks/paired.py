@@ -50,7 +50,8 @@ def child(job_path: str) -> None:
     out_dir = Path(job["out_dir"])
     llm = LLM(model=job["model"], dtype=job["dtype"], speculative_config=job["speculative_config"],
               max_model_len=job["max_model_len"], seed=0, disable_log_stats=False,
-              max_num_seqs=job["max_num_seqs"], enforce_eager=job["enforce_eager"])
+              max_num_seqs=job["max_num_seqs"], enforce_eager=job["enforce_eager"],
+              **job.get("engine_args", {}))
     warm = SamplingParams(temperature=0.0, max_tokens=16)
     llm.chat(WARMUP_CONVERSATIONS[:job["max_num_seqs"]], warm, use_tqdm=False)
     # single requests too (batch-1 shapes compiled, a draft policy's step costs measured at
@@ -81,7 +82,8 @@ def child(job_path: str) -> None:
 # ------------------------------------------------------------------ parent
 
 class Engine:
-    def __init__(self, name: str, spec: dict | None, args, folder: Path):
+    def __init__(self, name: str, spec: dict | None, args, folder: Path,
+                 engine_args: dict | None = None):
         self.name, self.dir = name, folder / name
         self.dir.mkdir(parents=True, exist_ok=True)
         for f in self.dir.glob("*.json"):
@@ -90,7 +92,7 @@ class Engine:
         job = {"model": args.model, "dtype": args.dtype, "speculative_config": spec,
                "max_model_len": args.max_model_len, "max_tokens": args.max_tokens,
                "max_num_seqs": max(max(args.batch_sizes), 16), "enforce_eager": args.enforce_eager,
-               "warmup_single": args.warmup_single,
+               "warmup_single": args.warmup_single, "engine_args": engine_args or {},
                "out_dir": str(self.dir)}
         (self.dir / "job.json").write_text(json.dumps(job))
         env = dict(engine_env(args.kv_cache_gib),
@@ -191,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     load = []
     try:
         for m in methods:  # one at a time: concurrent compilation on 2 busy cores times out
-            e = Engine(m.name, m.speculative_config, args, folder)
+            e = Engine(m.name, m.speculative_config, args, folder, m.engine_args)
             engines.append(e)
             e.wait_ready(args.timeout)
             print(f"[paired] {e.name}: ready", flush=True)

@@ -163,6 +163,9 @@ def test_methods_and_rotation(tmp_path: Path) -> None:
     assert ms["specstream"].speculative_config == {"method": "specstream", "model": str(tmp_path),
                                                    "num_speculative_tokens": 4}
     assert ms["specstream"].extra_params == 17
+    sync = build_methods(["baseline-sync"])[0]
+    assert sync.speculative_config is None and sync.engine_args == {"async_scheduling": False}
+    assert ms["baseline"].engine_args == {} and sync.to_json()["engine_args"]
     with pytest.raises(ValueError):
         build_methods(["nope"])
     assert rotated([1, 2, 3], 1) == [2, 3, 1] and rotated([1, 2, 3], 3) == [1, 2, 3]
