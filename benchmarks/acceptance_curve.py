@@ -18,6 +18,10 @@ import json
 from pathlib import Path
 
 
+#: whose data settings make the scored answers: every curve and sweep uses the same ones
+ANSWERS_RECIPE = "configs/train_smollm2_lossless.yaml"
+
+
 def checkpoints_of(run: Path) -> list[Path]:
     snaps = sorted((run / "snapshots").glob("step-*")) if (run / "snapshots").is_dir() else []
     final = [run] if (run / "config.json").is_file() else []
@@ -32,7 +36,8 @@ def describe(ckpt: Path) -> dict:
     return {"checkpoint": str(ckpt), "stream_input": cfg.get("stream_input", "paper"),
             "steps": tr.get("steps"), "train_seconds": tr.get("train_seconds"),
             "conversations": m.get("conversations_consumed"), "tokens_seen": m.get("tokens_seen"),
-            "train_acc_ema": (tr.get("last") or {}).get("acc_ema")}
+            "train_acc_ema": (tr.get("last") or {}).get("acc_ema"),
+            "stream_params": tr.get("stream_parameters")}
 
 
 def score(ckpt: Path, sets: list[str], gamma: int, max_examples: int | None,
@@ -55,7 +60,7 @@ def score(ckpt: Path, sets: list[str], gamma: int, max_examples: int | None,
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", help="run directories (their snapshots/ are read) or checkpoints")
-    ap.add_argument("--answers-recipe", default="configs/train_smollm2_lossless.yaml")
+    ap.add_argument("--answers-recipe", default=ANSWERS_RECIPE)
     ap.add_argument("--sets", default="mtbench,heldout")
     ap.add_argument("--gamma", type=int, default=4)
     ap.add_argument("--every", type=int, default=1, help="evaluate every n-th snapshot")

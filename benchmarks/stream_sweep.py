@@ -65,8 +65,8 @@ def main(argv=None) -> int:
         run = train(args.recipe, name, sets, args.minutes, root)
         row = acceptance_curve.score(run, sets=["mtbench"], gamma=4,
                                      max_examples=args.max_examples,
-                                     answers_recipe="configs/train_smollm2_lossless.yaml")
-        row.update(variant=name, overrides=sets, stream_params=stream_params(run))
+                                     answers_recipe=acceptance_curve.ANSWERS_RECIPE)
+        row.update(variant=name, overrides=sets)
         rows.append(row)
         print(json.dumps(row), flush=True)
     md = to_markdown(rows, args.minutes)
@@ -79,12 +79,6 @@ def main(argv=None) -> int:
     return 0
 
 
-def stream_params(ckpt: Path) -> int:
-    from specstream_vllm.checkpoint import load_checkpoint
-    _, tensors = load_checkpoint(ckpt)
-    return sum(t.numel() for t in tensors.values() if t.is_floating_point())
-
-
 def to_markdown(rows: list[dict], minutes: float) -> str:
     lines = [f"Every variant trained {minutes:g} min (training loop) on the same conversations; "
              "MT-Bench MAL = chain acceptance at γ=4 on the base model's greedy "
@@ -94,7 +88,7 @@ def to_markdown(rows: list[dict], minutes: float) -> str:
     for r in rows:
         m = r["mtbench"]
         lines.append("| " + " | ".join([
-            r["variant"], ", ".join(r["overrides"]) or "(recipe)", f"{r['stream_params']:,}",
+            r["variant"], ", ".join(r["overrides"]) or "(recipe)", f"{r['stream_params']:,}" if r["stream_params"] else "-",
             str(r["steps"]), f"{r['tokens_seen']:,}" if r["tokens_seen"] else "-", f"{m['mal']:.3f}",
             " / ".join(f"{x:.2f}" for x in m["per_position"]),
             " / ".join(f"{x:.2f}" for x in r["train_acc_ema"]) if r["train_acc_ema"] else "-"]) + " |")

@@ -21,7 +21,7 @@ from ..checkpoint import next_token_features
 from ..reference.streams import MainPass, StreamParams, stream_logits, unwrap_causal_lm
 from .conversations import (ConversationStream, EncodedConversation, frequent_tokens, load_conversations,
                             training_units)
-from .losses import chunked_lm_loss
+from .losses import chunked_argmax, chunked_lm_loss
 from .recipe import Recipe
 
 MANIFEST_NAME = "data_manifest.json"
@@ -69,26 +69,16 @@ def chain_consistent(valid: torch.Tensor, anchors: torch.Tensor, ids: torch.Tens
     streams and needs no agreement. Greedy = argmax over the full vocabulary of the
     main pass's final states (the rows where it matters only, one position at a time).
     """
-    B, A, g = valid.shape
     keep = valid.clone()
-    weight, bias = lm_head.weight, lm_head.bias
-    for j in range(2, g + 1):
+    for j in range(2, valid.shape[2] + 1):
         b, a = keep[:, :, j - 1].nonzero(as_tuple=True)   # stream j still valid so far
         if b.numel() == 0:
             break
         p = anchors[b, a] + j - 1                          # final[t+j-1] predicts x_{t+j}
-        greedy = torch.cat([_argmax_logits(final[b[s:s + chunk], p[s:s + chunk]], weight, bias)
-                            for s in range(0, b.numel(), chunk)])
+        greedy = chunked_argmax(final[b, p], lm_head.weight, chunk, bias=lm_head.bias)
         bad = greedy != ids[b, p + 1]
         keep[b[bad], a[bad], j - 1:] = False
     return keep
-
-
-def _argmax_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    logits = h.to(weight.dtype) @ weight.T
-    if bias is not None:
-        logits = logits + bias
-    return logits.argmax(-1)
 
 
 def pad_encoded(batch: list[EncodedConversation]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -556,16 +556,15 @@ def _widen_lora(tensors: dict, old, params: StreamParams) -> dict:
     """A checkpoint's LoRA at ``params``' higher rank, computing the same function: the old
     A rows and B columns kept (B rescaled for the new alpha/rank scaling), new A rows from
     the fresh initialisation in ``params``, new B columns zero (as a LoRA starts)."""
-    out = dict(tensors)
+    out, fresh = dict(tensors), params.state_tensors()
     r, ratio = old.rank, old.scaling / params.lora.scaling
-    for key, a_new in params.lora_A.items():
-        layer, name = key.split("_", 2)[1:]
-        ka, kb = f"layers.{layer}.{name}.lora_A", f"layers.{layer}.{name}.lora_B"
-        a = a_new.detach().clone()
-        a[:r] = tensors[ka]
-        b = torch.zeros_like(params.lora_B[key])
-        b[:, :r] = tensors[kb] * ratio
-        out[ka], out[kb] = a, b
+    for key, t in tensors.items():
+        if key.endswith(".lora_A"):
+            out[key] = fresh[key].clone()
+            out[key][:r] = t
+        elif key.endswith(".lora_B"):
+            out[key] = torch.zeros_like(fresh[key])
+            out[key][:, :r] = t * ratio
     return out
 
 
