@@ -27,7 +27,8 @@ import torch
 import torch.nn as nn
 
 from specstream_vllm.checkpoint import (DRAFT_VOCAB_KEY, EMBEDDINGS_KEY, TOKEN_MAP_A_KEY,
-                                        TOKEN_MAP_B_KEY, load_checkpoint, next_token_features)
+                                        TOKEN_MAP_B_KEY, load_checkpoint, next_token_features,
+                                        reads_tokens)
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,13 @@ class StreamSettings:
 
     @property
     def next_token_aware(self) -> bool:
-        return self.stream_input == "next_token"
+        """The streams read tokens through g (``next_token`` and ``chain`` forms)."""
+        return reads_tokens(self.stream_input)
+
+    @property
+    def chain(self) -> bool:
+        """Stream j reads the token at t+j: drafted one stream per pass."""
+        return self.stream_input == "chain"
 
     @property
     def first_layer(self) -> int:
@@ -183,10 +190,13 @@ class MSAMixin:
         # with one rank the LM head holds every row: draft over the vocabulary's rows only
         self._local_draft_head = _tp()[1] == 1
 
-    def stream_inputs(self, h: torch.Tensor, next_token_ids: torch.Tensor, g: int) -> torch.Tensor:
-        """``[R * g, d]`` stream inputs h_t + e_j (+ g(x_{t+1}) in the next-token-aware form),
-        in the order and dtype of the reference model (reference/streams.py)."""
-        x = h[:, None, :] + self.stream_embeddings[:g].to(h.dtype)
+    def stream_inputs(self, h: torch.Tensor, next_token_ids: torch.Tensor, g: int,
+                      first: int = 0) -> torch.Tensor:
+        """``[R * g, d]`` inputs of streams ``first+1 .. first+g``: h_t + e_j (+ g(x) of the
+        token ids ``[R]`` in the token-reading forms: x_{t+1}, or in the chain form, where
+        one stream runs per pass, the token at that stream's position), in the order and
+        dtype of the reference model (reference/streams.py)."""
+        x = h[:, None, :] + self.stream_embeddings[first:first + g].to(h.dtype)
         if self.stream_settings.next_token_aware:
             emb = self.input_embedding()(next_token_ids)  # vocab-parallel: whole rows on every rank
             # the map is float32 (as in the reference), the embedding the engine's dtype

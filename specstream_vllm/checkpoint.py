@@ -11,10 +11,12 @@ and ``model.safetensors`` holding
   tokens they were trained to predict). Drafting only over these rows of the LM
   head makes the draft pass's LM head several times cheaper; verification still
   uses the full vocabulary, so outputs do not change;
-* with ``stream_input: "next_token"`` also ``token_map.A`` ``[r, d]`` and
+* with ``stream_input: "next_token"`` or ``"chain"`` also ``token_map.A`` ``[r, d]`` and
   ``token_map.B`` ``[d, r]``: the map g of DESIGN.md's next-token-aware form,
   ``g(x) = B A n(E[x])`` with E the base model's frozen input embedding and n an
-  RMS normalisation (see :func:`next_token_features`).
+  RMS normalisation (see :func:`next_token_features`). ``next_token``: every stream
+  reads g(x_{t+1}); ``chain``: stream j reads g(x_{t+j}), the token at its own position
+  (for j >= 2 the previous stream's draft, so the streams are drafted one at a time).
 
 A fine-tuned model directory carries its streams in a ``specstream/`` subfolder.
 The base model is identified by a fingerprint of its config and a few weight
@@ -121,10 +123,13 @@ class StreamCheckpointConfig(BaseModel):
     base_model: BaseModelRef
     torch_dtype: str = "float32"
     draft_vocab_size: Optional[int] = Field(None, ge=1)
-    stream_input: Literal["paper", "next_token"] = Field(
+    stream_input: Literal["paper", "next_token", "chain"] = Field(
         "paper", description='"paper": stream j gets h_t + e_j (Bhendawade et al.); "next_token": '
-                             "h_t + e_j + g(x_{t+1}), x_{t+1} the token sampled at the anchor")
-    token_map_rank: Optional[int] = Field(None, ge=1, description="rank r of g (next_token form)")
+                             "h_t + e_j + g(x_{t+1}), x_{t+1} the token sampled at the anchor; "
+                             '"chain": h_t + e_j + g(x_{t+j}), x_{t+j} for j >= 2 the draft of '
+                             "stream j-1 (drafted one stream at a time)")
+    token_map_rank: Optional[int] = Field(None, ge=1, description="rank r of g (next_token and "
+                                                                  "chain forms)")
     speculators_config: SpeculatorsInfo = Field(default_factory=SpeculatorsInfo)
     training: dict = Field(default_factory=dict)
 
@@ -134,9 +139,9 @@ class StreamCheckpointConfig(BaseModel):
             raise ValueError(
                 f"num_stream_layers={self.num_stream_layers} exceeds the base model's "
                 f"{self.base_model.num_hidden_layers} layers")
-        if (self.stream_input == "next_token") != (self.token_map_rank is not None):
+        if reads_tokens(self.stream_input) != (self.token_map_rank is not None):
             raise ValueError("token_map_rank must be set exactly when stream_input is "
-                             f"'next_token' (stream_input={self.stream_input!r}, "
+                             f"'next_token' or 'chain' (stream_input={self.stream_input!r}, "
                              f"token_map_rank={self.token_map_rank})")
         return self
 
@@ -288,7 +293,7 @@ def expected_tensor_shapes(cfg: StreamCheckpointConfig,
     config (head counts, intermediate size); without it only hidden-size tensors are listed."""
     d = cfg.base_model.hidden_size
     out: dict[str, tuple[int, ...]] = {EMBEDDINGS_KEY: (cfg.num_streams, d)}
-    if cfg.stream_input == "next_token":
+    if reads_tokens(cfg.stream_input):
         out[TOKEN_MAP_A_KEY] = (cfg.token_map_rank, d)
         out[TOKEN_MAP_B_KEY] = (d, cfg.token_map_rank)
     if cfg.lora is not None and base_config is not None:
@@ -386,6 +391,11 @@ def validate_against_base(cfg: StreamCheckpointConfig, base_model_dir: str | Pat
                 f"stream checkpoint says its base model has {key}={getattr(cfg.base_model, key)} "
                 f"but {base_dir} has {key}={have}; serve the base model the streams "
                 "were trained for (or train streams for this one with `specstream train`)")
+
+
+def reads_tokens(stream_input: str) -> bool:
+    """Whether a stream form reads tokens through the map g (and carries ``token_map.*``)."""
+    return stream_input in ("next_token", "chain")
 
 
 def next_token_features(embeddings: torch.Tensor) -> torch.Tensor:

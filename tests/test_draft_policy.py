@@ -217,3 +217,40 @@ def test_cost_model_slopes_never_negative_when_features_are_collinear():
     one = m.predict([1.0, 1.0, 1.0]) - m.predict([1.0, 0.0, 0.0])
     assert 0.004 < one < 0.014, one                # the one-token draft's extra cost is kept
     assert m.predict([1.0, 4.0, 1.0]) - m.predict([1.0, 0.0, 0.0]) < 0.05
+
+
+def feed_chain_costs(policy: DraftPolicy, per_step: float, per_token: float, reqs: int,
+                     per_pass: float, steps: int = 40) -> None:
+    """Chain streams: the draft pass runs once per stream, each costing ``per_pass``."""
+    g = policy.cfg.gamma
+    for i in range(steps):
+        k = i % (g + 1)
+        n = reqs + reqs * k
+        passes = max(k, 1)
+        draft = per_pass * passes
+        policy.observe_step(n, reqs * k, per_step + per_token * n + draft, draft, reqs * passes,
+                            passes)
+
+
+def test_chain_draft_cost_is_per_pass():
+    """One pass per stream: a depth-4 chain costs four passes, not one pass over 4 tokens."""
+    p = DraftPolicy(PolicyConfig(gamma=4, sequential=True))
+    feed_chain_costs(p, per_step=0.020, per_token=0.0005, reqs=1, per_pass=0.004)
+    assert p._draft_cost(1, 4) == pytest.approx(0.016, rel=0.1)
+    assert p._draft_cost(1, 1) == pytest.approx(0.004, rel=0.1)
+
+
+def test_chain_stops_when_another_pass_cannot_pay():
+    """After each pass the policy asks whether one more is worth it: not when every
+    request's chain so far is unlikely, yes while one is likely."""
+    p = DraftPolicy(PolicyConfig(gamma=4, sequential=True))
+    feed_chain_costs(p, per_step=0.020, per_token=0.0005, reqs=2, per_pass=0.004)
+    assert p.continue_chain(torch.tensor([[0.9, 0.9], [0.1, 0.1]]))
+    assert not p.continue_chain(torch.tensor([[0.1, 0.1], [0.05, 0.2]]))
+    # a pass that costs a whole step is never worth a likely-but-uncertain token
+    q = DraftPolicy(PolicyConfig(gamma=4, sequential=True))
+    feed_chain_costs(q, per_step=0.020, per_token=0.0005, reqs=2, per_pass=0.030)
+    assert not q.continue_chain(torch.tensor([[0.9, 0.9], [0.9, 0.9]]))
+    # fixed mode runs the whole chain
+    f = DraftPolicy(PolicyConfig(gamma=4, mode="fixed", sequential=True))
+    assert f.continue_chain(torch.tensor([[0.01, 0.01]]))

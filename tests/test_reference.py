@@ -7,8 +7,8 @@ from transformers import AutoModelForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from specstream_vllm.checkpoint import LoraSpec
-from specstream_vllm.reference.decoder import speculative_generate
-from specstream_vllm.reference.streams import StreamParams, main_pass, stream_logits
+from specstream_vllm.reference.decoder import draft_tokens, speculative_generate
+from specstream_vllm.reference.streams import StreamParams, main_pass, stream_logits, teacher_tokens
 
 
 def _rope(model, vec_heads: torch.Tensor, pos: int) -> torch.Tensor:
@@ -29,17 +29,23 @@ def _lin(params, li, name, mod, x):
 
 def naive_stream_logits(model, params, ids, t, g, next_token=None):
     """Build each stream's context by hand: main keys <= t, then streams 1..j. In the
-    next-token-aware form the input also gets B A (E[x] / rms(E[x])) of ``next_token``."""
+    next-token-aware form the input also gets B A (E[x] / rms(E[x])) of ``next_token``; in
+    the chain form ``next_token`` is a list, stream j getting that of its j-th entry."""
     cfg = model.config
     H, KV = cfg.num_attention_heads, cfg.num_key_value_heads
     hd = cfg.hidden_size // H
     main = main_pass(model, ids, params.layer_ids)
-    extra = 0.0
-    if next_token is not None:
-        e = model.model.embed_tokens.weight[next_token]
+    def g_of(tok):
+        e = model.model.embed_tokens.weight[tok]
         e = e / torch.sqrt((e * e).mean() + 1e-6)
-        extra = params.token_map_B @ (params.token_map_A @ e)
-    xs = [main.layer_inputs[params.first_layer][0, t] + params.stream_embeddings[j] + extra
+        return params.token_map_B @ (params.token_map_A @ e)
+    if next_token is None:
+        extra = [0.0] * g
+    elif isinstance(next_token, list):
+        extra = [g_of(tok) for tok in next_token]
+    else:
+        extra = [g_of(next_token)] * g
+    xs = [main.layer_inputs[params.first_layer][0, t] + params.stream_embeddings[j] + extra[j]
           for j in range(g)]
     for li in params.layer_ids:
         layer = model.model.layers[li]
@@ -123,6 +129,70 @@ def test_reference_decoder_is_lossless_next_token(tiny_llama_dir, gamma):
     torch.manual_seed(gamma)
     params = StreamParams(model.config, 4, 2, LoraSpec(rank=2), init_std=0.3,
                           stream_input="next_token", token_map_rank=4)
+    with torch.no_grad():
+        params.token_map_B.normal_(0, 0.3)
+    ids = torch.randint(3, 256, (1, 7), generator=torch.Generator().manual_seed(3))
+    out, stats = speculative_generate(model, params, ids, 30, gamma)
+    assert out == _generate(model, ids, 30)
+    assert stats.num_drafts > 0
+
+
+@pytest.mark.parametrize("g,ns", [(1, 1), (4, 2)])
+def test_chain_streams_match_naive_loop(tiny_llama_dir, g, ns):
+    """Chain form: stream j reads g(x_{t+j}); stream j's output depends on tokens 1..j only."""
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float64).eval()
+    torch.manual_seed(4)
+    params = StreamParams(model.config, g, ns, LoraSpec(rank=4, target_modules=["q_proj", "up_proj"]),
+                          init_std=0.5, stream_input="chain", token_map_rank=6).double()
+    with torch.no_grad():
+        params.token_map_B.normal_(0, 0.5)
+        for b in params.lora_B.values():
+            b.normal_(0, 0.1)
+        ids = torch.randint(3, 256, (2, 12))
+        anchors = torch.tensor([[0, 5, 10], [2, 3, 7]])
+        toks = torch.randint(3, 256, (2, 3, g))
+        main = main_pass(model, ids, params.layer_ids)
+        fast = stream_logits(model, params, main, anchors, next_tokens=toks)
+        for b in range(2):
+            for a, t in enumerate(anchors[b].tolist()):
+                slow = naive_stream_logits(model, params, ids[b:b + 1], t, g, toks[b, a].tolist())
+                torch.testing.assert_close(fast[b, a], slow, rtol=1e-9, atol=1e-9)
+        # the last stream's token reaches only the last stream
+        changed = toks.clone()
+        changed[..., -1] = (changed[..., -1] + 1) % 256
+        other = stream_logits(model, params, main, anchors, next_tokens=changed)
+        torch.testing.assert_close(other[..., :-1, :], fast[..., :-1, :], rtol=1e-9, atol=1e-9)
+        assert not torch.allclose(other[..., -1, :], fast[..., -1, :])
+        with pytest.raises(ValueError, match="chain streams need"):
+            stream_logits(model, params, main, anchors, next_tokens=toks[..., 0])
+
+
+def test_chain_drafts_read_the_previous_draft(tiny_llama_dir):
+    """The decoder drafts chain streams one at a time: stream j's input is stream j-1's
+    top-1, which is what teacher forcing feeds when the drafts are right."""
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float64).eval()
+    torch.manual_seed(5)
+    params = StreamParams(model.config, 4, 2, LoraSpec(rank=2), init_std=0.5,
+                          stream_input="chain", token_map_rank=4).double()
+    with torch.no_grad():
+        params.token_map_B.normal_(0, 0.5)
+    ids = torch.randint(3, 256, (1, 9))
+    drafts = draft_tokens(model, params, ids, 5, 4, next_token=17).tolist()
+    main = main_pass(model, ids, params.layer_ids)
+    read = torch.tensor([[[17] + drafts[:3]]])
+    forced = stream_logits(model, params, main, torch.tensor([[5]]), 4, next_tokens=read)[0, 0]
+    assert forced.argmax(-1).tolist() == drafts
+    # teacher tokens at an anchor: x_{t+1..t+g}, clamped at the end of the text
+    assert teacher_tokens(params, ids[0], torch.tensor([5]), 4).tolist() == [
+        ids[0, 6:9].tolist() + [int(ids[0, 8])]]
+
+
+@pytest.mark.parametrize("gamma", [1, 4])
+def test_reference_decoder_is_lossless_chain(tiny_llama_dir, gamma):
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32).eval()
+    torch.manual_seed(gamma + 10)
+    params = StreamParams(model.config, 4, 2, LoraSpec(rank=2), init_std=0.3,
+                          stream_input="chain", token_map_rank=4)
     with torch.no_grad():
         params.token_map_B.normal_(0, 0.3)
     ids = torch.randint(3, 256, (1, 7), generator=torch.Generator().manual_seed(3))

@@ -147,18 +147,21 @@ def test_drafts_read_the_token_vllm_sampled(smollm2_runs):
         assert checked >= len(rs) - 2     # one final step each in the batch-1 and batch-8 runs
 
 
-@pytest.fixture(scope="module")
-def other_form_runs(smollm2_dir, smollm2_runs, tmp_path_factory):
-    """Streams of the input form the shipped checkpoint does not use (paper vs
-    next-token-aware), random but sharp, through the same prompts and batches."""
-    from specstream_vllm.checkpoint import load_checkpoint_config
+@pytest.fixture(scope="module", params=["paper", "next_token", "chain"])
+def other_form_runs(request, smollm2_dir, smollm2_runs, tmp_path_factory):
+    """Streams of each input form the shipped checkpoint does not use (paper, next-token-
+    aware, chain: one stream per pass reading the previous draft), random but sharp,
+    through the same prompts and batches."""
+    from specstream_vllm.checkpoint import load_checkpoint_config, reads_tokens
     base, _, shipped, _ = smollm2_runs
-    form = "paper" if load_checkpoint_config(shipped).stream_input == "next_token" else "next_token"
+    form = request.param
+    if load_checkpoint_config(shipped).stream_input == form:
+        pytest.skip(f"the shipped streams are of the {form} form (tested above)")
     tmp = tmp_path_factory.mktemp("form")
     streams = init_checkpoint(smollm2_dir, tmp / form, num_streams=4, num_stream_layers=4,
                               lora=LoraSpec(rank=4, target_modules=["q_proj", "v_proj", "down_proj"]),
                               random_lora_b=True, init_std=2.0, stream_input=form,
-                              token_map_rank=16 if form == "next_token" else None)
+                              token_map_rank=16 if reads_tokens(form) else None)
     log = tmp / "drafts.jsonl"
     job = {"model": str(smollm2_dir), "prompts": PROMPTS, "max_tokens": MAX_TOKENS,
            "batches": [[i] for i in range(len(PROMPTS))] + [list(range(len(PROMPTS)))],
@@ -226,7 +229,8 @@ def test_tensor_parallel_2_matches_tp2_without_speculation(tiny_tp_dir, tmp_path
                                   ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))),
                               random_lora_b=True, init_std=0.5,
                               draft_vocab=list(range(3, 512, 2)),  # vocab-parallel head + restriction
-                              stream_input="next_token", token_map_rank=8)  # vocab-parallel embedding
+                              stream_input="chain", token_map_rank=8)  # vocab-parallel embedding;
+    # chain: one pass per stream, every rank reading rank 0's drafts
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (5, 11, 17, 8)]
     env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}

@@ -63,15 +63,27 @@ def draft_tokens(model, params: StreamParams, input_ids: torch.Tensor, anchor: i
     """Top-1 chain of the streams at main position ``anchor`` of ``input_ids`` [1, T].
 
     ``next_token`` is x_{anchor+1}, the token decoded at the anchor (default: the one in
-    ``input_ids``); next-token-aware streams are conditioned on it."""
+    ``input_ids``); next-token-aware streams are conditioned on it. Chain streams are
+    drafted one at a time: stream j reads stream j-1's draft (a pass over streams 1..j,
+    whose attention among themselves is causal, so earlier streams are unchanged)."""
     if main is None:
         main = main_pass(model, input_ids, params.layer_ids, with_logits=False)
-    anchors = torch.tensor([[anchor]], device=input_ids.device)
-    nxt = None
-    if params.next_token_aware:
-        tok = int(input_ids[0, anchor + 1]) if next_token is None else next_token
-        nxt = torch.tensor([[tok]], device=input_ids.device)
-    return params.draft_argmax(stream_logits(model, params, main, anchors, gamma, next_tokens=nxt)[0, 0])
+    dev = input_ids.device
+    anchors = torch.tensor([[anchor]], device=dev)
+    if not params.next_token_aware:
+        return params.draft_argmax(stream_logits(model, params, main, anchors, gamma)[0, 0])
+    tok = int(input_ids[0, anchor + 1]) if next_token is None else next_token
+    if not params.chain:
+        nxt = torch.tensor([[tok]], device=dev)
+        return params.draft_argmax(stream_logits(model, params, main, anchors, gamma,
+                                                 next_tokens=nxt)[0, 0])
+    read = [tok]
+    for j in range(1, gamma + 1):
+        nxt = torch.tensor([[read]], device=dev)
+        draft = int(params.draft_argmax(stream_logits(model, params, main, anchors, j,
+                                                      next_tokens=nxt)[0, 0, j - 1]))
+        read.append(draft)
+    return torch.tensor(read[1:], device=dev)
 
 
 @torch.no_grad()

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
-from ..checkpoint import LoraSpec, StreamCheckpointConfig, base_model_ref, save_checkpoint
+from ..checkpoint import LoraSpec, StreamCheckpointConfig, base_model_ref, reads_tokens, save_checkpoint
 from .streams import StreamParams, check_architecture
 
 
@@ -21,7 +21,7 @@ def init_checkpoint(base_model_dir: str | Path, out_dir: str | Path, *, num_stre
     cfg = AutoConfig.from_pretrained(str(base_model_dir))
     check_architecture(cfg)
     torch.manual_seed(seed)
-    if stream_input == "next_token" and token_map_rank is None:
+    if reads_tokens(stream_input) and token_map_rank is None:
         token_map_rank = 8
     params = StreamParams(cfg, num_streams, num_stream_layers, lora, init_std=init_std,
                           stream_input=stream_input, token_map_rank=token_map_rank)

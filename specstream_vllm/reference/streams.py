@@ -29,7 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..checkpoint import (DRAFT_VOCAB_KEY, EMBEDDINGS_KEY, TOKEN_MAP_A_KEY, TOKEN_MAP_B_KEY,
-                          LoraSpec, StreamCheckpointConfig, lora_module_shapes, next_token_features)
+                          LoraSpec, StreamCheckpointConfig, lora_module_shapes, next_token_features,
+                          reads_tokens)
 from ..families import family_of
 from .hf_layers import hf_layers
 
@@ -60,8 +61,9 @@ class StreamParams(nn.Module):
                  lora: LoraSpec | None = None, init_std: float = 0.02,
                  stream_input: str = "paper", token_map_rank: int | None = None):
         super().__init__()
-        if (stream_input == "next_token") != (token_map_rank is not None):
-            raise ValueError("the next_token stream input needs token_map_rank (and only it does)")
+        if reads_tokens(stream_input) != (token_map_rank is not None):
+            raise ValueError("the next_token and chain stream inputs need token_map_rank "
+                             "(and only they do)")
         self.stream_input = stream_input
         self.token_map_rank = token_map_rank
         self.num_streams = num_streams
@@ -112,20 +114,27 @@ class StreamParams(nn.Module):
 
     @property
     def next_token_aware(self) -> bool:
-        return self.stream_input == "next_token"
+        """The streams read tokens through g (the ``next_token`` and ``chain`` forms)."""
+        return reads_tokens(self.stream_input)
+
+    @property
+    def chain(self) -> bool:
+        """Stream j reads x_{t+j}: drafted one stream at a time, each reading the last draft."""
+        return self.stream_input == "chain"
 
     def stream_inputs(self, h: torch.Tensor, num_streams: int, next_embeddings: torch.Tensor | None = None
                       ) -> torch.Tensor:
         """Stream inputs ``[..., γ, d]`` at anchors with main states ``h`` ``[..., d]``:
-        ``h_t + e_j``, plus ``g(x_{t+1})`` in the next-token-aware form, where
-        ``next_embeddings`` ``[..., d]`` is the input embedding of x_{t+1}."""
+        ``h_t + e_j``, plus ``g(x)`` in the token-reading forms, where ``next_embeddings`` is
+        the input embedding of x_{t+1} ``[..., d]`` (``next_token``) or of x_{t+1..t+γ}
+        ``[..., γ, d]`` (``chain``: stream j reads the token at its own position t+j)."""
         x = h[..., None, :] + self.stream_embeddings[:num_streams].to(h.dtype)
         if self.next_token_aware:
             if next_embeddings is None:
-                raise ValueError("next-token-aware streams need the token sampled at the anchor")
+                raise ValueError("token-reading streams need the token sampled at the anchor")
             f = next_token_features(next_embeddings).to(self.token_map_A.dtype)
-            g = f @ self.token_map_A.t() @ self.token_map_B.t()
-            x = x + g.to(h.dtype)[..., None, :]
+            g = (f @ self.token_map_A.t() @ self.token_map_B.t()).to(h.dtype)
+            x = x + (g if self.chain else g[..., None, :])
         return x
 
     # ---- checkpoint tensors (names of checkpoint.py) ----
@@ -181,6 +190,29 @@ class StreamParams(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def teacher_tokens(params: StreamParams, ids: torch.Tensor, anchors: torch.Tensor,
+                   num_streams: int) -> torch.Tensor | None:
+    """The tokens the streams read at ``anchors`` when the text ``ids`` is known (training,
+    evaluation on a greedy answer): None (paper form), x_{t+1} (``next_token``, shaped like
+    ``anchors``) or x_{t+1..t+γ} (``chain``, ``anchors.shape + (γ,)``). Positions past the
+    end repeat the last token; the predictions read from them are never scored."""
+    if not params.next_token_aware:
+        return None
+    bidx = torch.arange(ids.shape[0], device=ids.device).view(-1, *([1] * (anchors.dim() - 1))) \
+        if ids.dim() == 2 else None
+    last = ids.shape[-1] - 1
+
+    def at(pos):
+        pos = pos.clamp(max=last)
+        return ids[bidx, pos] if bidx is not None else ids[pos]
+    if not params.chain:
+        return at(anchors + 1)
+    js = torch.arange(1, num_streams + 1, device=anchors.device)
+    if bidx is not None:
+        bidx = bidx[..., None]
+    return at(anchors[..., None] + js)
 
 
 # --------------------------------------------------------------------------- main pass
@@ -262,7 +294,9 @@ def stream_logits(model: nn.Module, params: StreamParams, main: MainPass,
 
     Returns ``[B, A, γ, V]`` (or the final-normed hidden states ``[B, A, γ, d]`` with
     ``return_hidden``). Stream j of anchor t predicts token ``x_{t+1+j}``. Next-token-aware
-    streams also need ``next_tokens`` ([B, A]): x_{t+1}, the token sampled at each anchor.
+    streams also need ``next_tokens`` ([B, A]): x_{t+1}, the token sampled at each anchor;
+    chain streams need ``[B, A, γ]``: x_{t+1..t+γ} (teacher-forced, or drafted so far; the
+    attention among streams is causal, so stream j's output depends on tokens 1..j only).
     """
     cm = unwrap_causal_lm(model)
     fam = hf_layers(cm)
@@ -278,6 +312,8 @@ def stream_logits(model: nn.Module, params: StreamParams, main: MainPass,
     if params.next_token_aware:
         if next_tokens is None:
             raise ValueError("next-token-aware streams need next_tokens (x_{t+1} per anchor)")
+        if params.chain and next_tokens.shape != (B, A, g):
+            raise ValueError(f"chain streams need next_tokens [B, A, {g}], got {tuple(next_tokens.shape)}")
         nxt = fam.input_embedding()(next_tokens)
     x = params.stream_inputs(h_first[bidx, anchors], g, nxt).reshape(B, A * g, -1)
     js = torch.arange(1, g + 1, device=anchors.device)

@@ -17,7 +17,7 @@ import torch
 
 from ..checkpoint import load_checkpoint
 from ..reference.decoder import AcceptanceStats, simulate_chain_acceptance
-from ..reference.streams import StreamParams, stream_logits, unwrap_causal_lm
+from ..reference.streams import StreamParams, stream_logits, teacher_tokens, unwrap_causal_lm
 from .data import Example, build_sets
 from .losses import chunked_argmax
 from .recipe import DataSpec
@@ -41,8 +41,10 @@ def stream_drafter(params: StreamParams, gamma: int, chunk: int = 128) -> Drafte
         out = []
         for s in range(0, anchors.numel(), chunk):
             a = anchors[s:s + chunk].unsqueeze(0)
-            # on a greedy answer, x_{t+1} is exactly the token greedy decoding samples at t
-            nxt = ids[a + 1] if params.next_token_aware else None
+            # on a greedy answer, x_{t+1} is exactly the token greedy decoding samples at t, and
+            # chain streams read x_{t+j}: stream j's draft counts only if drafts 1..j-1 were
+            # right, i.e. equal to these tokens
+            nxt = teacher_tokens(params, ids, a, gamma)
             h = stream_logits(model, params, main, a, gamma, return_hidden=True,
                               next_tokens=nxt)[0]  # [a, g, d]
             out.append(params.draft_ids(chunked_argmax(h.reshape(-1, h.shape[-1]), lm, bias=bias))

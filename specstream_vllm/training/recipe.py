@@ -96,10 +96,12 @@ class Recipe(_Strict):
                            "are the base model's own greedy tokens (the only case in which its draft "
                            "is verified); elsewhere its target depends on tokens it cannot see")
     distill: bool = Field(False, description="KL to the base model's softmax at t+j, not the hard token")
-    stream_input: Literal["paper", "next_token"] = Field(
+    stream_input: Literal["paper", "next_token", "chain"] = Field(
         "paper", description='"paper": stream j gets h_t + e_j; "next_token": also g(x_{t+1}), '
-                             "a learned map of the token sampled at the anchor (DESIGN.md)")
-    token_map_rank: int = Field(128, ge=1, description="rank of g in the next_token form")
+                             "a learned map of the token sampled at the anchor (DESIGN.md); "
+                             '"chain": g(x_{t+j}), the token at the stream\'s own position '
+                             "(teacher-forced in training, the previous draft when serving)")
+    token_map_rank: int = Field(128, ge=1, description="rank of g in the next_token and chain forms")
     token_map_lr: Optional[float] = Field(None, gt=0, description="learning rate of g (null = lr)")
     token_map_fit_conversations: int = Field(
         64, ge=0, description="teacher-forced next_token runs start g by least squares "

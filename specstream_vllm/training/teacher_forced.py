@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import next_token_features
-from ..reference.streams import MainPass, StreamParams, stream_logits, unwrap_causal_lm
+from ..reference.streams import MainPass, StreamParams, stream_logits, teacher_tokens, unwrap_causal_lm
 from .conversations import (ConversationStream, EncodedConversation, frequent_tokens, load_conversations,
                             training_units)
 from .losses import chunked_argmax, chunked_lm_loss
@@ -216,7 +216,7 @@ def tf_step(model, params: StreamParams, data: TeacherForcedData, recipe: Recipe
     T = ids.shape[1]
     main = MainPass(None, layers, torch.arange(T).unsqueeze(0).expand(B, T))
     bidx = torch.arange(B)[:, None]
-    next_tokens = ids[bidx, anchors + 1] if params.next_token_aware else None
+    next_tokens = teacher_tokens(params, ids, anchors, g)
     hidden = stream_logits(model, params, main, anchors, g, return_hidden=True,
                            next_tokens=next_tokens)  # [B, A, g, d]
     js = torch.arange(1, g + 1)

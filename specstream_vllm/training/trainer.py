@@ -22,10 +22,10 @@ from typing import Callable, Optional
 import torch
 
 from ..checkpoint import (DRAFT_VOCAB_KEY, STREAMS_SUBDIR, GreedyProposal, SpeculatorsInfo,
-                          StreamCheckpointConfig, base_model_ref, save_checkpoint)
+                          StreamCheckpointConfig, base_model_ref, reads_tokens, save_checkpoint)
 from ..families import check_lora_targets, family_of
 from ..reference.streams import (MainPass, StreamParams, capture_layer_inputs, check_architecture,
-                                 decoder_of, stream_logits, unwrap_causal_lm)
+                                 decoder_of, stream_logits, teacher_tokens, unwrap_causal_lm)
 from .data import Example
 from .losses import chunked_lm_loss
 from .recipe import Recipe, dump_recipe
@@ -241,7 +241,7 @@ def train(recipe: Recipe, examples: list[Example] | None = None, *, resume: bool
             target_modules=sorted({names[t] for t in recipe.lora.target_modules}),
             lora_dropout=0.0, bias="none"))
     form = dict(stream_input=recipe.stream_input,
-                token_map_rank=recipe.token_map_rank if recipe.stream_input == "next_token" else None)
+                token_map_rank=recipe.token_map_rank if reads_tokens(recipe.stream_input) else None)
     params = StreamParams(cfg, recipe.num_streams, recipe.num_stream_layers,
                           None if finetuned else recipe.lora, init_std=recipe.embedding_init_std,
                           **form)
@@ -461,9 +461,8 @@ def _fixed_data_step(recipe: Recipe, model, params: StreamParams, seqs: list[Seq
         main_loss = alpha0 * ml
     else:
         main, final = cache.batch(idx, seqs)
-    nxt = None  # next-token-aware streams see x_{t+1}, the token at the anchor's next position
-    if params.next_token_aware:
-        nxt = torch.gather(ids, 1, torch.minimum(anchors + 1, (lens - 1)[:, None]))
+    # token-reading streams see x_{t+1} (next_token) or x_{t+1..t+g} (chain)
+    nxt = teacher_tokens(params, ids, anchors, g)
     hidden = stream_logits(model, params, main, anchors, g, return_hidden=True,
                            next_tokens=nxt)  # [B,A,g,d]
     B, A = anchors.shape
@@ -523,7 +522,9 @@ def _init_params(params: StreamParams, model_config, recipe: Recipe, out_dir: Pa
         return None
     cfg, tensors = load_checkpoint(src)
     widen = _lora_widening(cfg.lora, params.lora)
-    if (cfg.stream_input, cfg.num_streams, cfg.num_stream_layers) != (
+    # next_token -> chain keeps every tensor and stream 1's function (both read x_{t+1})
+    to_chain = cfg.stream_input == "next_token" and params.chain
+    if ("chain" if to_chain else cfg.stream_input, cfg.num_streams, cfg.num_stream_layers) != (
             params.stream_input, params.num_streams, params.num_stream_layers) or \
             (cfg.token_map_rank or None) != params.token_map_rank or (cfg.lora != params.lora
                                                                       and not widen):
@@ -531,12 +532,17 @@ def _init_params(params: StreamParams, model_config, recipe: Recipe, out_dir: Pa
         raise ConfigError(f"cannot start from {src}: its streams (input {cfg.stream_input}, "
                           f"{cfg.num_streams} streams, {cfg.num_stream_layers} layers, lora {cfg.lora}) "
                           "differ from the recipe's; use a matching recipe (only a higher LoRA "
-                          "rank on the same targets may differ)")
+                          "rank on the same targets may differ, and next_token streams may "
+                          "continue as chain streams)")
     if widen:
         tensors = _widen_lora(tensors, cfg.lora, params)
         cfg = cfg.model_copy(update={"lora": params.lora})
         log(f"[train] LoRA rank {cfg.lora.rank} from {src}'s rank {widen}: new directions start "
             "at zero, the streams' function is unchanged")
+    if to_chain:
+        cfg = cfg.model_copy(update={"stream_input": "chain"})
+        log(f"[train] {src}'s next_token streams continue as chain streams: stream j now reads "
+            "x_{t+j} instead of x_{t+1} (stream 1 unchanged)")
     loaded = StreamParams.from_checkpoint(model_config, cfg, tensors)
     params.load_state_dict(loaded.state_dict(), strict=False)
     params.set_draft_vocab(loaded.draft_vocab)

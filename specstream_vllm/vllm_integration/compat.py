@@ -372,6 +372,7 @@ class StepRecord:
     period: float | None = None
     draft_seconds: float = 0.0
     draft_stream_tokens: int = 0
+    draft_passes: int = 1              # chain streams: one pass per stream
 
 
 class StepClock:

@@ -58,6 +58,7 @@ class PolicyConfig:
     gamma: int                              # streams available (num_speculative_tokens)
     mode: str = "auto"
     min_draft_prob: float = 0.0             # fixed mode's cut (and auto's until costs are known)
+    sequential: bool = False                # chain streams: the draft pass runs once per stream
     draft_layer_fraction: float = 0.15      # N_s / L: prior for the draft pass's cost
     cost_scale: float = 1.0                 # multiplies the verification cost of drafts (tests)
     force_off_steps: int = 0                # N steps without speculation (tests) ...
@@ -85,7 +86,8 @@ class CostModel:
     """Exponentially weighted ridge least squares ``y = w . x`` on a few features.
 
     Verification: ``x = [1, tokens, any_drafts]`` (the last one catches the fixed cost
-    of the rejection-sampler path). Draft pass: ``x = [1, stream tokens]``. The ridge
+    of the rejection-sampler path). Draft pass: ``x = [1, stream tokens]`` per pass (chain
+    streams run one pass per stream). The ridge
     pulls the coefficients after the intercept towards a prior that is a fraction of
     the observed mean (``slope_prior``), so a slope is defined even while the batch
     never changes; once the features vary, the data decide. Samples far from the
@@ -315,15 +317,17 @@ class DraftPolicy:
 
     # ---------------------------------------------------------------- observations
     def observe_step(self, num_tokens: int, num_draft_tokens: int, seconds: float,
-                     draft_seconds: float = 0.0, draft_stream_tokens: int = 0) -> None:
+                     draft_seconds: float = 0.0, draft_stream_tokens: int = 0,
+                     draft_passes: int = 1) -> None:
         """One finished decode step: ``num_tokens`` verified (requests + drafts) in
-        ``seconds`` of wall time, of which ``draft_seconds`` were the draft pass over
-        ``draft_stream_tokens`` stream tokens."""
+        ``seconds`` of wall time, of which ``draft_seconds`` were the draft pass(es) over
+        ``draft_stream_tokens`` stream tokens in ``draft_passes`` passes."""
         verify_s = seconds - draft_seconds
         if verify_s > 0:
             self.verify.add([1.0, float(num_tokens), 1.0 if num_draft_tokens else 0.0], verify_s)
         if draft_stream_tokens > 0 and draft_seconds > 0:
-            self.draft.add([1.0, float(draft_stream_tokens)], draft_seconds)
+            n = max(draft_passes, 1)
+            self.draft.add([1.0, draft_stream_tokens / n], draft_seconds / n)
 
     def observe_acceptance(self, probs: torch.Tensor, drafted: torch.Tensor,
                            accepted: torch.Tensor, source: str = STREAMS) -> None:
@@ -392,12 +396,28 @@ class DraftPolicy:
     def _draft_cost(self, reqs: int, depth: int) -> float:
         if depth <= 0:      # no stream pass (candidates only)
             return 0.0
-        n = float(reqs * depth)
+        passes = depth if self.cfg.sequential else 1
+        n = float(reqs * depth / passes)
         if self.draft.count >= 2:
-            return max(self.draft.predict([1.0, n]), 0.0)
+            return passes * max(self.draft.predict([1.0, n]), 0.0)
         # prior: the stream pass is N_s/L of a target forward over the same tokens
         w = self.verify.weights()
-        return max(float(w[0] + w[1] * n) * self.cfg.draft_layer_fraction, 0.0)
+        return passes * max(float(w[0] + w[1] * n) * self.cfg.draft_layer_fraction, 0.0)
+
+    def continue_chain(self, probs: torch.Tensor, num_reqs: int | None = None) -> bool:
+        """Chain streams, after pass j (``probs`` [R, j] raw top-1 probabilities so far): is
+        one more pass worth its cost? Its drafts can add at most each request's calibrated
+        chain so far (times a next probability <= 1), net of their verification; that, in
+        seconds of decoding without speculation, must exceed one pass. Fixed mode, and auto
+        before costs are known, always continue."""
+        if self.cfg.mode == "fixed" or not self._ready():
+            return True
+        R = probs.shape[0]
+        reqs = R if num_reqs is None else num_reqs
+        chain = self.calib.calibrate(probs).prod(1)                      # [R]
+        extra = float((chain * self.cfg.optimism - self._threshold(reqs)).clamp(min=0.0).sum())
+        per_token = float(self._verify_cost(reqs, 0.0)) / max(reqs, 1)   # seconds per token, off
+        return extra * per_token > self._draft_cost(R, 1)
 
     def _best(self, reqs: int, gains_sorted: torch.Tensor, depth: int) -> tuple[int, float, float]:
         """(best number of drafts, its tokens/s with the draft pass paid every step, tokens/s

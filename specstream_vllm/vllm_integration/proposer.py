@@ -94,7 +94,7 @@ class SpecStreamProposer:
         ps = self._policy_settings
         self.policy = DraftPolicy(PolicyConfig(
             gamma=self.num_streams, mode=ps.get("mode", "auto"),
-            min_draft_prob=self.min_draft_prob,
+            min_draft_prob=self.min_draft_prob, sequential=st.chain,
             draft_layer_fraction=st.num_stream_layers / max(st.num_layers, 1),
             cost_scale=ps.get("cost_scale", 1.0), force_off_steps=ps.get("force_off_steps", 0),
             force_off_from=ps.get("force_off_from", 0)))
@@ -160,7 +160,8 @@ class SpecStreamProposer:
             ids, prob, anchor_pos, next_ids = res
             if clock is not None and clock.current is not None:
                 clock.current.draft_seconds = time.perf_counter() - t0
-                clock.current.draft_stream_tokens = R * depth
+                clock.current.draft_stream_tokens = R * ids.shape[1]
+                clock.current.draft_passes = ids.shape[1] if self.model.stream_settings.chain else 1
         elif cands is None:
             self._trace(R, 0, [])
             self._maybe_report()
@@ -216,7 +217,7 @@ class SpecStreamProposer:
         rec = clock.take_finished() if clock is not None else None
         if rec is not None:
             self.policy.observe_step(rec.num_tokens, rec.num_draft_tokens, rec.period,
-                                     rec.draft_seconds, rec.draft_stream_tokens)
+                                     rec.draft_seconds, rec.draft_stream_tokens, rec.draft_passes)
         if not self._pending:
             return
         pending, self._pending = self._pending, {}
@@ -244,8 +245,9 @@ class SpecStreamProposer:
 
     def _stream_pass(self, cm, active, sampled_token_ids, aux_hidden_states, n_sampled, n_draft,
                      g: int):
-        """Streams 1..g of every active request: (draft ids [R, g], probabilities [R, g],
-        anchor positions [R], the tokens sampled at the anchors [R])."""
+        """Streams 1..g of every active request: (draft ids [R, k], probabilities [R, k],
+        anchor positions [R], the tokens sampled at the anchors [R]); k = g, or fewer when
+        chain streams stop early (the policy sees nothing left worth a pass)."""
         self._ensure_groups()
         num_reqs = cm.num_reqs
         # rejected tokens of each request: the anchor sits that many tokens before the end
@@ -259,9 +261,40 @@ class SpecStreamProposer:
         # x_{t+1}: the token just sampled at the anchor (next-token-aware streams read it)
         next_ids = torch.tensor([sampled_token_ids[i][-1] for i in active.tolist()],
                                 dtype=torch.int64, device=self.device)
-        x = self.model.stream_inputs(h, next_ids, g)
-        pos = (anchor_pos[:, None] + self._stream_offsets[:g]).reshape(-1)
         block_table = cm.block_table_tensor[active.to(cm.block_table_tensor.device)]
+        if not self.model.stream_settings.chain:
+            res = self._run_streams(cm, h, next_ids, anchor_pos, block_table, 0, g)
+            if res is None:
+                return None
+            return res[0], res[1], anchor_pos, next_ids
+        # chain form: one stream per pass, each reading the previous pass's draft (its keys
+        # and values are in the cache at t+j by then, so stream j attends to streams < j)
+        ids_cols, prob_cols = [], []
+        tok = next_ids
+        for j in range(g):
+            res = self._run_streams(cm, h, tok, anchor_pos, block_table, j, 1)
+            if res is not None:
+                ids_cols.append(res[0][:, 0])
+                prob_cols.append(res[1][:, 0])
+            more = j + 1 < g and res is not None and self.policy.continue_chain(
+                torch.stack(prob_cols, 1), R)
+            # every TP rank runs the same passes on rank 0's drafts
+            agreed = compat.tp_agree([int(more)] + (ids_cols[-1].tolist() if res is not None
+                                                    else [0] * R))
+            if not agreed[0]:
+                break
+            tok = torch.tensor(agreed[1:], dtype=torch.int64, device=self.device)
+        if not ids_cols:
+            return None
+        return torch.stack(ids_cols, 1), torch.stack(prob_cols, 1), anchor_pos, next_ids
+
+    def _run_streams(self, cm, h, tokens, anchor_pos, block_table, first: int, g: int):
+        """Streams first+1..first+g of every active request in one pass over the top layers,
+        written to the cache at t+first+1..t+first+g: (draft ids [R, g], probabilities
+        [R, g]), or None on a rank that does not receive the gathered logits."""
+        R = anchor_pos.numel()
+        x = self.model.stream_inputs(h, tokens, g, first=first)
+        pos = (anchor_pos[:, None] + self._stream_offsets[first:first + g]).reshape(-1)
         bs = self._block_size
         req_rows = torch.arange(R).repeat_interleave(g)
         blocks = block_table.to("cpu")[req_rows, pos // bs].to(torch.int64)
@@ -269,7 +302,7 @@ class SpecStreamProposer:
         draft_cm = compat.draft_attention_metadata(
             cm,
             query_start_loc_cpu=torch.arange(R + 1, dtype=torch.int32) * g,
-            seq_lens_cpu=(anchor_pos + 1 + g).to(torch.int32),
+            seq_lens_cpu=(anchor_pos + 1 + first + g).to(torch.int32),
             positions=pos.to(self.device),
             slot_mapping=slots.to(self.device),
             block_table=block_table,
@@ -285,8 +318,7 @@ class SpecStreamProposer:
         if res is None:
             return None
         ids, prob = res
-        ids, prob = ids.view(R, g).to("cpu"), prob.view(R, g).to("cpu", torch.float32)
-        return ids, prob, anchor_pos, next_ids
+        return ids.view(R, g).to("cpu"), prob.view(R, g).to("cpu", torch.float32)
 
     def summary(self) -> dict:
         """The policy's state plus the per-source counters and the match source's state."""
