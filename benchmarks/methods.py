@@ -80,10 +80,20 @@ def _medusa_heads(path: Path, default: int) -> int:
 
 def build_methods(names: list[str], medusa: str | None = None, streams: str | None = None,
                   specstream_k: int = 4, medusa_k: int | None = None,
-                  suffix_k: int = 8) -> list[Method]:
-    """Build the requested methods; a method whose weights are missing gets ``skip_reason``."""
+                  suffix_k: int = 8, alt_streams: str | None = None) -> list[Method]:
+    """Build the requested methods; a method whose weights are missing gets ``skip_reason``.
+    A specstream name ending in ``-alt`` (``specstream-alt``, ``specstream-streams-alt``) is
+    the same method on the ``alt_streams`` checkpoint: two checkpoints in one run."""
     out: list[Method] = []
     for name in names:
+        if name.startswith("specstream") and name.endswith("-alt"):
+            m = build_methods([name[:-len("-alt")]], streams=alt_streams,
+                              specstream_k=specstream_k)[0]
+            m.name = name
+            if m.skip_reason and not alt_streams:
+                m.skip_reason = "not given: pass --alt-streams STREAMS_DIR"
+            out.append(m)
+            continue
         if name == "baseline":
             m = Method(name, None)
         elif name == "baseline-sync":

@@ -146,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model")
     p.add_argument("--methods", default="baseline,specstream")
     p.add_argument("--streams")
+    p.add_argument("--alt-streams", help="a second stream checkpoint: methods specstream-alt, "
+                                         "specstream-streams-alt")
     p.add_argument("--workload", default="mixed")
     p.add_argument("--workloads", help="comma list (mtbench,sharegpt,code,...): overrides --workload")
     p.add_argument("--rounds-at", default="",
@@ -185,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                   "rounds", flush=True)
         convs_of[w] = [[dict(m) for m in pr.messages] for pr in prompts]
     names = [n.strip() for n in args.methods.split(",")]
-    methods = build_methods(names, streams=args.streams)
+    methods = build_methods(names, streams=args.streams, alt_streams=args.alt_streams)
     engines: list[Engine] = []
     results: dict[str, Any] = {"meta": {"command": " ".join([sys.executable, "-m", "benchmarks.paired", *argv]),
                                         "dtype": args.dtype, "machine": machine_info(),

@@ -209,8 +209,8 @@ class MSAMixin:
         with its probability under the softmax over that vocabulary (float32)."""
         vocab = self.stream_draft_vocab
         if vocab is not None and self._local_draft_head:
-            w, b = self._draft_head_rows(vocab)
-            logits = (hidden.to(w.dtype) @ w.t()).float()
+            w_t, b = self._draft_head_rows(vocab)
+            logits = (hidden.to(w_t.dtype) @ w_t).float()
             if b is not None:  # LM heads with a bias (Phi)
                 logits = logits + b.float()
         else:
@@ -225,10 +225,12 @@ class MSAMixin:
         return (idx if vocab is None else vocab[idx]), prob
 
     def _draft_head_rows(self, vocab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The LM head's rows (and bias entries, if any) of the draft vocabulary, gathered
-        once: copying them every step (8,192 x d) cost about as much as the draft head's
-        matmul. Gathered again if the head's weights were replaced or written in place
-        (weight reloads)."""
+        """The LM head's rows of the draft vocabulary, transposed and contiguous ``[d, V']``
+        (and the bias entries, if any), gathered once: copying them every step (8,192 x d)
+        cost about as much as the draft head's matmul, and multiplying by the rows'
+        transposed view is ~2.5x slower than by a contiguous ``[d, V']`` on CPU (1.5 vs
+        0.6 ms for SmolLM2 at batch 1). Gathered again if the head's weights were replaced
+        or written in place (weight reloads)."""
         w = self.lm_head.weight
         bias = getattr(self.lm_head, "bias", None)
         try:
@@ -237,7 +239,7 @@ class MSAMixin:
             version = None
         key = (w.data_ptr(), version, vocab.data_ptr())
         if getattr(self, "_draft_head_cache", (None, None))[0] != key:
-            self._draft_head_cache = (key, (w.index_select(0, vocab),
+            self._draft_head_cache = (key, (w.index_select(0, vocab).t().contiguous(),
                                             None if bias is None else bias.index_select(0, vocab)))
         return self._draft_head_cache[1]
 

@@ -168,6 +168,15 @@ def test_methods_and_rotation(tmp_path: Path) -> None:
     assert ms["baseline"].engine_args == {} and sync.to_json()["engine_args"]
     with pytest.raises(ValueError):
         build_methods(["nope"])
+    alt = tmp_path / "alt"
+    alt.mkdir()
+    save_file({"a": torch.zeros(2)}, str(alt / "model.safetensors"))
+    two = {m.name: m for m in build_methods(["specstream", "specstream-streams-alt"],
+                                            streams=str(tmp_path), alt_streams=str(alt))}
+    assert two["specstream-streams-alt"].speculative_config["model"] == str(alt)
+    assert two["specstream-streams-alt"].speculative_config["match"] == "none"
+    assert two["specstream"].speculative_config["model"] == str(tmp_path)
+    assert "--alt-streams" in build_methods(["specstream-alt"], streams=str(tmp_path))[0].skip_reason
     assert rotated([1, 2, 3], 1) == [2, 3, 1] and rotated([1, 2, 3], 3) == [1, 2, 3]
 
 

@@ -254,3 +254,21 @@ def test_chain_stops_when_another_pass_cannot_pay():
     # fixed mode runs the whole chain
     f = DraftPolicy(PolicyConfig(gamma=4, mode="fixed", sequential=True))
     assert f.continue_chain(torch.tensor([[0.01, 0.01]]))
+
+
+def test_off_plan_is_reused_within_a_window_and_resolved_when_the_batch_changes():
+    """Speculation off costs a plan per step; the same batch size re-solves it only every
+    ``recheck_every`` steps, and a new batch size at once."""
+    p = DraftPolicy(PolicyConfig(gamma=4))
+    feed_costs(p, per_step=0.002, per_token=0.010, reqs=8)
+    probs = torch.full((8, 4), 0.6)
+    p.choose(probs)                               # the running profile exists
+    solved = []
+    best = p._best
+    p._best = lambda *a, **k: solved.append(a[0]) or best(*a, **k)
+    plans = [p.plan(8) for _ in range(16)]
+    assert not any(pl.run_pass and not pl.probe for pl in plans)
+    assert 1 <= len(solved) <= 16 // p.cfg.recheck_every + 1
+    n = len(solved)
+    p.plan(3)
+    assert len(solved) == n + 1 and solved[-1] == 3

@@ -74,6 +74,7 @@ class PolicyConfig:
     calib_decay: float = 0.9995             # per observed position: ~2000-observation memory
     cost_decay: float = 0.97                # per step: ~30-step memory of step times
     full_depth_every: int = 16              # a pass over all streams this often (their stats)
+    recheck_every: int = 4                  # an "off" plan is re-solved at most every 4 steps
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -100,12 +101,15 @@ class CostModel:
         self.n, self.decay, self.ridge = n_features, decay, ridge
         self.skip_first = skip_first          # first calls: compilation, cold caches
         self.slope_prior = slope_prior        # per feature after the intercept: fraction of y/x
-        self.xtx = torch.zeros(n_features, n_features, dtype=torch.float64)
-        self.xty = torch.zeros(n_features, dtype=torch.float64)
+        # sums kept as Python floats: add() runs every step, and tensor ops on 3x3 matrices
+        # cost ~10x more than the arithmetic (0.4 ms a step); tensors only in weights()
+        self._xtx = [[0.0] * n_features for _ in range(n_features)]
+        self._xty = [0.0] * n_features
         self.sw = 0.0
         self.sy = 0.0
         self.count = 0
         self._w: torch.Tensor | None = None
+        self._w_stale: list[float] | None = None   # last solved weights, for clipping
 
     def add(self, x: list[float], y: float) -> None:
         if not (y > 0 and math.isfinite(y)):
@@ -113,13 +117,23 @@ class CostModel:
         if self.skip_first > 0:
             self.skip_first -= 1
             return
+        if self._w is not None:
+            self._w_stale = self._w.tolist()
         if self.count >= 4:
-            pred = self.predict(x)
+            # clip against the last solved fit (a few samples old at most when nobody asked
+            # for a new one): re-solving on every sample cost more than the step's decision
+            if self._w_stale is None or self.count % 16 == 0:
+                self._w_stale = self.weights().tolist()
+            w = self._w_stale
+            pred = sum(wi * xi for wi, xi in zip(w, x))
             if pred > 0:
                 y = min(max(y, 0.5 * pred), 2.0 * pred)
-        xv = torch.tensor(x, dtype=torch.float64)
-        self.xtx.mul_(self.decay).add_(torch.outer(xv, xv))
-        self.xty.mul_(self.decay).add_(xv * y)
+        d = self.decay
+        for i, xi in enumerate(x):
+            row = self._xtx[i]
+            for j, xj in enumerate(x):
+                row[j] = row[j] * d + xi * xj
+            self._xty[i] = self._xty[i] * d + xi * y
         self.sw = self.sw * self.decay + 1.0
         self.sy = self.sy * self.decay + y
         self.count += 1
@@ -129,10 +143,11 @@ class CostModel:
         if self._w is None:
             w = torch.zeros(self.n, dtype=torch.float64)
             if self.sw > 0:
-                mean_x = self.xtx[0] / self.sw           # x[0] == 1: first row holds sums of x
+                xtx = torch.tensor(self._xtx, dtype=torch.float64)
+                mean_x = xtx[0] / self.sw                # x[0] == 1: first row holds sums of x
                 mean_y = self.sy / self.sw
-                a = self.xtx.clone()
-                b = self.xty.clone()
+                a = xtx
+                b = torch.tensor(self._xty, dtype=torch.float64)
                 for i in range(1, self.n):
                     scale = max(float(mean_x[i]), 1e-6)
                     lam = self.ridge * self.sw * scale * scale
@@ -314,6 +329,10 @@ class DraftPolicy:
         self._probing = False
         self._empty_passes = 0                # passes in a row whose choice was "no drafts"
         self._counted_off = False             # plan() counted this step as without speculation
+        # (batch size, step // recheck_every) of the last "off" plan without candidates: the
+        # same batch in the same window of steps is off again without re-solving the plan
+        # (~0.6 ms a step at batch 16 on one core: the cost of speculation while it is off)
+        self._off_memo: tuple[int, int] | None = None
 
     # ---------------------------------------------------------------- observations
     def observe_step(self, num_tokens: int, num_draft_tokens: int, seconds: float,
@@ -451,14 +470,18 @@ class DraftPolicy:
             return self._skip()
         if not self._ready() or torch.isnan(self.profile[0]):
             return Plan(True, cfg.gamma)
+        no_cands = candidates is None or candidates.numel() == 0
+        if no_cands and self._off_memo == (num_reqs, self.stats.steps // cfg.recheck_every):
+            return self._skip()     # decided "off" for this batch size a few steps ago
         depth = self._depth()
         # average-request estimate: every request drafts the same k of the running profile
         prof = (torch.nan_to_num(self.profile[:depth], nan=0.0) * cfg.optimism).clamp(max=1.0)
-        if candidates is None or candidates.numel() == 0:
+        if no_cands:
             gains, _ = torch.sort(prof.repeat(num_reqs), descending=True)
             best, rate, off = self._best(num_reqs, gains, depth)
             if best > 0 and rate >= (1.0 + cfg.min_gain) * off and self._empty_passes < 4:
                 return Plan(True, depth)
+            self._off_memo = (num_reqs, self.stats.steps // cfg.recheck_every)
             return self._skip()
         tau = self._threshold(num_reqs)
         cand = candidates.double()
