@@ -200,19 +200,13 @@ def teacher_tokens(params: StreamParams, ids: torch.Tensor, anchors: torch.Tenso
     end repeat the last token; the predictions read from them are never scored."""
     if not params.next_token_aware:
         return None
-    bidx = torch.arange(ids.shape[0], device=ids.device).view(-1, *([1] * (anchors.dim() - 1))) \
-        if ids.dim() == 2 else None
-    last = ids.shape[-1] - 1
-
-    def at(pos):
-        pos = pos.clamp(max=last)
-        return ids[bidx, pos] if bidx is not None else ids[pos]
-    if not params.chain:
-        return at(anchors + 1)
-    js = torch.arange(1, num_streams + 1, device=anchors.device)
-    if bidx is not None:
-        bidx = bidx[..., None]
-    return at(anchors[..., None] + js)
+    if ids.dim() == 1:
+        return teacher_tokens(params, ids[None], anchors[None], num_streams)[0]
+    width = num_streams if params.chain else 1
+    pos = (anchors[..., None] + torch.arange(1, width + 1, device=anchors.device)).clamp(
+        max=ids.shape[-1] - 1)
+    out = ids[torch.arange(ids.shape[0], device=ids.device).view(-1, *([1] * (pos.dim() - 1))), pos]
+    return out if params.chain else out[..., 0]
 
 
 # --------------------------------------------------------------------------- main pass
