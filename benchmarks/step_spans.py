@@ -62,6 +62,7 @@ def main(argv=None) -> int:
     ap.add_argument("--policy", default="auto", choices=["auto", "fixed"])
     ap.add_argument("--match", default="none")
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--gamma", type=int, default=4, help="num_speculative_tokens")
     args = ap.parse_args(argv)
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"   # runner and proposer in this process
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -92,7 +93,7 @@ def main(argv=None) -> int:
     from specstream_vllm.default_model import default_model_dir
     streams = args.streams or str(shipped_streams_dir())
     spec = None if streams == "none" else {"method": "specstream", "model": streams,
-                                           "num_speculative_tokens": 4, "match": args.match}
+                                           "num_speculative_tokens": args.gamma, "match": args.match}
     llm = LLM(model=str(default_model_dir()), dtype="float32", enforce_eager=args.enforce_eager,
               max_model_len=1024, seed=0, speculative_config=spec, max_num_seqs=max(32, args.batch))
     sp = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)

@@ -43,6 +43,7 @@ class StreamSettings:
     min_draft_prob: float = 0.0
     stream_input: str = "paper"
     token_map_rank: int = 0
+    draft_precision: str = "auto"   # see vllm_integration/config.SpecStreamSettings
 
     @property
     def next_token_aware(self) -> bool:
@@ -209,8 +210,8 @@ class MSAMixin:
         with its probability under the softmax over that vocabulary (float32)."""
         vocab = self.stream_draft_vocab
         if vocab is not None and self._local_draft_head:
-            w_t, b = self._draft_head_rows(vocab)
-            logits = (hidden.to(w_t.dtype) @ w_t).float()
+            head, b = self._draft_head(vocab)
+            logits = head(hidden).float()
             if b is not None:  # LM heads with a bias (Phi)
                 logits = logits + b.float()
         else:
@@ -224,13 +225,13 @@ class MSAMixin:
         prob = torch.exp(top - torch.logsumexp(logits, dim=-1))
         return (idx if vocab is None else vocab[idx]), prob
 
-    def _draft_head_rows(self, vocab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The LM head's rows of the draft vocabulary, transposed and contiguous ``[d, V']``
-        (and the bias entries, if any), gathered once: copying them every step (8,192 x d)
-        cost about as much as the draft head's matmul, and multiplying by the rows'
-        transposed view is ~2.5x slower than by a contiguous ``[d, V']`` on CPU (1.5 vs
-        0.6 ms for SmolLM2 at batch 1). Gathered again if the head's weights were replaced
-        or written in place (weight reloads)."""
+    def _draft_head(self, vocab: torch.Tensor):
+        """``hidden -> logits`` over the LM head's rows of the draft vocabulary (and those
+        rows' bias, if any), built once: copying 8,192 x d rows every step cost about as
+        much as the matmul, and multiplying by the rows' transposed view is ~2.5x slower
+        than by a contiguous ``[d, V']`` on CPU (1.5 vs 0.6 ms for SmolLM2 at batch 1). With
+        bf16 stream layers (``draft_bf16``) the rows are a bf16 oneDNN copy too (half the
+        bytes again). Rebuilt if the head's weights were replaced or written in place."""
         w = self.lm_head.weight
         bias = getattr(self.lm_head, "bias", None)
         try:
@@ -239,8 +240,15 @@ class MSAMixin:
             version = None
         key = (w.data_ptr(), version, vocab.data_ptr())
         if getattr(self, "_draft_head_cache", (None, None))[0] != key:
-            self._draft_head_cache = (key, (w.index_select(0, vocab).t().contiguous(),
-                                            None if bias is None else bias.index_select(0, vocab)))
+            rows = w.index_select(0, vocab)
+            head = None
+            if getattr(self, "draft_bf16", False):
+                from specstream_vllm.vllm_integration.compat import bf16_matmul
+                head = bf16_matmul(rows)
+            if head is None:
+                w_t = rows.t().contiguous()
+                head = lambda h, w_t=w_t: h.to(w_t.dtype) @ w_t  # noqa: E731
+            self._draft_head_cache = (key, (head, None if bias is None else bias.index_select(0, vocab)))
         return self._draft_head_cache[1]
 
     def stream_lora_delta(self, layer: int, fused: str, x: torch.Tensor) -> torch.Tensor | None:

@@ -115,7 +115,33 @@ class StreamModel(MSAMixin):
     def load_weights(self, weights):
         loaded = super().load_weights(weights)
         self._load_streams()
+        self._set_draft_precision()
         return loaded
+
+    def _set_draft_precision(self) -> None:
+        """``draft_precision`` bfloat16 (or auto on a CPU with native bf16, float32 served):
+        each stream-layer linear gets a bf16 stand-in (compat.bf16_linear) and the draft
+        head a bf16 copy of its rows. At batch 1 a pass is bound by reading its layers'
+        weights (SmolLM2: 4 layers, 57 MB in float32: ~4 ms of a ~6 ms pass on one EPYC
+        core), so half the bytes is most of the pass. Here, in ``load_weights``, because
+        vLLM-CPU drops the float32 weights right after it."""
+        from specstream_vllm.vllm_integration import compat
+        want = self.stream_settings.draft_precision
+        served_fp32 = self.stream_embeddings.dtype == torch.float32
+        use = want == "bfloat16" or (want == "auto" and served_fp32 and compat.native_bf16_cpu())
+        self.draft_bf16 = False
+        L = self.layout
+        for li in range(self.stream_settings.first_layer, self.stream_settings.num_layers):
+            lay = self.stream_layers()[li]
+            attn = get(lay, L.attn)
+            for lin in (get(attn, L.qkv), get(attn, L.o_proj), get(lay, L.mlp[0]), get(lay, L.mlp[2])):
+                lin.specstream_bf16 = compat.bf16_linear(lin) if use and served_fp32 else None
+                self.draft_bf16 = self.draft_bf16 or lin.specstream_bf16 is not None
+        self._draft_head_cache = (None, None)
+        if use and not self.draft_bf16:
+            logger.warning("specstream: draft_precision %s: no bf16 stream layers here (served "
+                           "dtype %s); the stream pass runs in the served dtype", want,
+                           self.stream_embeddings.dtype)
 
     # ---- stream LoRA: one ShardedLoRA per vLLM linear, shaped by that linear ----
     def _lora_key(self, layer: int, name: str) -> str:
@@ -166,7 +192,7 @@ class StreamModel(MSAMixin):
         L = self.layout
         attn = get(lay, L.attn)
         qkv_linear = get(attn, L.qkv)
-        qkv = _out(qkv_linear(h))
+        qkv = _linear(qkv_linear, h)
         qkv = self._with_lora(li, "qkv", h, qkv)
         hd = qkv_linear.head_size
         q_size, kv_size = qkv_linear.num_heads * hd, qkv_linear.num_kv_heads * hd
@@ -180,7 +206,7 @@ class StreamModel(MSAMixin):
         if L.positions == "rope":  # stream j at t+j; ALiBi: the kernel reads the slot's position
             q, k = self._rotary(attn, positions, q, k)
         o = attn.attn(q, k, v)  # reads the target's cache, writes the stream slots
-        out = _out(get(attn, L.o_proj)(o))
+        out = _linear(get(attn, L.o_proj), o)
         return self._with_lora(li, "o", o, out)
 
     def _rotary(self, attn: nn.Module, positions: torch.Tensor, q: torch.Tensor,
@@ -189,10 +215,10 @@ class StreamModel(MSAMixin):
 
     def _stream_mlp(self, li: int, lay: nn.Module, h: torch.Tensor) -> torch.Tensor:
         lin_in, act_fn, lin_out = (get(lay, p) for p in self.layout.mlp)
-        u = _out(lin_in(h))
+        u = _linear(lin_in, h)
         u = self._with_lora(li, "mlp_in", h, u)
         a = act_fn(u)
-        down = _out(lin_out(a))
+        down = _linear(lin_out, a)
         return self._with_lora(li, "mlp_out", a, down)
 
     def _stream_layer(self, li: int, positions: torch.Tensor, hidden: torch.Tensor,
@@ -271,6 +297,13 @@ def _out(y):
     """A vLLM linear's output: ``(out, bias)`` from native models, the tensor alone from
     the Transformers backend's (``return_bias=False``)."""
     return y[0] if isinstance(y, tuple) else y
+
+
+def _linear(linear, x):
+    """The stream pass's call of a vLLM linear: its bf16 stand-in when draft_precision set
+    one (``StreamModel._set_draft_precision``), else the linear itself."""
+    fast = getattr(linear, "specstream_bf16", None)
+    return fast(x) if fast is not None else _out(linear(x))
 
 
 def _row_parallel(linear, r: int, scaling: float, rank: int) -> ShardedLoRA:

@@ -131,6 +131,10 @@ def test_other_bad_arguments(streams, smollm2_dir, tmp_path):
     eng = SpeculativeEngine(streams=str(streams), match="ngram", match_tokens=8, lazy=True)
     spec = eng.llm_kwargs()["speculative_config"]
     assert (spec["match"], spec["match_tokens"]) == ("ngram", 8)
+    with pytest.raises(ConfigError, match="draft_precision"):
+        SpeculativeEngine(streams=str(streams), draft_precision="half", lazy=True)
+    eng = SpeculativeEngine(streams=str(streams), draft_precision="exact", lazy=True)
+    assert eng.llm_kwargs()["speculative_config"]["draft_precision"] == "exact"
     assert "speculative_config" not in eng.llm_kwargs(speculative=False)
     with pytest.raises(StreamsNotFoundError, match="streams="):
         SpeculativeEngine(model=str(smollm2_dir))  # base model without specstream/ folder

@@ -272,3 +272,53 @@ def test_off_plan_is_reused_within_a_window_and_resolved_when_the_batch_changes(
     n = len(solved)
     p.plan(3)
     assert len(solved) == n + 1 and solved[-1] == 3
+
+
+def test_measured_cells_outlast_a_slow_probe():
+    """Speculation off for long stretches: steps with drafts are rare probes. What a cell
+    measured stays until that cell is measured again, so one slow probe of a 1-token draft
+    does not price every draft count, and the cheap counts measured earlier still draft."""
+    p = DraftPolicy(PolicyConfig(gamma=4))
+    for _ in range(4):                              # measured: 3 tokens cost what 1 costs
+        for n in (1, 3):
+            p.observe_step(n, n - 1, 0.040)
+    for _ in range(200):                            # a long stretch without drafts
+        p.observe_step(1, 0, 0.040)
+    p.observe_step(2, 1, 0.120)                     # one slow probe drafting one token
+    p.observe_step(2, 1, 0.120)
+    cost = p._verify_cost(1, torch.arange(5, dtype=torch.float64))
+    assert float(cost[2]) == pytest.approx(0.040, rel=0.05)       # the measured 3-token cell
+    assert float(cost[1]) > 0.1
+    assert p.choose(torch.tensor([[0.7, 0.7, 0.1, 0.1]])).tolist() == [2]
+
+
+def test_cells_follow_a_curve_that_is_not_a_line():
+    """vLLM-CPU's matmuls are slower for 2 rows than for 3 on some CPUs: the policy drafts
+    2 tokens where 1 would cost more than 2, and never below the per-token floor."""
+    p = DraftPolicy(PolicyConfig(gamma=4))
+    for _ in range(6):
+        for n, t in ((1, 0.045), (2, 0.060), (3, 0.041), (5, 0.041)):
+            p.observe_step(n, n - 1, t)
+    cost = p._verify_cost(1, torch.arange(5, dtype=torch.float64))
+    assert float(cost[1]) == pytest.approx(0.060, rel=0.05)
+    floor = p._token_floor()                      # measured cheaper than none: floored
+    assert float(cost[2]) == pytest.approx(0.045 + 2 * floor, rel=1e-3)
+    assert float(cost[3]) == pytest.approx(0.045 + 3 * floor, rel=1e-3)   # interpolated
+    probs = torch.tensor([[0.5, 0.5, 0.05, 0.05]])
+    assert p.choose(probs).tolist() == [2]
+
+
+def test_probes_cycle_through_draft_counts():
+    """A probe drafts 1, 2, .. g tokens in turn, so every count's cost gets measured."""
+    p = DraftPolicy(PolicyConfig(gamma=3, probe_min=1, probe_max=1))
+    for _ in range(10):
+        p.observe_step(1, 0, 0.030)
+        p.observe_step(2, 1, 0.300)                # drafts look hopeless: off, probes only
+    probs = torch.full((1, 3), 0.05)
+    p.choose(probs)
+    seen = []
+    for _ in range(12):
+        plan = p.plan(1)
+        if plan.run_pass and plan.probe:
+            seen.append(int(p.choose(probs).sum()))
+    assert set(seen) == {1, 2, 3}, seen

@@ -132,7 +132,7 @@ def family_runs(request, tmp_path_factory):
     log = tmp / "drafts.jsonl"
     spec = run_engine(dict(job, spec={"method": "specstream", "model": str(streams),
                                       "num_speculative_tokens": 3, "match": "none"},
-                           env=dict(env, SPECSTREAM_DRAFT_LOG=str(log), SPECSTREAM_DRAFT_POLICY="fixed",
+                           env=dict(env, SPECSTREAM_DRAFT_LOG=str(log), SPECSTREAM_DRAFT_PRECISION="exact", SPECSTREAM_DRAFT_POLICY="fixed",
                                     SPECSTREAM_MIN_DRAFT_PROB="0")), tmp, "spec")
     return kind, model_dir, base, spec, streams, log
 

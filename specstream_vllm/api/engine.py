@@ -91,6 +91,11 @@ class SpeculativeEngine:
             prompt lookup) or ``"none"``; ``None`` = the checkpoint's default, else
             ``"suffix"`` (README "Match source").
         match_tokens: the longest match draft, 1..64; ``None`` = ``gamma``.
+        draft_precision: the stream pass's weights: ``"exact"`` (the served model's own),
+            ``"bfloat16"`` (a bf16 copy of the stream layers and draft head: about half
+            the cost of a pass on CPU; drafts may differ in near-ties, output never) or
+            ``"auto"`` (bfloat16 when float32 is served on a CPU with native bf16 dot
+            products); ``None`` = ``"auto"``.
         **engine_kwargs: passed to ``vllm.LLM`` (``max_model_len``, ``enforce_eager``,
             ``kv_cache_memory_bytes``, ``tensor_parallel_size``, ...).
 
@@ -105,7 +110,8 @@ class SpeculativeEngine:
                  device: str = "auto", dtype: str = "auto", *, chat_template: Union[bool, str] = "auto",
                  lazy: bool = False, min_draft_prob: Optional[float] = None,
                  draft_policy: Optional[str] = None, match: Optional[str] = None,
-                 match_tokens: Optional[int] = None, tree_depth: Optional[int] = None, tree_width: Optional[int] = None,
+                 match_tokens: Optional[int] = None, draft_precision: Optional[str] = None,
+                 tree_depth: Optional[int] = None, tree_width: Optional[int] = None,
                  early_exit: Optional[bool] = None, **engine_kwargs: Any):
         reject_tree_parameters({"tree_depth": tree_depth, "tree_width": tree_width,
                                 "early_exit": early_exit, **engine_kwargs}, "SpeculativeEngine")
@@ -138,6 +144,11 @@ class SpeculativeEngine:
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
         self.match, self.match_tokens = match, match_tokens
+        from ..vllm_integration.config import DRAFT_PRECISIONS
+        if draft_precision not in (None, *DRAFT_PRECISIONS):
+            raise ConfigError(f"draft_precision must be one of {', '.join(DRAFT_PRECISIONS)}, "
+                              f"got {draft_precision!r}")
+        self.draft_precision = draft_precision
         self.tokenizer_name = tokenizer
         self.temperature = float(temperature)
         self.engine_kwargs = dict(engine_kwargs)
@@ -187,7 +198,7 @@ class SpeculativeEngine:
             kw["kv_cache_memory_bytes"] = DEFAULT_CPU_KV_CACHE_GIB * 2 ** 30
         if speculative:
             kw["speculative_config"] = self.spec.speculative_config()
-            for key in ("draft_policy", "match", "match_tokens"):
+            for key in ("draft_policy", "match", "match_tokens", "draft_precision"):
                 if getattr(self, key) is not None:
                     kw["speculative_config"][key] = getattr(self, key)
         return kw

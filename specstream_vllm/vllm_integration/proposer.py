@@ -326,6 +326,7 @@ class SpecStreamProposer:
         out["sources"] = {name: {"drafts": c[0], "draft_tokens": c[1], "accepted_tokens": c[2]}
                           for name, c in self.source_counts.items()}
         out["match"] = self.match.state() if self.match is not None else None
+        out["draft_precision"] = "bfloat16" if getattr(self.model, "draft_bf16", False) else "exact"
         return out
 
     def _maybe_report(self, force: bool = False) -> None:
