@@ -202,10 +202,11 @@ class CellCost:
 
     def __init__(self, decay: float = 0.8, min_samples: int = 2):
         self.decay, self.min_samples = decay, min_samples
-        self.cells: dict[tuple[int, int], list[float]] = {}   # -> [weight, weighted sum, n]
+        # requests -> tokens -> [weight, weighted sum, n]: a step looks up one batch size
+        self.cells: dict[int, dict[int, list[float]]] = {}
 
     def add(self, reqs: int, tokens: int, seconds: float) -> None:
-        c = self.cells.setdefault((reqs, tokens), [0.0, 0.0, 0])
+        c = self.cells.setdefault(reqs, {}).setdefault(tokens, [0.0, 0.0, 0])
         if c[2] >= 3:   # a busy machine, a compile: clipped to 0.5x-2x of the cell's mean
             mean = c[1] / c[0]
             seconds = min(max(seconds, 0.5 * mean), 2.0 * mean)
@@ -213,18 +214,20 @@ class CellCost:
         c[1] = c[1] * self.decay + seconds
         c[2] += 1
 
-    def get(self, reqs: int, tokens: int) -> float | None:
-        c = self.cells.get((reqs, tokens))
+    def _mean(self, c: list[float] | None) -> float | None:
         return c[1] / c[0] if c is not None and c[2] >= self.min_samples else None
+
+    def get(self, reqs: int, tokens: int) -> float | None:
+        return self._mean(self.cells.get(reqs, {}).get(tokens))
 
     def known_drafts(self, reqs: int) -> list[tuple[int, float]]:
         """(drafts m, seconds) of the measured cells of this batch size, m ascending."""
-        out = [(t - reqs, self.get(reqs, t)) for (r, t) in self.cells if r == reqs and t > reqs]
+        out = [(t - reqs, self._mean(c)) for t, c in self.cells.get(reqs, {}).items() if t > reqs]
         return sorted((m, v) for m, v in out if v is not None)
 
     def table(self) -> list[dict]:
         return [{"requests": r, "tokens": t, "seconds": c[1] / c[0], "samples": int(c[2])}
-                for (r, t), c in sorted(self.cells.items())]
+                for r, row in sorted(self.cells.items()) for t, c in sorted(row.items())]
 
 
 class Calibrator:
