@@ -252,12 +252,16 @@ def test_tensor_parallel_2_matches_tp2_without_speculation(tiny_tp_dir, tmp_path
                       tmp_path, "tp-spec")  # every step drafts: the sharded pass is exercised
     assert outputs(base) == outputs(spec)
     assert spec["metrics"]["vllm:spec_decode_num_drafts"] > 0
-    assert json.loads(dump.read_text())["draft_precision"] == precision
+    # bf16 falls back to exact (with a warning) where this CPU's oneDNN has no bf16 matmul
+    from specstream_vllm.vllm_integration.compat import bf16_matmul
+    bf16_here = bf16_matmul(torch.randn(8, 8)) is not None
+    used = json.loads(dump.read_text())["draft_precision"]
+    assert used == (precision if bf16_here else "exact")
     # the sharded stream LoRA (column- and row-parallel) drafts what the reference drafts
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(str(tiny_tp_dir), dtype=torch.float32).eval()
     rate = draft_match_rate(model, streams, log, 3, max_rows=60)
-    assert rate >= (0.97 if precision == "exact" else 0.85), rate
+    assert rate >= (0.97 if used == "exact" else 0.85), rate
     rows = [json.loads(x) for x in log.read_text().splitlines()]
     assert all(t % 2 == 1 for r in rows for t in r["drafts"])  # drafts stay in the draft vocabulary
 
