@@ -135,7 +135,8 @@ class StreamModel(MSAMixin):
             lay = self.stream_layers()[li]
             attn = get(lay, L.attn)
             for lin in (get(attn, L.qkv), get(attn, L.o_proj), get(lay, L.mlp[0]), get(lay, L.mlp[2])):
-                lin.specstream_bf16 = compat.bf16_linear(lin) if use and served_fp32 else None
+                # None for anything but an unquantized float32 linear (bf16_linear decides)
+                lin.specstream_bf16 = compat.bf16_linear(lin) if use else None
                 self.draft_bf16 = self.draft_bf16 or lin.specstream_bf16 is not None
         self._draft_head_cache = (None, None)
         if use and not self.draft_bf16:

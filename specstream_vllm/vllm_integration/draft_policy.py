@@ -449,9 +449,7 @@ class DraftPolicy:
         batch-1 step: every token goes through the LM head and the sampler, and a fit that
         never sees the token count vary (a steady batch, drafts always the same length)
         would otherwise call drafts free, which no cost scale could correct."""
-        w = self.verify.weights()
-        floor = self.cfg.min_token_cost * float((w[0] + w[1]).clamp(min=0.0))
-        return w[1].clamp(min=floor)
+        return self.verify.weights()[1].clamp(min=self._token_floor())
 
     def _verify_cost(self, reqs: int, drafts: torch.Tensor | float) -> torch.Tensor:
         """Seconds of a step verifying ``reqs`` requests with ``drafts`` draft tokens in all
@@ -475,6 +473,7 @@ class DraftPolicy:
         return (base + self.cfg.cost_scale * extra).clamp(min=1e-6)
 
     def _token_floor(self) -> float:
+        """``min_token_cost`` of a batch-1 step: the least a verified draft token costs."""
         w = self.verify.weights()
         return self.cfg.min_token_cost * float((w[0] + w[1]).clamp(min=0.0))
 
@@ -519,16 +518,15 @@ class DraftPolicy:
         spent = self._draft_cost(R, j)
         now = torch.sort(chain.reshape(-1), descending=True)[0]
         more = torch.sort(torch.cat([chain.reshape(-1), chain[:, -1] * q]), descending=True)[0]
-        _, rate_now, _ = self._best(reqs, now, torch.full((now.numel() + 1,), spent, dtype=torch.float64), 0.0)
-        _, rate_more, _ = self._best(reqs, more, torch.full((more.numel() + 1,),
-                                                              spent + self._draft_cost(R, 1),
-                                                              dtype=torch.float64), 0.0)
+        _, rate_now, _ = self._best(reqs, now, spent, 0.0)
+        _, rate_more, _ = self._best(reqs, more, spent + self._draft_cost(R, 1), 0.0)
         return rate_more > rate_now
 
-    def _best(self, reqs: int, gains_sorted: torch.Tensor, draft_costs: torch.Tensor,
+    def _best(self, reqs: int, gains_sorted: torch.Tensor, draft_costs: torch.Tensor | float,
               min_gain: float) -> tuple[int, float, float]:
         """(best number of drafts m, its tokens/s, tokens/s with m = 0) for a step whose
-        draft passes cost ``draft_costs[m]`` seconds. m = 0 unless the best beats it by
+        draft passes cost ``draft_costs[m]`` seconds (a float: the same for every m, a pass
+        already paid). m = 0 unless the best beats it by
         ``min_gain``: before the pass the loss is asymmetric (a wrong "on" makes the server
         slower, a wrong "off" only forgoes a gain) and step times on a busy machine are
         noisy; after it (pass paid) a small margin only absorbs the noise."""
@@ -580,8 +578,7 @@ class DraftPolicy:
         best, rate, _ = self._best(num_reqs, torch.sort(with_pass, descending=True)[0],
                                    self._plan_draft_costs(num_reqs, with_pass.numel(), depth), cfg.min_gain)
         flat_cand = torch.sort(cand.reshape(-1), descending=True)[0]
-        _, rate_without, _ = self._best(num_reqs, flat_cand,
-                                        torch.zeros(flat_cand.numel() + 1, dtype=torch.float64), cfg.min_gain)
+        _, rate_without, _ = self._best(num_reqs, flat_cand, 0.0, cfg.min_gain)
         if n_streams > 0 and best > 0 and rate > rate_without and self._empty_passes < 4:
             return Plan(True, depth)
         return self._skip()
@@ -673,8 +670,7 @@ class DraftPolicy:
         order = torch.argsort(flat, descending=True)
         # the pass (if any) is paid: drafts only have to pay for their verification
         spent = self._draft_cost(R, g) if ran else 0.0
-        best, _, _ = self._best(reqs, flat[order], torch.full((flat.numel() + 1,), spent, dtype=torch.float64),
-                                cfg.decide_gain)
+        best, _, _ = self._best(reqs, flat[order], spent, cfg.decide_gain)
 
         def lengths_of(m: int) -> torch.Tensor:
             out = torch.zeros(R * W, dtype=torch.int64)
