@@ -71,7 +71,7 @@ def main(argv=None) -> int:
         os.environ.setdefault("SPECSTREAM_MIN_DRAFT_PROB", "0")
 
     from specstream_vllm.model_patches import msa, stream_layers
-    from specstream_vllm.vllm_integration import draft_policy, proposer
+    from specstream_vllm.vllm_integration import draft_policy, match_source, proposer
     from vllm import LLM, SamplingParams
     from vllm.v1.sample import sampler
     from vllm.v1.worker import gpu_model_runner
@@ -80,10 +80,14 @@ def main(argv=None) -> int:
     for name in ("execute_model", "_model_forward", "sample_tokens", "_sample", "_prepare_inputs",
                  "_bookkeeping_sync", "_update_states"):
         spans.wrap(gpu_model_runner.GPUModelRunner, name)
-    for name in ("_propose", "_stream_pass", "_run_streams", "_observe"):
+    for name in ("_propose", "_stream_pass", "_run_streams", "_observe", "_candidates"):
         spans.wrap(proposer.SpecStreamProposer, name)
-    for name in ("plan", "decide", "continue_chain", "observe_step", "observe_acceptance"):
+    for name in ("plan", "decide", "continue_chain", "observe_step", "observe_acceptance",
+                 "expected"):
         spans.wrap(draft_policy.DraftPolicy, name)
+    for cls in (match_source.SuffixMatch, match_source.NgramMatch):
+        for name in ("sync", "propose"):
+            spans.wrap(cls, name)
     spans.wrap(stream_layers.StreamModel, "stream_forward")
     spans.wrap(msa.MSAMixin, "draft_token_ids")
     spans.wrap(msa.MSAMixin, "stream_inputs")

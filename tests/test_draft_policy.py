@@ -322,3 +322,19 @@ def test_probes_cycle_through_draft_counts():
         if plan.run_pass and plan.probe:
             seen.append(int(p.choose(probs).sum()))
     assert set(seen) == {1, 2, 3}, seen
+
+
+def test_warmup_caps_a_large_batch_at_gamma_drafts():
+    """Before costs are known a batch of 16 drafts only the gamma likeliest tokens in all
+    (chain prefixes), not 16 x gamma; a single request still drafts every stream."""
+    p = DraftPolicy(PolicyConfig(gamma=4))
+    assert p.plan(16).run_pass
+    probs = torch.full((16, 4), 0.3)
+    probs[3] = torch.tensor([0.9, 0.9, 0.2, 0.2])
+    probs[7] = torch.tensor([0.8, 0.2, 0.2, 0.2])
+    lengths = p.choose(probs)
+    assert int(lengths.sum()) == 4
+    assert lengths[3] == 2 and lengths[7] == 1
+    one = DraftPolicy(PolicyConfig(gamma=4))
+    one.plan(1)
+    assert one.choose(torch.full((1, 4), 0.3)).tolist() == [4]

@@ -330,6 +330,7 @@ class Plan:
     run_pass: bool
     depth: int          # streams to run (0 when the pass is skipped)
     probe: bool = False
+    use_candidates: bool = True     # False: no candidate can pay this step (drop them)
 
 
 @dataclass
@@ -382,6 +383,8 @@ class DraftPolicy:
         # same batch in the same window of steps is off again without re-solving the plan
         # (~0.6 ms a step at batch 16 on one core: the cost of speculation while it is off)
         self._off_memo: tuple[int, int] | None = None
+        self._tau_memo: tuple[tuple[int, int], float] | None = None   # see _threshold
+        self._curve_memo: tuple[tuple, torch.Tensor] | None = None      # see _cost_curve
 
     # ---------------------------------------------------------------- observations
     def observe_step(self, num_tokens: int, num_draft_tokens: int, seconds: float,
@@ -434,11 +437,16 @@ class DraftPolicy:
 
     def _threshold(self, reqs: int) -> float:
         """Expected accepted tokens a drafted token must bring to pay for its verification:
-        its marginal verification seconds x tokens per second without speculation."""
+        its marginal verification seconds x tokens per second without speculation. Kept for
+        ``recheck_every`` steps per batch size: it is asked every step a match exists, and
+        re-solving the costs each time was most of what speculation cost while it was off."""
         if not self._ready() or reqs <= 0:
             return 0.0
-        per_token = self.cfg.cost_scale * float(self._token_cost())
-        return per_token * reqs / float(self._verify_cost(reqs, 0.0))
+        key = (reqs, self.stats.steps // self.cfg.recheck_every)
+        if self._tau_memo is None or self._tau_memo[0] != key:
+            per_token = self.cfg.cost_scale * float(self._token_cost())
+            self._tau_memo = (key, per_token * reqs / float(self._verify_cost(reqs, 0.0)))
+        return self._tau_memo[1]
 
     # ---------------------------------------------------------------- cost helpers
     def _ready(self) -> bool:
@@ -471,6 +479,16 @@ class DraftPolicy:
                 extra = _interpolate(m, known, anchor, float(token))
         extra = torch.maximum(extra, self._token_floor() * m)
         return (base + self.cfg.cost_scale * extra).clamp(min=1e-6)
+
+    def _cost_curve(self, reqs: int, n: int) -> torch.Tensor:
+        """``_verify_cost(reqs, m)`` for m = 0..n, kept until the next observed step: a
+        step asks for the same batch size's curve up to three times (plan, decide, chain)."""
+        key = (reqs, self.verify.count, len(self.cells.cells.get(reqs, ())), self.cfg.cost_scale)
+        memo = self._curve_memo
+        if memo is None or memo[0] != key or memo[1].numel() <= n:
+            memo = self._curve_memo = (key, self._verify_cost(
+                reqs, torch.arange(max(n, 4 * self.cfg.gamma) + 1, dtype=torch.float64)))
+        return memo[1][:n + 1]
 
     def _token_floor(self) -> float:
         """``min_token_cost`` of a batch-1 step: the least a verified draft token costs."""
@@ -530,9 +548,9 @@ class DraftPolicy:
         ``min_gain``: before the pass the loss is asymmetric (a wrong "on" makes the server
         slower, a wrong "off" only forgoes a gain) and step times on a busy machine are
         noisy; after it (pass paid) a small margin only absorbs the noise."""
-        m = torch.arange(gains_sorted.numel() + 1, dtype=torch.float64)
+        n = gains_sorted.numel()
         tokens = reqs + torch.cat([torch.zeros(1, dtype=torch.float64), gains_sorted.cumsum(0)])
-        rate = tokens / (self._verify_cost(reqs, m) + draft_costs)
+        rate = tokens / (self._cost_curve(reqs, n) + draft_costs)
         base = float(rate[0])
         best = int(torch.argmax(rate))
         if rate[best] < (1.0 + min_gain) * base:
@@ -556,7 +574,17 @@ class DraftPolicy:
             return self._skip()
         if not self._ready() or torch.isnan(self.profile[0]):
             return Plan(True, cfg.gamma)
-        no_cands = candidates is None or candidates.numel() == 0
+        use_cands = candidates is not None and candidates.numel() > 0 and bool(
+            (candidates[:, 0] > self._threshold(num_reqs)).any())
+        # a candidate whose first token cannot pay for its verification is worth nothing
+        # (chains only fall): with none left this is the streams-only plan, memo included
+        plan = self._plan_streams(num_reqs, candidates.double() if use_cands else None)
+        plan.use_candidates = use_cands
+        return plan
+
+    def _plan_streams(self, num_reqs: int, cand: torch.Tensor | None) -> Plan:
+        cfg = self.cfg
+        no_cands = cand is None
         if no_cands and self._off_memo == (num_reqs, self.stats.steps // cfg.recheck_every):
             return self._skip()     # decided "off" for this batch size a few steps ago
         depth = self._depth()
@@ -571,7 +599,6 @@ class DraftPolicy:
             self._off_memo = (num_reqs, self.stats.steps // cfg.recheck_every)
             return self._skip()
         tau = self._threshold(num_reqs)
-        cand = candidates.double()
         streams_win = (cand - tau).clamp(min=0.0).sum(1) < (prof - tau).clamp(min=0.0).sum()
         n_streams = int(streams_win.sum())
         with_pass = torch.cat([prof.repeat(n_streams), cand[~streams_win].reshape(-1)])
@@ -642,6 +669,7 @@ class DraftPolicy:
                 lengths = torch.full((R,), g, dtype=torch.int64)
             if ran and cfg.mode == "auto":
                 self._update_profile(chain, g)
+                lengths = self._warmup_cap(chain, lengths)
             if cand_chain is None:
                 return self._count(self._labelled(lengths, None, None), ran)
             # the draft with more expected accepted tokens (calibrated) per request
@@ -699,6 +727,21 @@ class DraftPolicy:
                 0, self._recent_max_k - 1)
         return self._count(self._labelled(lengths, take, candidates.source if candidates else None),
                            ran)
+
+    def _warmup_cap(self, chain: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Auto mode before costs are known: at most ``gamma`` drafts in the whole step, the
+        likeliest. A batch of 64 drafting every stream for the first steps verified 5x its
+        tokens while the policy learnt that drafts do not pay there; capped, those steps
+        still measure a cost with drafts and batch 1 drafts as before."""
+        R, g = chain.shape
+        if R * g <= self.cfg.gamma:
+            return lengths
+        allowed = (torch.arange(g)[None, :] < lengths[:, None]).reshape(-1)
+        score = torch.where(allowed, chain.reshape(-1), torch.full_like(chain.reshape(-1), -1.0))
+        top = torch.argsort(score, descending=True)[:self.cfg.gamma]
+        keep = torch.zeros(R * g, dtype=torch.int64)
+        keep[top[score[top] >= 0]] = 1
+        return keep.view(R, g).cumprod(1).sum(1)    # chains are prefixes: the top ones are
 
     @staticmethod
     def _labelled(lengths: torch.Tensor, take: torch.Tensor | None, source: str | None) -> Choice:

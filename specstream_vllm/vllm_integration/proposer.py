@@ -147,6 +147,8 @@ class SpecStreamProposer:
                 cands = self._candidates(matches)
                 cand_chain = cands.chain = self.policy.expected(cands)
         plan = self.policy.plan(R, cand_chain)
+        if not plan.use_candidates:
+            cands = None        # none can pay this step: the streams-only decision
         run, depth = compat.tp_agree([int(plan.run_pass), min(plan.depth, g)])
         ids = prob = None
         next_ids = anchor_pos = None
@@ -191,14 +193,13 @@ class SpecStreamProposer:
 
     def _candidates(self, matches) -> Candidates:
         w = self.match_tokens
-        probs = torch.zeros(len(matches), w, dtype=torch.float64)
-        lengths = torch.zeros(len(matches), dtype=torch.int64)
-        for j, m in enumerate(matches):
-            if m is not None and m.token_ids:
-                n = min(len(m.token_ids), w)
-                probs[j, :n] = torch.tensor(m.confidence[:n], dtype=torch.float64)
-                lengths[j] = n
-        return Candidates(self.match.name, probs, lengths)
+        rows, lengths = [], []
+        for m in matches:       # lists, one tensor each: per-row tensors cost ~10 us a request
+            n = min(len(m.token_ids), w) if m is not None else 0
+            rows.append(m.confidence[:n] + [0.0] * (w - n) if n else [0.0] * w)
+            lengths.append(n)
+        return Candidates(self.match.name, torch.tensor(rows, dtype=torch.float64),
+                          torch.tensor(lengths, dtype=torch.int64))
 
     def _trace(self, reqs: int, depth: int, lengths: list[int]) -> None:
         if not _POLICY_TRACE:
