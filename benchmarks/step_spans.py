@@ -63,6 +63,8 @@ def main(argv=None) -> int:
     ap.add_argument("--match", default="none")
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--gamma", type=int, default=4, help="num_speculative_tokens")
+    ap.add_argument("--workload", help="mtbench / sharegpt / code: chat prompts of that workload "
+                    "(prefill included, EOS honoured) instead of the built-in ones")
     args = ap.parse_args(argv)
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"   # runner and proposer in this process
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -101,11 +103,20 @@ def main(argv=None) -> int:
     llm = LLM(model=str(default_model_dir()), dtype="float32", enforce_eager=args.enforce_eager,
               max_model_len=1024, seed=0, speculative_config=spec, max_num_seqs=max(32, args.batch))
     sp = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
-    prompts = (PROMPTS * (args.batch // len(PROMPTS) + 1))[:args.batch]
-    llm.generate(prompts, sp, use_tqdm=False)  # warm-up: compilation, the policy's first fit
+    if args.workload:
+        from .workloads import load_workload
+        convs = [[dict(m) for m in p.messages] for p in load_workload(args.workload, None, None)
+                 if len(p.messages[-1]["content"]) < 2000]
+        sp = SamplingParams(temperature=0, max_tokens=args.max_tokens)
+        warm, timed = convs[-args.batch:], convs[:args.batch]
+        run = lambda c: llm.chat(c, sp, use_tqdm=False)  # noqa: E731
+    else:
+        warm = timed = (PROMPTS * (args.batch // len(PROMPTS) + 1))[:args.batch]
+        run = lambda p: llm.generate(p, sp, use_tqdm=False)  # noqa: E731
+    run(warm)  # warm-up: compilation, the policy's first fit
     spans.clear()
     t = time.perf_counter()
-    outs = llm.generate(prompts, sp, use_tqdm=False)
+    outs = run(timed)
     dt = time.perf_counter() - t
     n = sum(len(o.outputs[0].token_ids) for o in outs)
     steps = spans.calls.get("GPUModelRunner.execute_model", 1)

@@ -338,3 +338,22 @@ def test_warmup_caps_a_large_batch_at_gamma_drafts():
     one = DraftPolicy(PolicyConfig(gamma=4))
     one.plan(1)
     assert one.choose(torch.full((1, 4), 0.3)).tolist() == [4]
+
+
+def test_a_probe_that_pays_only_once_its_pass_is_sunk_does_not_bring_probes_back():
+    """Batch 16, verification ~free per draft but a 20 ms stream pass: a probe's drafts beat
+    no drafts once the pass has run, yet the step would have been faster without it, so the
+    probe back-off keeps growing (no pass every 4 steps)."""
+    p = DraftPolicy(PolicyConfig(gamma=4, probe_min=4, probe_max=64))
+    for i in range(40):
+        k = i % 5
+        p.observe_step(16 + k, k, 0.070 + 0.0005 * k, 0.0, 0)
+        p.observe_step(16, 0, 0.090, 0.020, 64, 1)
+    probs = torch.full((16, 4), 0.3)
+    passes = 0
+    for _ in range(120):
+        plan = p.plan(16)
+        if plan.run_pass:
+            passes += 1
+            p.choose(probs[:, :plan.depth], 16)
+    assert passes <= 6

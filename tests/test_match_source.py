@@ -198,6 +198,24 @@ def test_matches_that_cannot_pay_are_dropped_before_the_choice():
     assert p.plan(16, p.expected(strong)).use_candidates
 
 
+def test_matches_looked_up_every_step_only_where_they_can_pay():
+    """Batch 16 where no match pays: the lookup (tree feed + search) runs every
+    ``recheck_every`` steps; once one could pay, every step for a while."""
+    p = DraftPolicy(PolicyConfig(gamma=4))
+    for i in range(40):
+        k = i % 5
+        p.observe_step(16 + k, k, 0.070 + 0.003 * k, 0.0, 0)
+    for _ in range(3):
+        p.decide(torch.full((16, 4), 0.05), 16)
+    due = []
+    for _ in range(12):
+        due.append(p.match_due(16))
+        p.plan(16, p.expected(cands([[0.3, 0.3]] + [[]] * 15)) if due[-1] else None)
+    assert sum(due) == 3
+    p.plan(16, p.expected(cands([[0.99] * 4] + [[]] * 15)))
+    assert all(p.match_due(16) for _ in range(3))
+
+
 def test_pass_runs_when_no_request_has_a_match():
     p = policy(per_token=0.0005)
     for _ in range(5):

@@ -385,6 +385,7 @@ class DraftPolicy:
         self._off_memo: tuple[int, int] | None = None
         self._tau_memo: tuple[tuple[int, int], float] | None = None   # see _threshold
         self._curve_memo: tuple[tuple, torch.Tensor] | None = None      # see _cost_curve
+        self._match_paid_at: dict[int, int] = {}     # batch size -> last step a match could pay
 
     # ---------------------------------------------------------------- observations
     def observe_step(self, num_tokens: int, num_draft_tokens: int, seconds: float,
@@ -481,9 +482,11 @@ class DraftPolicy:
         return (base + self.cfg.cost_scale * extra).clamp(min=1e-6)
 
     def _cost_curve(self, reqs: int, n: int) -> torch.Tensor:
-        """``_verify_cost(reqs, m)`` for m = 0..n, kept until the next observed step: a
-        step asks for the same batch size's curve up to three times (plan, decide, chain)."""
-        key = (reqs, self.verify.count, len(self.cells.cells.get(reqs, ())), self.cfg.cost_scale)
+        """``_verify_cost(reqs, m)`` for m = 0..n, re-solved every ``recheck_every``
+        observed steps (or when a new cell appears): a step asks for it up to four times
+        (plan, decide, chain, the probe check) and solving it was most of the plan's cost."""
+        key = (reqs, self.verify.count // self.cfg.recheck_every,
+               len(self.cells.cells.get(reqs, ())), self.cfg.cost_scale)
         memo = self._curve_memo
         if memo is None or memo[0] != key or memo[1].numel() <= n:
             memo = self._curve_memo = (key, self._verify_cost(
@@ -576,11 +579,29 @@ class DraftPolicy:
             return Plan(True, cfg.gamma)
         use_cands = candidates is not None and candidates.numel() > 0 and bool(
             (candidates[:, 0] > self._threshold(num_reqs)).any())
+        if use_cands:
+            self._match_paid_at[num_reqs] = self.stats.steps
         # a candidate whose first token cannot pay for its verification is worth nothing
         # (chains only fall): with none left this is the streams-only plan, memo included
         plan = self._plan_streams(num_reqs, candidates.double() if use_cands else None)
         plan.use_candidates = use_cands
         return plan
+
+    def match_due(self, num_reqs: int) -> bool:
+        """Look for matches this step? Always while costs are unknown, in fixed mode, and
+        for a batch size where a match could pay in the last ``2 * recheck_every`` steps;
+        elsewhere every ``recheck_every`` steps. At batch 16+ a match rarely pays for its
+        verification, and feeding the tree and looking up every request each step was a
+        third of what speculation cost while it was off (~1 ms of a 70 ms step); the tree
+        is fed in bulk when the lookup comes, and a repetitive stretch that does pay lasts
+        longer than a few steps."""
+        cfg = self.cfg
+        if cfg.mode == "fixed" or not self._ready():
+            return True
+        step = self.stats.steps
+        last = self._match_paid_at.get(num_reqs)
+        return (last is not None and step - last <= 2 * cfg.recheck_every) \
+            or step % cfg.recheck_every == 0
 
     def _plan_streams(self, num_reqs: int, cand: torch.Tensor | None) -> Plan:
         cfg = self.cfg
@@ -698,7 +719,7 @@ class DraftPolicy:
         order = torch.argsort(flat, descending=True)
         # the pass (if any) is paid: drafts only have to pay for their verification
         spent = self._draft_cost(R, g) if ran else 0.0
-        best, _, _ = self._best(reqs, flat[order], spent, cfg.decide_gain)
+        best, rate, _ = self._best(reqs, flat[order], spent, cfg.decide_gain)
 
         def lengths_of(m: int) -> torch.Tensor:
             out = torch.zeros(R * W, dtype=torch.int64)
@@ -709,9 +730,19 @@ class DraftPolicy:
         if ran:
             # did the streams earn drafts on their own (a probe's forced token does not count)?
             stream_lengths = lengths if take is None else torch.where(take, 0, lengths)
-            if int(stream_lengths.sum()) > 0:
+            # the pass earned its keep only if the step beats no speculation with the pass
+            # counted: once it has run its cost is sunk and drafts always look worth it, and
+            # a probe at batch 16 that "paid" on those terms brought the next probe (a 20 ms
+            # pass) back every 4 steps
+            without = reqs / float(self._cost_curve(reqs, 0)[0])
+            if cand_chain is not None:      # ... and beats what the matches do without it
+                without = max(without, self._best(reqs, torch.sort(
+                    cand_chain.reshape(-1), descending=True)[0], 0.0, 0.0)[1])
+            earned = rate >= (1.0 + cfg.min_gain) * without
+            if int(stream_lengths.sum()) > 0 and (earned or not probing):
                 self._empty_passes = 0
-                self._backoff = cfg.probe_min
+                if earned:
+                    self._backoff = cfg.probe_min
             elif not probing:
                 self._empty_passes += 1
         if probing and best == 0:

@@ -129,10 +129,6 @@ class SpecStreamProposer:
         else:
             n_draft = torch.zeros(num_reqs, dtype=torch.int64)
         self._observe(num_reqs, n_sampled, n_draft)
-        view = None
-        if self.match is not None:
-            view = compat.token_view(self.runner, num_reqs)
-            self.match.sync(view)           # every step: new tokens in, departed requests out
         if k <= 0 or num_reqs == 0:
             return no_drafts
         active = torch.nonzero(n_sampled[:num_reqs] > 0).flatten()
@@ -140,6 +136,10 @@ class SpecStreamProposer:
             return no_drafts
         rows = active.tolist()
         R = len(rows)
+        view = None
+        if self.match is not None and self.policy.match_due(R):
+            view = compat.token_view(self.runner, num_reqs)
+            self.match.sync(view)           # new tokens in (since the last lookup), departed out
         matches = cands = cand_chain = None
         if view is not None:
             matches = self.match.propose(view, rows, min(k, self.match_tokens))
