@@ -216,6 +216,21 @@ def test_matches_looked_up_every_step_only_where_they_can_pay():
     assert all(p.match_due(16) for _ in range(3))
 
 
+def test_only_existing_match_tokens_are_drafted_on_a_non_monotonic_cost_curve():
+    """A CPU where verifying more tokens is faster (oneDNN's slow path for 1-2 rows): the
+    best count is past what exists. A request without a match must not be given drafts
+    (the online server crashed on exactly that), nor a match more than its own tokens."""
+    p = DraftPolicy(PolicyConfig(gamma=4))
+    for _ in range(6):
+        for tokens, secs in [(2, 0.060), (3, 0.062), (4, 0.045), (5, 0.044), (6, 0.044)]:
+            p.observe_step(tokens, tokens - 2, secs, 0.0, 0)
+    for _ in range(3):
+        p.decide(torch.full((2, 4), 0.05), 2)
+    choice = p.decide(None, 2, cands([[0.9], []]))
+    assert choice.lengths.tolist() in ([1, 0], [0, 0])
+    assert choice.source[1] is None
+
+
 def test_pass_runs_when_no_request_has_a_match():
     p = policy(per_token=0.0005)
     for _ in range(5):

@@ -705,6 +705,7 @@ class DraftPolicy:
             return self._count(Choice(torch.zeros(R, dtype=torch.int64), [None] * R), ran)
         if cand_chain is None:
             take, best_chain = None, chain
+            have = torch.full((R,), g, dtype=torch.int64)
         else:
             tau = self._threshold(reqs)
             worth = lambda c: (c - tau).clamp(min=0.0).sum(1)  # noqa: E731
@@ -714,9 +715,16 @@ class DraftPolicy:
             pad = lambda c: torch.nn.functional.pad(c, (0, w - c.shape[1]))  # noqa: E731
             best_chain = pad(cand_chain) if not ran else torch.where(
                 take[:, None], pad(cand_chain), pad(chain))
+            have = torch.where(take, candidates.lengths.to(torch.int64).clamp(max=w),
+                               torch.full((R,), g, dtype=torch.int64))
         W = best_chain.shape[1]
-        flat = best_chain.reshape(-1)
-        order = torch.argsort(flat, descending=True)
+        # only tokens that exist can be drafted: the measured cost curve is not monotonic on
+        # every CPU (batch 1: verifying 3 tokens faster than 1), so zero-gain slots past a
+        # match's end, or of a request without a match, could otherwise look worth taking
+        exists = (torch.arange(W)[None, :] < have[:, None]).reshape(-1)
+        flat = torch.where(exists, best_chain.reshape(-1), torch.full((R * W,), -1.0,
+                                                                      dtype=torch.float64))
+        order = torch.argsort(flat, descending=True)[:int(exists.sum())]
         # the pass (if any) is paid: drafts only have to pay for their verification
         spent = self._draft_cost(R, g) if ran else 0.0
         best, rate, _ = self._best(reqs, flat[order], spent, cfg.decide_gain)
@@ -750,7 +758,7 @@ class DraftPolicy:
             # with drafts must keep being measured (every count: the curve is no line), or
             # one slow early step could keep speculation off
             self._probe_cycle = self._probe_cycle % max(g, 1) + 1
-            lengths = lengths_of(min(self._probe_cycle, R * W))
+            lengths = lengths_of(min(self._probe_cycle, order.numel()))
         if ran:
             stream_lengths = lengths if take is None else torch.where(take, 0, lengths)
             k = int(stream_lengths.max())
