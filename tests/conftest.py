@@ -10,6 +10,8 @@ import torch
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# a drafting error fails the test (a server logs it and runs the step without drafts)
+os.environ.setdefault("SPECSTREAM_RAISE_ERRORS", "1")
 
 
 def make_tiny_llama(path: Path, *, heads: int = 4, kv_heads: int = 2, layers: int = 4,
