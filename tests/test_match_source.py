@@ -182,16 +182,23 @@ def test_steps_without_speculation_counts_candidate_steps_once():
     assert p.stats.steps_without_speculation == before + 1
 
 
-def test_matches_that_cannot_pay_are_dropped_before_the_choice():
-    """Batch 16 on a machine where a verified token costs 3 ms: a weak match (first token
-    0.3) cannot pay for its verification and the plan tells the proposer to drop it (the
-    streams-only decision, no per-request choice); a strong one is kept."""
+def batch16_policy() -> DraftPolicy:
+    """A policy that has seen batch 16 on a machine where a verified token costs 3 ms of a
+    70 ms step, and poor streams."""
     p = DraftPolicy(PolicyConfig(gamma=4))
     for i in range(40):
         k = i % 5
         p.observe_step(16 + k, k, 0.070 + 0.003 * k, 0.0, 0)
     for _ in range(3):
         p.decide(torch.full((16, 4), 0.05), 16)
+    return p
+
+
+def test_matches_that_cannot_pay_are_dropped_before_the_choice():
+    """Batch 16 on a machine where a verified token costs 3 ms: a weak match (first token
+    0.3) cannot pay for its verification and the plan tells the proposer to drop it (the
+    streams-only decision, no per-request choice); a strong one is kept."""
+    p = batch16_policy()
     weak = cands([[0.3, 0.3]] + [[]] * 15)
     assert not p.plan(16, p.expected(weak)).use_candidates
     strong = cands([[0.99] * 4] + [[]] * 15)
@@ -201,12 +208,7 @@ def test_matches_that_cannot_pay_are_dropped_before_the_choice():
 def test_matches_looked_up_every_step_only_where_they_can_pay():
     """Batch 16 where no match pays: the lookup (tree feed + search) runs every
     ``recheck_every`` steps; once one could pay, every step for a while."""
-    p = DraftPolicy(PolicyConfig(gamma=4))
-    for i in range(40):
-        k = i % 5
-        p.observe_step(16 + k, k, 0.070 + 0.003 * k, 0.0, 0)
-    for _ in range(3):
-        p.decide(torch.full((16, 4), 0.05), 16)
+    p = batch16_policy()
     due = []
     for _ in range(12):
         due.append(p.match_due(16))

@@ -718,23 +718,11 @@ class DraftPolicy:
             have = torch.where(take, candidates.lengths.to(torch.int64).clamp(max=w),
                                torch.full((R,), g, dtype=torch.int64))
         W = best_chain.shape[1]
-        # only tokens that exist can be drafted: the measured cost curve is not monotonic on
-        # every CPU (batch 1: verifying 3 tokens faster than 1), so zero-gain slots past a
-        # match's end, or of a request without a match, could otherwise look worth taking
-        exists = (torch.arange(W)[None, :] < have[:, None]).reshape(-1)
-        flat = torch.where(exists, best_chain.reshape(-1), torch.full((R * W,), -1.0,
-                                                                      dtype=torch.float64))
-        order = torch.argsort(flat, descending=True)[:int(exists.sum())]
+        order = self._ranked(best_chain, have)
         # the pass (if any) is paid: drafts only have to pay for their verification
         spent = self._draft_cost(R, g) if ran else 0.0
-        best, rate, _ = self._best(reqs, flat[order], spent, cfg.decide_gain)
-
-        def lengths_of(m: int) -> torch.Tensor:
-            out = torch.zeros(R * W, dtype=torch.int64)
-            out[order[:m]] = 1
-            return out.view(R, W).sum(1)
-
-        lengths = lengths_of(best)
+        best, rate, _ = self._best(reqs, best_chain.reshape(-1)[order], spent, cfg.decide_gain)
+        lengths = self._lengths(order, best, R, W)
         if ran:
             # did the streams earn drafts on their own (a probe's forced token does not count)?
             stream_lengths = lengths if take is None else torch.where(take, 0, lengths)
@@ -758,7 +746,7 @@ class DraftPolicy:
             # with drafts must keep being measured (every count: the curve is no line), or
             # one slow early step could keep speculation off
             self._probe_cycle = self._probe_cycle % max(g, 1) + 1
-            lengths = lengths_of(min(self._probe_cycle, order.numel()))
+            lengths = self._lengths(order, min(self._probe_cycle, order.numel()), R, W)
         if ran:
             stream_lengths = lengths if take is None else torch.where(take, 0, lengths)
             k = int(stream_lengths.max())
@@ -775,12 +763,28 @@ class DraftPolicy:
         R, g = chain.shape
         if R * g <= self.cfg.gamma:
             return lengths
-        allowed = (torch.arange(g)[None, :] < lengths[:, None]).reshape(-1)
-        score = torch.where(allowed, chain.reshape(-1), torch.full_like(chain.reshape(-1), -1.0))
-        top = torch.argsort(score, descending=True)[:self.cfg.gamma]
-        keep = torch.zeros(R * g, dtype=torch.int64)
-        keep[top[score[top] >= 0]] = 1
-        return keep.view(R, g).cumprod(1).sum(1)    # chains are prefixes: the top ones are
+        return self._lengths(self._ranked(chain, lengths), self.cfg.gamma, R, g)
+
+    @staticmethod
+    def _ranked(chain: torch.Tensor, have: torch.Tensor) -> torch.Tensor:
+        """Flat indices into ``chain`` [R, W] of the slots that exist (position < ``have``
+        per row), likeliest first. Only tokens that exist can be drafted: the measured cost
+        curve is not monotonic on every CPU (batch 1: verifying 3 tokens faster than 1), so
+        zero-gain slots past a match's end, or of a request without a match, could otherwise
+        look worth taking."""
+        R, W = chain.shape
+        exists = (torch.arange(W)[None, :] < have[:, None]).reshape(-1)
+        flat = torch.where(exists, chain.reshape(-1).double(),
+                           torch.full((R * W,), -1.0, dtype=torch.float64))
+        return torch.argsort(flat, descending=True)[:int(exists.sum())]
+
+    @staticmethod
+    def _lengths(order: torch.Tensor, m: int, R: int, W: int) -> torch.Tensor:
+        """Per-request draft lengths when the first ``m`` slots of ``order`` are drafted
+        (chains fall along a row, so a row's chosen slots are a prefix)."""
+        out = torch.zeros(R * W, dtype=torch.int64)
+        out[order[:m]] = 1
+        return out.view(R, W).sum(1)
 
     @staticmethod
     def _labelled(lengths: torch.Tensor, take: torch.Tensor | None, source: str | None) -> Choice:

@@ -198,8 +198,6 @@ class SpecStreamProposer:
             if source == STREAMS:
                 drafts[r] = id_rows[j][:n]
                 self._pending[req_ids[r]] = (STREAMS, prob_rows[j][:n])
-            elif matches[j] is None:    # the policy never chooses a missing match; be safe
-                continue
             else:
                 drafts[r] = matches[j].token_ids[:n]
                 self._pending[req_ids[r]] = (source, matches[j].confidence[:n])
