@@ -7,7 +7,7 @@ bash "$ROOT/scripts/setup_env.sh"
 cd "$ROOT"
 export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}"
 set +e
-"$ROOT/.venv/bin/python" -m pytest -q -rfEs --durations=25 --timeout 1500 "$@"
+"${SPECSTREAM_VENV:-$ROOT/.venv}/bin/python" -m pytest -q -rfEs --durations=25 --timeout 1500 "$@"
 rc=$?
 set -e
 if [[ $rc -eq 5 ]]; then
