@@ -199,7 +199,7 @@ def test_probe_drafts_one_token_so_a_bad_cost_estimate_recovers():
         drafted.append(n)
         p.observe_step(1 + n, n, 0.030 + 0.002 * (1 + n))   # the machine's real cost
     assert drafted[0] == 0
-    assert all(n > 0 for n in drafted[-10:])
+    assert sum(n > 0 for n in drafted[-10:]) >= 9     # one may re-time the no-draft step
 
 
 def test_cost_model_slopes_never_negative_when_features_are_collinear():
@@ -357,3 +357,29 @@ def test_a_probe_that_pays_only_once_its_pass_is_sunk_does_not_bring_probes_back
             passes += 1
             p.choose(probs[:, :plan.depth], 16)
     assert passes <= 6
+
+
+def test_a_stale_no_draft_step_time_is_measured_again():
+    """While speculation stays on, the step without drafts (the base every draft is priced
+    against) is never timed: a slow early sample (80 ms where the truth is 40) made drafts
+    look free and kept speculation on for good. The policy re-times it every
+    ``refresh_every`` steps and, with the truth known, turns speculation off where it does
+    not pay; the refreshes themselves stay rare."""
+    p = DraftPolicy(PolicyConfig(gamma=4))
+    true = lambda m: 0.040 + 0.005 * m            # noqa: E731  (drafts cost 5 ms a token)
+    for _ in range(8):                            # warm-up: the no-draft step looked slow
+        p.observe_step(1, 0, 0.080)
+        for m in (1, 2, 3, 4):
+            p.observe_step(1 + m, m, true(m) + 0.001, 0.001, 4)
+    probs = torch.full((1, 4), 0.15)              # gain 0.15 a token: does not pay 5 ms
+    drafted = []
+    for _ in range(300):
+        plan = p.plan(1)
+        m = int(p.choose(probs[:, :plan.depth]).sum()) if plan.run_pass else 0
+        drafted.append(m)
+        pas = 0.001 if plan.run_pass else 0.0
+        p.observe_step(1 + m, m, true(m) + pas, pas, 4 if plan.run_pass else 0)
+    assert sum(x > 0 for x in drafted[:60]) >= 50, drafted[:60]      # on while it looked slow
+    assert 1 <= p.stats.anchor_refreshes <= 4
+    assert p.cells.get(1, 1) == pytest.approx(0.040, rel=0.1)
+    assert sum(x > 0 for x in drafted[-100:]) <= 5, drafted[-100:]    # off once it is known

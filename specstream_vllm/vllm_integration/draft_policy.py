@@ -80,6 +80,7 @@ class PolicyConfig:
     cost_decay: float = 0.97                # per step: ~30-step memory of step times
     full_depth_every: int = 16              # a pass over all streams this often (their stats)
     recheck_every: int = 4                  # an "off" plan is re-solved at most every 4 steps
+    refresh_every: int = 64                 # re-measure a batch size's no-draft step this often
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -200,19 +201,36 @@ class CellCost:
     for 1-2 rows than for 3+ (SmolLM2 at batch 1, one EPYC core: a step verifying 3 or 5
     tokens is faster than one verifying 2)."""
 
-    def __init__(self, decay: float = 0.8, min_samples: int = 2):
+    def __init__(self, decay: float = 0.8, min_samples: int = 2, stale_after: int = 64,
+                 stale_keep: float = 0.05):
         self.decay, self.min_samples = decay, min_samples
-        # requests -> tokens -> [weight, weighted sum, n]: a step looks up one batch size
+        self.stale_after, self.stale_keep = stale_after, stale_keep
+        # requests -> tokens -> [weight, weighted sum, n, step of the last sample]
         self.cells: dict[int, dict[int, list[float]]] = {}
 
-    def add(self, reqs: int, tokens: int, seconds: float) -> None:
-        c = self.cells.setdefault(reqs, {}).setdefault(tokens, [0.0, 0.0, 0])
-        if c[2] >= 3:   # a busy machine, a compile: clipped to 0.5x-2x of the cell's mean
+    def add(self, reqs: int, tokens: int, seconds: float, step: int = 0) -> None:
+        """One sample at policy step ``step``. The no-draft cell (``tokens == reqs``: the
+        base every draft is priced against), last measured more than ``stale_after`` steps
+        ago, keeps only ``stale_keep`` of its history's weight: the machine's load has moved
+        on since, and a few early samples (a warm-up, a busy neighbour) must not outweigh
+        the first fresh one. Draft cells keep theirs (a lone slow probe must not reprice
+        a count measured well before)."""
+        c = self.cells.setdefault(reqs, {}).setdefault(tokens, [0.0, 0.0, 0, step])
+        if c[2] and tokens == reqs and step - c[3] > self.stale_after:
+            c[0] *= self.stale_keep
+            c[1] *= self.stale_keep
+        elif c[2] >= 3:   # a busy machine, a compile: clipped to 0.5x-2x of the cell's mean
             mean = c[1] / c[0]
             seconds = min(max(seconds, 0.5 * mean), 2.0 * mean)
         c[0] = c[0] * self.decay + 1.0
         c[1] = c[1] * self.decay + seconds
         c[2] += 1
+        c[3] = step
+
+    def last_sample(self, reqs: int, tokens: int) -> int | None:
+        """Policy step of the cell's last sample (None: never measured)."""
+        c = self.cells.get(reqs, {}).get(tokens)
+        return int(c[3]) if c is not None else None
 
     def _mean(self, c: list[float] | None) -> float | None:
         return c[1] / c[0] if c is not None and c[2] >= self.min_samples else None
@@ -342,6 +360,7 @@ class PolicyStats:
     passes: int = 0
     probes: int = 0
     skipped_passes: int = 0
+    anchor_refreshes: int = 0           # steps kept without drafts to re-time that step
     last_choice: list[int] = field(default_factory=list)
     drafts_by_source: dict = field(default_factory=dict)   # request drafts taken per source
 
@@ -352,6 +371,7 @@ class PolicyStats:
                 "mean_draft_tokens_per_request_step":
                     self.draft_tokens / self.request_steps if self.request_steps else 0.0,
                 "passes": self.passes, "probes": self.probes, "skipped_passes": self.skipped_passes,
+                "anchor_refreshes": self.anchor_refreshes,
                 "drafts_by_source": dict(self.drafts_by_source)}
 
 
@@ -364,7 +384,9 @@ class DraftPolicy:
         self.verify = CostModel(3, cfg.cost_decay, slope_prior=[0.5, 0.0], skip_first=3)
         # draft pass seconds ~ d0 + d1 * stream tokens (prior: the per-token part dominates)
         self.draft = CostModel(2, cfg.cost_decay, slope_prior=[0.8], skip_first=3)
-        self.cells = CellCost()
+        self.cells = CellCost(stale_after=cfg.refresh_every)
+        # batch size -> policy step it was first planned, or its last no-draft refresh
+        self._anchor_asked: dict[int, int] = {}
         self._probe_cycle = 0                 # probes draft 1, 2, .. g tokens in turn
         self.calib = Calibrator(g, cfg.calib_bins, cfg.calib_prior, cfg.calib_decay)
         self.source_calib: dict[str, Calibrator] = {}   # other sources' confidences
@@ -398,7 +420,8 @@ class DraftPolicy:
         if verify_s > 0:
             self.verify.add([1.0, float(num_tokens), 1.0 if num_draft_tokens else 0.0], verify_s)
             if self.verify.count > 0:       # past the fit's skipped first samples (compiles)
-                self.cells.add(num_tokens - num_draft_tokens, num_tokens, verify_s)
+                self.cells.add(num_tokens - num_draft_tokens, num_tokens, verify_s,
+                               self.stats.steps)
         if draft_stream_tokens > 0 and draft_seconds > 0:
             n = max(draft_passes, 1)
             self.draft.add([1.0, draft_stream_tokens / n], draft_seconds / n)
@@ -577,6 +600,8 @@ class DraftPolicy:
             return self._skip()
         if not self._ready() or torch.isnan(self.profile[0]):
             return Plan(True, cfg.gamma)
+        if self._anchor_due(num_reqs):
+            return self._refresh_anchor(num_reqs)
         use_cands = candidates is not None and candidates.numel() > 0 and bool(
             (candidates[:, 0] > self._threshold(num_reqs)).any())
         if use_cands:
@@ -630,6 +655,24 @@ class DraftPolicy:
         if n_streams > 0 and best > 0 and rate > rate_without and self._empty_passes < 4:
             return Plan(True, depth)
         return self._skip()
+
+    def _anchor_due(self, reqs: int) -> bool:
+        """Every choice prices drafts against this batch size's step without drafts, and
+        while speculation stays on that step is never measured: an early slow sample (79 ms
+        where the truth was 48, chain streams at batch 1) then made every draft look cheap
+        and kept speculation on for good. So the no-draft step is re-measured when its last
+        sample (or the last attempt) is ``refresh_every`` steps old: one step in 64 at most."""
+        step = self.stats.steps
+        asked = self._anchor_asked.setdefault(reqs, step)
+        last = self.cells.last_sample(reqs, reqs)
+        return step - max(asked, last if last is not None else asked) > self.cfg.refresh_every
+
+    def _refresh_anchor(self, reqs: int) -> Plan:
+        self._anchor_asked[reqs] = self.stats.steps
+        self.stats.anchor_refreshes += 1
+        self.stats.steps_without_speculation += 1
+        self._counted_off = True
+        return Plan(False, 0, use_candidates=False)
 
     def _forced_off(self) -> bool:
         start = self.cfg.force_off_from
