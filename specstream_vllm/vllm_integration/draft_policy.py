@@ -670,27 +670,29 @@ class DraftPolicy:
     def _refresh_anchor(self, reqs: int) -> Plan:
         self._anchor_asked[reqs] = self.stats.steps
         self.stats.anchor_refreshes += 1
-        self.stats.steps_without_speculation += 1
-        self._counted_off = True
-        return Plan(False, 0, use_candidates=False)
+        return self._off_step(use_candidates=False)
 
     def _forced_off(self) -> bool:
         start = self.cfg.force_off_from
         return start < self.stats.steps <= start + self.cfg.force_off_steps
 
     def _skip(self) -> Plan:
-        self._counted_off = True
         self._skipped += 1
         if not self._forced_off() and self._skipped >= self._backoff:
             self._skipped = 0
             self._backoff = min(2 * self._backoff, self.cfg.probe_max)
             self.stats.probes += 1
             self._probing = True
-            self._counted_off = False
             return Plan(True, self.cfg.gamma, probe=True)
         self.stats.skipped_passes += 1
+        return self._off_step()
+
+    def _off_step(self, use_candidates: bool = True) -> Plan:
+        """No pass this step, counted as a step without speculation (unless another
+        source drafts after all: see :meth:`_count`)."""
+        self._counted_off = True
         self.stats.steps_without_speculation += 1
-        return Plan(False, 0)
+        return Plan(False, 0, use_candidates=use_candidates)
 
     def _depth(self) -> int:
         g = self.cfg.gamma
