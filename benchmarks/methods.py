@@ -16,6 +16,9 @@ ALL_METHODS = ("baseline", "baseline-sync", "ngram", "suffix", "medusa", "specst
 #: ``specstream`` uses the plugin's default
 SPECSTREAM_MATCH = {"specstream-streams": "none", "specstream-suffix": "suffix",
                     "specstream-ngram": "ngram"}
+#: ablations: "<specstream method>+<name>" runs that method with these engine environment
+#: variables (``benchmarks.paired`` only), e.g. "specstream+noguard"
+ABLATIONS = {"noguard": {"SPECSTREAM_POLICY_REALIZED_GUARD": "0"}}
 
 
 @dataclass
@@ -30,6 +33,8 @@ class Method:
     #: extra ``vllm.LLM`` arguments (``benchmarks.paired`` only): "baseline-sync" is the
     #: baseline with async scheduling off, as vLLM 0.32 runs every specstream engine
     engine_args: dict[str, Any] = field(default_factory=dict)
+    #: extra environment of the engine process (``benchmarks.paired`` only): see ABLATIONS
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def keeps_request_state(self) -> bool:
@@ -46,6 +51,7 @@ class Method:
         return {"name": self.name, "speculative_config": self.speculative_config,
                 "weights_dir": self.weights_dir, "skip_reason": self.skip_reason,
                 "extra_params": self.extra_params, "engine_args": self.engine_args,
+                "env": self.env,
                 "fresh_engine_per_level": self.keeps_request_state}
 
 
@@ -86,6 +92,16 @@ def build_methods(names: list[str], medusa: str | None = None, streams: str | No
     the same method on the ``alt_streams`` checkpoint: two checkpoints in one run."""
     out: list[Method] = []
     for name in names:
+        base, plus, ablation = name.partition("+")
+        if plus:
+            if ablation not in ABLATIONS or not base.startswith("specstream"):
+                raise ValueError(f"unknown ablation {name!r}: use <specstream method>+"
+                                 f"{{{','.join(ABLATIONS)}}}")
+            m = build_methods([base], medusa, streams, specstream_k, medusa_k, suffix_k,
+                              alt_streams)[0]
+            m.name, m.env = name, dict(ABLATIONS[ablation])
+            out.append(m)
+            continue
         if name.startswith("specstream") and name.endswith("-alt"):
             m = build_methods([name[:-len("-alt")]], streams=alt_streams,
                               specstream_k=specstream_k)[0]

@@ -83,7 +83,7 @@ def child(job_path: str) -> None:
 
 class Engine:
     def __init__(self, name: str, spec: dict | None, args, folder: Path,
-                 engine_args: dict | None = None):
+                 engine_args: dict | None = None, extra_env: dict | None = None):
         self.name, self.dir = name, folder / name
         self.dir.mkdir(parents=True, exist_ok=True)
         for f in self.dir.glob("*.json"):
@@ -96,7 +96,7 @@ class Engine:
                "out_dir": str(self.dir)}
         (self.dir / "job.json").write_text(json.dumps(job))
         env = dict(engine_env(args.kv_cache_gib),
-                   SPECSTREAM_POLICY_DUMP=str(self.dir / "policy.json"))
+                   SPECSTREAM_POLICY_DUMP=str(self.dir / "policy.json"), **(extra_env or {}))
         self.log = (self.dir / "engine.log").open("w")
         self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.paired", "--child",
                                       str(self.dir / "job.json")], stdin=subprocess.PIPE,
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     load = []
     try:
         for m in methods:  # one at a time: concurrent compilation on 2 busy cores times out
-            e = Engine(m.name, m.speculative_config, args, folder, m.engine_args)
+            e = Engine(m.name, m.speculative_config, args, folder, m.engine_args, m.env)
             engines.append(e)
             e.wait_ready(args.timeout)
             print(f"[paired] {e.name}: ready", flush=True)

@@ -98,9 +98,9 @@ def run_mode(mode: str, methods: list[Method], base_job: dict[str, Any], args: a
     """Run every runnable method ``args.repeats`` times (online: ``--online-repeats`` if
     given) in rotated order, appending to ``runs``."""
     runnable = [m for m in methods if not m.skip_reason]
-    if any(m.engine_args for m in runnable):
-        raise SystemExit(f"{[m.name for m in runnable if m.engine_args]}: only benchmarks.paired "
-                         "runs methods with extra engine arguments")
+    if any(m.engine_args or m.env for m in runnable):
+        raise SystemExit(f"{[m.name for m in runnable if m.engine_args or m.env]}: only "
+                         "benchmarks.paired runs methods with extra engine arguments or ablations")
     repeats = args.online_repeats if mode == "online" and args.online_repeats else args.repeats
     for r in range(repeats):
         for m in rotated(runnable, r):

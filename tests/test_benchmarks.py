@@ -177,6 +177,12 @@ def test_methods_and_rotation(tmp_path: Path) -> None:
     assert two["specstream-streams-alt"].speculative_config["match"] == "none"
     assert two["specstream"].speculative_config["model"] == str(tmp_path)
     assert "--alt-streams" in build_methods(["specstream-alt"], streams=str(tmp_path))[0].skip_reason
+    ablated = build_methods(["specstream-streams-alt+noguard"], streams=str(tmp_path),
+                            alt_streams=str(alt))[0]
+    assert ablated.speculative_config == two["specstream-streams-alt"].speculative_config
+    assert ablated.env == {"SPECSTREAM_POLICY_REALIZED_GUARD": "0"} and not two["specstream"].env
+    with pytest.raises(ValueError, match="ablation"):
+        build_methods(["specstream+nope"], streams=str(tmp_path))
     assert rotated([1, 2, 3], 1) == [2, 3, 1] and rotated([1, 2, 3], 3) == [1, 2, 3]
 
 

@@ -383,3 +383,45 @@ def test_a_stale_no_draft_step_time_is_measured_again():
     assert 1 <= p.stats.anchor_refreshes <= 4
     assert p.cells.get(1, 1) == pytest.approx(0.040, rel=0.1)
     assert sum(x > 0 for x in drafted[-100:]) <= 5, drafted[-100:]    # off once it is known
+
+
+def test_realized_guard_margin_follows_what_drafting_steps_bought():
+    from specstream_vllm.vllm_integration.realized_guard import RealizedGuard
+    g = RealizedGuard()
+    for _ in range(12):     # batch 16: drafting steps 15% slower than steps without drafts
+        g.observe(16, produced=18, seconds=0.100, base_seconds=0.082)
+    assert g.margin(16) > 0.2 and g.margin(20) == g.margin(16)     # same bucket (16-31)
+    assert g.margin(4) == 0.0                                      # another bucket: untouched
+    for _ in range(40):     # then they pay (1.3x): the margin goes back to 0
+        g.observe(16, produced=26, seconds=0.100, base_seconds=0.082)
+    assert g.margin(16) == 0.0
+
+
+def test_drafts_stop_where_drafting_steps_were_slower_and_go_on_elsewhere():
+    """The cost model says drafts pay at batch 16 and batch 1; the steps that drafted at batch
+    16 were slower than those without (the model was wrong there): batch 16 stops drafting,
+    batch 1 does not."""
+    p = DraftPolicy(PolicyConfig(gamma=4))
+    feed_costs(p, per_step=0.030, per_token=0.001, reqs=16)
+    feed_costs(p, per_step=0.030, per_token=0.001, reqs=1)
+    probs16 = torch.full((16, 4), 0.9)
+    probs1 = torch.full((1, 4), 0.9)
+    assert int(p.choose(probs16).sum()) > 0 and int(p.choose(probs1).sum()) > 0
+    base16 = p.cells.get(16, 16)
+    for _ in range(30):
+        p.observe_outcome(16, produced=20, seconds=base16 * 1.5)
+    assert int(p.choose(probs16).sum()) == 0
+    assert int(p.choose(probs1).sum()) > 0
+    assert p.summary()["realized"][-1]["margin"] > 0
+    off = DraftPolicy(PolicyConfig(gamma=4, realized_guard=False))   # the switch
+    feed_costs(off, per_step=0.030, per_token=0.001, reqs=16)
+    for _ in range(30):
+        off.observe_outcome(16, produced=20, seconds=off.cells.get(16, 16) * 1.5)
+    assert int(off.choose(probs16).sum()) > 0
+
+
+def test_realized_guard_is_on_unless_the_ablation_switch_says_otherwise(monkeypatch):
+    from specstream_vllm.vllm_integration.config import resolve_policy
+    assert resolve_policy({}).realized_guard is True
+    monkeypatch.setenv("SPECSTREAM_POLICY_REALIZED_GUARD", "0")
+    assert resolve_policy({}).realized_guard is False

@@ -163,13 +163,16 @@ class DraftPolicySettings(BaseModel):
     per second from the calibrated stream probabilities and the measured step costs,
     zero when nothing pays. ``fixed``: every stream, cut at ``min_draft_prob``; the default
     when ``SPECSTREAM_MIN_DRAFT_PROB`` is set and no policy is named.
-    ``cost_scale`` / ``force_off_steps`` are test knobs (environment only)."""
+    ``cost_scale`` / ``force_off_steps`` / ``realized_guard`` are test knobs (environment
+    only; ``SPECSTREAM_POLICY_REALIZED_GUARD=0`` is the ablation of
+    vllm_integration/realized_guard.py)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     mode: Literal["auto", "fixed"] = "auto"
     cost_scale: float = Field(1.0, gt=0.0)
     force_off_steps: int = Field(0, ge=0)
     force_off_from: int = Field(0, ge=0)
+    realized_guard: bool = True
     match: MatchSettings = MatchSettings(source="none")
 
 
@@ -227,6 +230,8 @@ def resolve_policy(extra: dict | None, match: MatchSettings | None = None) -> Dr
         *start, count = os.environ["SPECSTREAM_POLICY_FORCE_OFF_STEPS"].split(":")
         values["force_off_steps"] = int(count)
         values["force_off_from"] = int(start[0]) if start else 0
+    if os.environ.get("SPECSTREAM_POLICY_REALIZED_GUARD"):
+        values["realized_guard"] = os.environ["SPECSTREAM_POLICY_REALIZED_GUARD"] not in ("0", "false")
     try:
         return DraftPolicySettings(**values)
     except ValidationError as exc:

@@ -54,6 +54,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .realized_guard import RealizedGuard
+
 MODES = ("auto", "fixed")
 
 
@@ -81,6 +83,7 @@ class PolicyConfig:
     full_depth_every: int = 16              # a pass over all streams this often (their stats)
     recheck_every: int = 4                  # an "off" plan is re-solved at most every 4 steps
     refresh_every: int = 64                 # re-measure a batch size's no-draft step this often
+    realized_guard: bool = True             # raise the bar where drafting steps were slower
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -408,6 +411,7 @@ class DraftPolicy:
         self._tau_memo: tuple[tuple[int, int], float] | None = None   # see _threshold
         self._curve_memo: tuple[tuple, torch.Tensor] | None = None      # see _cost_curve
         self._match_paid_at: dict[int, int] = {}     # batch size -> last step a match could pay
+        self.guard = RealizedGuard()
 
     # ---------------------------------------------------------------- observations
     def observe_step(self, num_tokens: int, num_draft_tokens: int, seconds: float,
@@ -425,6 +429,14 @@ class DraftPolicy:
         if draft_stream_tokens > 0 and draft_seconds > 0:
             n = max(draft_passes, 1)
             self.draft.add([1.0, draft_stream_tokens / n], draft_seconds / n)
+
+    def observe_outcome(self, reqs: int, produced: int, seconds: float) -> None:
+        """A finished step that verified drafts: ``produced`` tokens emitted for ``reqs``
+        requests in ``seconds`` of wall time (all of it). Checked against this batch
+        size's step without drafts (:class:`RealizedGuard`)."""
+        base = self.cells.get(reqs, reqs)
+        if self.cfg.realized_guard and base is not None:
+            self.guard.observe(reqs, produced, seconds, base)
 
     def observe_acceptance(self, probs: torch.Tensor, drafted: torch.Tensor,
                            accepted: torch.Tensor, source: str = STREAMS) -> None:
@@ -573,7 +585,10 @@ class DraftPolicy:
         already paid). m = 0 unless the best beats it by
         ``min_gain``: before the pass the loss is asymmetric (a wrong "on" makes the server
         slower, a wrong "off" only forgoes a gain) and step times on a busy machine are
-        noisy; after it (pass paid) a small margin only absorbs the noise."""
+        noisy; after it (pass paid) a small margin only absorbs the noise. Where this batch
+        size's drafting steps were slower than its steps without drafts, the bar is higher
+        (:class:`RealizedGuard`)."""
+        min_gain += self.guard.margin(reqs)
         n = gains_sorted.numel()
         tokens = reqs + torch.cat([torch.zeros(1, dtype=torch.float64), gains_sorted.cumsum(0)])
         rate = tokens / (self._cost_curve(reqs, n) + draft_costs)
@@ -870,6 +885,7 @@ class DraftPolicy:
                 "draft_cost_s": {"per_pass": d[0], "per_stream_token": d[1]} if d else None,
                 "verify_cells": self.cells.table(),
                 "profile": [None if math.isnan(x) else x for x in self.profile.tolist()],
+                "realized": self.guard.table(),
                 "calibration": self.calib.per_position(),
                 "calibration_table": self.calib.table(),
                 "calibration_sources": {name: {"per_position": c.per_position(), "table": c.table()}

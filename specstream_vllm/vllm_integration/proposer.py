@@ -70,6 +70,7 @@ class SpecStreamProposer:
                                 self.num_speculative_tokens)
         # req_id -> (source, raw probabilities / confidences of the drafts it proposed last step)
         self._pending: dict[str, tuple[str, list[float]]] = {}
+        self._last_output: tuple[int, int, int] | None = None   # (requests, tokens, drafts)
         # per source: [drafts taken, draft tokens, accepted tokens] (worker-side view)
         self.source_counts: dict[str, list[int]] = {STREAMS: [0, 0, 0]}
         if self.match is not None:
@@ -99,7 +100,8 @@ class SpecStreamProposer:
             min_draft_prob=self.min_draft_prob, sequential=st.chain,
             draft_layer_fraction=st.num_stream_layers / max(st.num_layers, 1),
             cost_scale=ps.get("cost_scale", 1.0), force_off_steps=ps.get("force_off_steps", 0),
-            force_off_from=ps.get("force_off_from", 0)))
+            force_off_from=ps.get("force_off_from", 0),
+            realized_guard=ps.get("realized_guard", True)))
         logger.info("specstream: draft policy %s (gamma %d), match source %s (up to %d tokens)",
                     self.policy.cfg.mode, self.num_streams,
                     self.match.name if self.match else "none", self.match_tokens)
@@ -233,9 +235,15 @@ class SpecStreamProposer:
         """Feed the policy last step's cost and its drafts' fate."""
         clock = compat.step_clock(self.runner)
         rec = clock.take_finished() if clock is not None else None
+        # the clock's record is the step before this output's: pair it with that step's output
+        prev, self._last_output = self._last_output, (
+            num_reqs, int(n_sampled[:num_reqs].sum()), int(n_draft[:num_reqs].sum()))
         if rec is not None:
             self.policy.observe_step(rec.num_tokens, rec.num_draft_tokens, rec.period,
                                      rec.draft_seconds, rec.draft_stream_tokens, rec.draft_passes)
+            if prev is not None and prev[2] > 0 and (rec.num_reqs, rec.num_draft_tokens) == (
+                    prev[0], prev[2]):
+                self.policy.observe_outcome(prev[0], prev[1], rec.period)
         if not self._pending:
             return
         pending, self._pending = self._pending, {}

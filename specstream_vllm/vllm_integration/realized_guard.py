@@ -1,0 +1,56 @@
+"""What drafting really bought, per batch size, and the extra predicted gain the draft
+policy asks of a draft where it bought less than nothing.
+
+The policy predicts each step's speed-up from calibrated acceptance and measured step
+costs; both are estimates, and at batch 16 on a 2-core CPU they were wrong in the costly
+direction: suffix drafts taken on a quarter of the steps, each predicted to pay, made the
+run 13% slower (a verified token there costs nearly what a generated one does, and cells
+measured once or twice priced it low). So every step that verified drafts is checked
+against the same batch size's step without drafts:
+
+    realized = (tokens produced / step seconds) / (requests / no-draft step seconds)
+
+with the step's whole wall time (verification, the next draft pass, lookups). Per batch
+size bucket (1, 2-3, 4-7, ...), a running mean of that ratio drives an integral
+controller: below ``target`` the bucket's margin grows, above it the margin shrinks to 0;
+the policy adds the margin to the gain a plan must predict (``DraftPolicy._best``). A bad
+estimate therefore costs a few steps, not the run; where drafts pay, the margin stays 0
+and nothing changes."""
+from __future__ import annotations
+
+
+def bucket(reqs: int) -> int:
+    """1, 2-3, 4-7, 8-15, ...: neighbouring batch sizes share what they learnt (a draining
+    batch visits each size for a few steps only)."""
+    return max(int(reqs), 1).bit_length()
+
+
+class RealizedGuard:
+    def __init__(self, target: float = 1.02, decay: float = 0.8, rate: float = 0.5,
+                 max_margin: float = 1.0, min_samples: int = 4):
+        self.target, self.decay, self.rate = target, decay, rate
+        self.max_margin, self.min_samples = max_margin, min_samples
+        # bucket -> [weight, weighted sum of ratios, steps seen, margin]
+        self._b: dict[int, list[float]] = {}
+
+    def observe(self, reqs: int, produced: int, seconds: float, base_seconds: float) -> None:
+        """A step that verified drafts: ``produced`` tokens for ``reqs`` requests in
+        ``seconds``; ``base_seconds``: the measured step of this batch size without drafts."""
+        if reqs <= 0 or seconds <= 0 or base_seconds <= 0:
+            return
+        ratio = (produced / seconds) / (reqs / base_seconds)
+        ratio = min(max(ratio, 0.25), 4.0)      # one stalled step must not decide a bucket
+        s = self._b.setdefault(bucket(reqs), [0.0, 0.0, 0, 0.0])
+        s[0] = s[0] * self.decay + 1.0
+        s[1] = s[1] * self.decay + ratio
+        s[2] += 1
+        if s[2] >= self.min_samples:
+            s[3] = min(max(s[3] + self.rate * (self.target - s[1] / s[0]), 0.0), self.max_margin)
+
+    def margin(self, reqs: int) -> float:
+        s = self._b.get(bucket(reqs))
+        return s[3] if s is not None else 0.0
+
+    def table(self) -> list[dict]:
+        return [{"requests": f"{1 << (b - 1)}-{(1 << b) - 1}", "steps": int(s[2]),
+                 "realized": s[1] / s[0], "margin": s[3]} for b, s in sorted(self._b.items())]
