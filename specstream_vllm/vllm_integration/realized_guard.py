@@ -30,7 +30,7 @@ class RealizedGuard:
                  max_margin: float = 1.0, min_samples: int = 4):
         self.target, self.decay, self.rate = target, decay, rate
         self.max_margin, self.min_samples = max_margin, min_samples
-        # bucket -> [weight, weighted sum of ratios, steps seen, margin]
+        # bucket -> [time weight, time-weighted sum of ratios, steps seen, margin]
         self._b: dict[int, list[float]] = {}
 
     def observe(self, reqs: int, produced: int, seconds: float, base_seconds: float) -> None:
@@ -41,8 +41,10 @@ class RealizedGuard:
         ratio = (produced / seconds) / (reqs / base_seconds)
         ratio = min(max(ratio, 0.25), 4.0)      # one stalled step must not decide a bucket
         s = self._b.setdefault(bucket(reqs), [0.0, 0.0, 0, 0.0])
-        s[0] = s[0] * self.decay + 1.0
-        s[1] = s[1] * self.decay + ratio
+        # weighted by the step's time: the mean is the ratio of throughputs, not of steps
+        w = seconds / base_seconds
+        s[0] = s[0] * self.decay + w
+        s[1] = s[1] * self.decay + w * ratio
         s[2] += 1
         if s[2] >= self.min_samples:
             s[3] = min(max(s[3] + self.rate * (self.target - s[1] / s[0]), 0.0), self.max_margin)
