@@ -96,6 +96,7 @@ def test_off_regime_skips_the_pass_and_probes_with_backoff():
     plans = [p.plan(16) for _ in range(60)]
     runs = [i for i, pl in enumerate(plans) if pl.run_pass]
     assert all(plans[i].probe for i in runs)
+    assert all(plans[i].rows == 4 for i in runs)      # a probe's pass: a few requests only
     assert 2 <= len(runs) <= 8                         # 4, 8, 16, 16, ... skipped steps apart
     assert p.stats.skipped_passes >= 50
 

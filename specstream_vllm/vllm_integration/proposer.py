@@ -168,7 +168,9 @@ class SpecStreamProposer:
         plan = self.policy.plan(R, cand_chain)
         if not plan.use_candidates:
             cands = None        # none can pay this step: the streams-only decision
-        run, depth = compat.tp_agree([int(plan.run_pass), min(plan.depth, g)])
+        run, depth, limit = compat.tp_agree([int(plan.run_pass), min(plan.depth, g), plan.rows])
+        if run and 0 < limit < len(rows):      # a probe: a few requests suffice
+            active, rows, cands, matches = active[:limit], rows[:limit], None, None
         ids = prob = None
         next_ids = anchor_pos = None
         if run and depth > 0:
@@ -181,7 +183,7 @@ class SpecStreamProposer:
             ids, prob, anchor_pos, next_ids = res
             if clock is not None and clock.current is not None:
                 clock.current.draft_seconds = time.perf_counter() - t0
-                clock.current.draft_stream_tokens = R * ids.shape[1]
+                clock.current.draft_stream_tokens = len(rows) * ids.shape[1]
                 clock.current.draft_passes = ids.shape[1] if self.model.stream_settings.chain else 1
         elif cands is None:
             self._trace(R, 0, [])
