@@ -203,10 +203,12 @@ def main(argv: list[str] | None = None) -> int:
             convs = convs_of[workload]
             cursor = sum(rounds_at.get(x, args.rounds) * max(args.per_level, x)
                          for x in args.batch_sizes[:args.batch_sizes.index(b)])
-            level = {"workload": workload, "batch_size": b, "rounds": []}
+            level = {"workload": workload, "batch_size": b, "rounds": [], "repeated": []}
             for r in range(rounds_at.get(b, args.rounds)):
                 n = max(args.per_level, b)
                 chunk = [convs[(cursor + i) % len(convs)] for i in range(n)]
+                # prompts an engine has answered before: suffix caches remember the answers
+                level["repeated"].append(sum(cursor + i >= len(convs) for i in range(n)))
                 cursor += n
                 order = engines[r % len(engines):] + engines[:r % len(engines)]
                 rnd = {}
@@ -294,6 +296,11 @@ def render(results: dict) -> str:
                     f"{'-' if share is None else f'{100 * share:.0f}%'} | "
                     f"{'-' if share is None else format(s['draft_tokens_per_step'], '.2f')} |")
         out.append("\n".join(x for x in rows if x))
+        seen = [f"batch {lv['batch_size']} round {r}: {k}" for lv in results["levels"]
+                if lv.get("workload", "-") == w for r, k in enumerate(lv.get("repeated", [])) if k]
+        if seen:
+            out.append(f"{w}: prompts answered earlier in this run (the workload ran out; suffix "
+                       f"caches remember their answers, so these rounds favour them): " + ", ".join(seen))
     m = results["meta"]
     mach = m.get("machine") or {}
     out.append(f"machine: {mach.get('cpu_model', '?')}, {mach.get('logical_cores', '?')} logical cores, "

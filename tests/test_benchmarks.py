@@ -278,3 +278,20 @@ def test_stream_sweep_variants_and_table() -> None:
            "mtbench": {"mal": 1.31, "per_position": [0.28, 0.03]}}
     md = to_markdown([row], 12)
     assert "| deep | num_stream_layers=8 | 785,000 | 90 | 330,000 | 1.310 | 0.28 / 0.03 |" in md
+
+
+def test_paired_report_flags_rounds_whose_prompts_were_answered_before() -> None:
+    from benchmarks.paired import render
+    spec = {"num_drafts": 0, "num_draft_tokens": 0, "num_accepted_tokens": 0}
+    rnd = {"baseline": {"tok_s": 10.0, "tokens": 20, "token_ids": [[1, 2]], "spec": spec},
+           "specstream": {"tok_s": 12.0, "tokens": 20, "token_ids": [[1, 2]], "spec": spec}}
+    results = {"meta": {"dtype": "float32", "machine": {}},
+               "levels": [{"workload": "mtbench", "batch_size": 1, "rounds": [rnd, rnd],
+                           "repeated": [0, 0]},
+                          {"workload": "mtbench", "batch_size": 16, "rounds": [rnd, rnd],
+                           "repeated": [0, 16]}]}
+    md = render(results)
+    assert "| specstream | 16 |" in md and "1.20x" in md
+    assert "batch 16 round 1: 16" in md and "batch 1 round" not in md
+    results["levels"][1]["repeated"] = [0, 0]
+    assert "answered earlier" not in render(results)
