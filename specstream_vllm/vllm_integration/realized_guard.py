@@ -2,10 +2,9 @@
 policy asks of a draft where it bought less than nothing.
 
 The policy predicts each step's speed-up from calibrated acceptance and measured step
-costs; both are estimates, and at batch 16 on a 2-core CPU they were wrong in the costly
-direction: suffix drafts taken on a quarter of the steps, each predicted to pay, made the
-run 13% slower (a verified token there costs nearly what a generated one does, and cells
-measured once or twice priced it low). So every step that verified drafts is checked
+costs; both are estimates, and when they are wrong in the costly direction (a draft-cost
+cell measured once or twice on a busy machine, a source whose confidence drifts) the server
+is slower for as long as the estimate stays wrong. So every step that verified drafts is checked
 against the same batch size's step without drafts:
 
     realized = (tokens produced / step seconds) / (requests / no-draft step seconds)
@@ -15,7 +14,8 @@ size bucket (1, 2-3, 4-7, ...), a running mean of that ratio drives an integral
 controller: below ``target`` the bucket's margin grows, above it the margin shrinks to 0;
 the policy adds the margin to the gain a plan must predict (``DraftPolicy._best``). A bad
 estimate therefore costs a few steps, not the run; where drafts pay, the margin stays 0
-and nothing changes."""
+and nothing changes (SmolLM2 on one EPYC core: drafting steps realized 1.01x at batch
+16-31 and 1.2-1.9x below, so the margin stayed at or near 0 there)."""
 from __future__ import annotations
 
 
