@@ -391,6 +391,7 @@ class StepRecord:
     draft_seconds: float = 0.0
     draft_stream_tokens: int = 0
     draft_passes: int = 1              # chain streams: one pass per stream
+    produced: int = 0                  # tokens the step emitted (set when its output arrives)
 
 
 class StepClock:

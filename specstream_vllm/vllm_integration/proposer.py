@@ -70,7 +70,6 @@ class SpecStreamProposer:
                                 self.num_speculative_tokens)
         # req_id -> (source, raw probabilities / confidences of the drafts it proposed last step)
         self._pending: dict[str, tuple[str, list[float]]] = {}
-        self._last_output: tuple[int, int, int] | None = None   # (requests, tokens, drafts)
         # per source: [drafts taken, draft tokens, accepted tokens] (worker-side view)
         self.source_counts: dict[str, list[int]] = {STREAMS: [0, 0, 0]}
         if self.match is not None:
@@ -237,15 +236,13 @@ class SpecStreamProposer:
         """Feed the policy last step's cost and its drafts' fate."""
         clock = compat.step_clock(self.runner)
         rec = clock.take_finished() if clock is not None else None
-        # the clock's record is the step before this output's: pair it with that step's output
-        prev, self._last_output = self._last_output, (
-            num_reqs, int(n_sampled[:num_reqs].sum()), int(n_draft[:num_reqs].sum()))
+        if clock is not None and clock.current is not None:   # this output is the current step's
+            clock.current.produced = int(n_sampled[:num_reqs].sum())
         if rec is not None:
             self.policy.observe_step(rec.num_tokens, rec.num_draft_tokens, rec.period,
                                      rec.draft_seconds, rec.draft_stream_tokens, rec.draft_passes)
-            if prev is not None and prev[2] > 0 and (rec.num_reqs, rec.num_draft_tokens) == (
-                    prev[0], prev[2]):
-                self.policy.observe_outcome(prev[0], prev[1], rec.period)
+            if rec.num_draft_tokens > 0 and rec.produced > 0:
+                self.policy.observe_outcome(rec.num_reqs, rec.produced, rec.period)
         if not self._pending:
             return
         pending, self._pending = self._pending, {}
