@@ -18,7 +18,8 @@ SPECSTREAM_MATCH = {"specstream-streams": "none", "specstream-suffix": "suffix",
                     "specstream-ngram": "ngram"}
 #: ablations: "<specstream method>+<name>" runs that method with these engine environment
 #: variables (``benchmarks.paired`` only), e.g. "specstream+noguard"
-ABLATIONS = {"noguard": {"SPECSTREAM_POLICY_REALIZED_GUARD": "0"}}
+ABLATIONS = {"noguard": {"SPECSTREAM_POLICY_REALIZED_GUARD": "0"},
+             "nobudget": {"SPECSTREAM_POLICY_MATCH_BUDGET": "0"}}
 
 
 @dataclass

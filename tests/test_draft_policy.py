@@ -426,3 +426,6 @@ def test_realized_guard_is_on_unless_the_ablation_switch_says_otherwise(monkeypa
     assert resolve_policy({}).realized_guard is True
     monkeypatch.setenv("SPECSTREAM_POLICY_REALIZED_GUARD", "0")
     assert resolve_policy({}).realized_guard is False
+    assert resolve_policy({}).match_budget is True           # match_budget.py: its own switch
+    monkeypatch.setenv("SPECSTREAM_POLICY_MATCH_BUDGET", "0")
+    assert resolve_policy({}).match_budget is False

@@ -218,6 +218,45 @@ def test_matches_looked_up_every_step_only_where_they_can_pay():
     assert all(p.match_due(16) for _ in range(3))
 
 
+def test_lookups_pause_where_they_cost_more_than_their_drafts_saved():
+    """Batch 16: every lookup finds a match that looks worth drafting, but each lookup costs
+    1.2 ms and the steps that drafted its matches emitted no more tokens than a step
+    without drafts, in more time (the match path as measured on MT-Bench at batch 16).
+    Lookups pause, a probe now and then; batch 1, where match drafts saved time, keeps
+    looking; once a probe's drafts pay, lookups are back every step."""
+    p = batch16_policy()
+    strong = cands([[0.99] * 4] + [[]] * 15)
+
+    def run(steps: int, produced: int) -> list[bool]:
+        due = []
+        for _ in range(steps):
+            due.append(p.match_due(16))
+            if due[-1]:
+                p.observe_lookup(16, 0.0012)
+            p.plan(16, p.expected(strong) if due[-1] else None)
+            if due[-1]:
+                p.observe_outcome(16, produced, 0.075, matched=True)     # base step: 70 ms
+        return due
+
+    lossy = run(200, 16)
+    assert all(lossy[:20])
+    assert 1 <= sum(lossy[-100:]) <= 4, lossy[-100:]
+    assert p.summary()["match_budget"][-1]["paused_for"] > 0
+    for _ in range(30):     # batch 1: 0.3 ms lookups, match drafts worth 2 tokens a step
+        p.observe_lookup(1, 0.0003)
+        p.observe_outcome(1, 3, 0.030, matched=True)
+    assert p.budget.due(1, p.stats.steps)
+    paying = run(300, 40)
+    assert all(paying[-50:])
+    off = batch16_policy()                                  # the ablation switch
+    off.cfg.match_budget = False
+    for _ in range(100):
+        off.observe_lookup(16, 0.0012)
+        off.observe_outcome(16, 16, 0.075, matched=True)
+        off.plan(16, off.expected(strong))
+    assert off.match_due(16)
+
+
 def test_only_existing_match_tokens_are_drafted_on_a_non_monotonic_cost_curve():
     """A CPU where verifying more tokens is faster (oneDNN's slow path for 1-2 rows): the
     best count is past what exists. A request without a match must not be given drafts

@@ -392,6 +392,7 @@ class StepRecord:
     draft_stream_tokens: int = 0
     draft_passes: int = 1              # chain streams: one pass per stream
     produced: int = 0                  # tokens the step emitted (set when its output arrives)
+    matched: bool = False              # some of its drafts came from the match source
 
 
 class StepClock:

@@ -163,9 +163,10 @@ class DraftPolicySettings(BaseModel):
     per second from the calibrated stream probabilities and the measured step costs,
     zero when nothing pays. ``fixed``: every stream, cut at ``min_draft_prob``; the default
     when ``SPECSTREAM_MIN_DRAFT_PROB`` is set and no policy is named.
-    ``cost_scale`` / ``force_off_steps`` / ``realized_guard`` are test knobs (environment
-    only; ``SPECSTREAM_POLICY_REALIZED_GUARD=0`` is the ablation of
-    vllm_integration/realized_guard.py)."""
+    ``cost_scale`` / ``force_off_steps`` / ``realized_guard`` / ``match_budget`` are test
+    knobs (environment only; ``SPECSTREAM_POLICY_REALIZED_GUARD=0`` and
+    ``SPECSTREAM_POLICY_MATCH_BUDGET=0`` are the ablations of
+    vllm_integration/realized_guard.py and match_budget.py)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     mode: Literal["auto", "fixed"] = "auto"
@@ -173,6 +174,7 @@ class DraftPolicySettings(BaseModel):
     force_off_steps: int = Field(0, ge=0)
     force_off_from: int = Field(0, ge=0)
     realized_guard: bool = True
+    match_budget: bool = True
     match: MatchSettings = MatchSettings(source="none")
 
 
@@ -232,6 +234,8 @@ def resolve_policy(extra: dict | None, match: MatchSettings | None = None) -> Dr
         values["force_off_from"] = int(start[0]) if start else 0
     if os.environ.get("SPECSTREAM_POLICY_REALIZED_GUARD"):
         values["realized_guard"] = os.environ["SPECSTREAM_POLICY_REALIZED_GUARD"] not in ("0", "false")
+    if os.environ.get("SPECSTREAM_POLICY_MATCH_BUDGET"):
+        values["match_budget"] = os.environ["SPECSTREAM_POLICY_MATCH_BUDGET"] not in ("0", "false")
     try:
         return DraftPolicySettings(**values)
     except ValidationError as exc:

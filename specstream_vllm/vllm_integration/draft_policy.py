@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .match_budget import MatchBudget
 from .realized_guard import RealizedGuard
 
 MODES = ("auto", "fixed")
@@ -85,6 +86,7 @@ class PolicyConfig:
     recheck_every: int = 4                  # an "off" plan is re-solved at most every 4 steps
     refresh_every: int = 64                 # re-measure a batch size's no-draft step this often
     realized_guard: bool = True             # raise the bar where drafting steps were slower
+    match_budget: bool = True               # pause lookups where they cost more than they save
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -417,6 +419,7 @@ class DraftPolicy:
         self._curve_memo: tuple[tuple, torch.Tensor] | None = None      # see _cost_curve
         self._match_paid_at: dict[int, int] = {}     # batch size -> last step a match could pay
         self.guard = RealizedGuard()
+        self.budget = MatchBudget()
 
     # ---------------------------------------------------------------- observations
     def observe_step(self, num_tokens: int, num_draft_tokens: int, seconds: float,
@@ -435,13 +438,23 @@ class DraftPolicy:
             n = max(draft_passes, 1)
             self.draft.add([1.0, draft_stream_tokens / n], draft_seconds / n)
 
-    def observe_outcome(self, reqs: int, produced: int, seconds: float) -> None:
+    def observe_outcome(self, reqs: int, produced: int, seconds: float,
+                        matched: bool = False) -> None:
         """A finished step that verified drafts: ``produced`` tokens emitted for ``reqs``
         requests in ``seconds`` of wall time (all of it). Checked against this batch
-        size's step without drafts (:class:`RealizedGuard`)."""
+        size's step without drafts (:class:`RealizedGuard`); ``matched``: some of the drafts
+        came from the match source, whose lookups this step helps pay for (:class:`MatchBudget`)."""
         base = self.cells.get(reqs, reqs)
         if self.cfg.realized_guard and base is not None:
             self.guard.observe(reqs, produced, seconds, base)
+        if matched and self.cfg.match_budget and self._ready():
+            self.budget.saved(reqs, produced, seconds, float(self._cost_curve(reqs, 0)[0]),
+                              self.stats.steps)
+
+    def observe_lookup(self, reqs: int, seconds: float) -> None:
+        """The match source's lookup this step (feeding, lookup, calibration) took ``seconds``."""
+        if self.cfg.match_budget and self.cfg.mode == "auto" and self._ready():
+            self.budget.spent(reqs, seconds, self.stats.steps)
 
     def observe_acceptance(self, probs: torch.Tensor, drafted: torch.Tensor,
                            accepted: torch.Tensor, source: str = STREAMS) -> None:
@@ -639,11 +652,14 @@ class DraftPolicy:
         verification, and feeding the tree and looking up every request each step was a
         third of what speculation cost while it was off (~1 ms of a 70 ms step); the tree
         is fed in bulk when the lookup comes, and a repetitive stretch that does pay lasts
-        longer than a few steps."""
+        longer than a few steps. Where lookups have cost more than their drafts saved, they
+        pause (:class:`MatchBudget`)."""
         cfg = self.cfg
         if cfg.mode == "fixed" or not self._ready():
             return True
         step = self.stats.steps
+        if cfg.match_budget and not self.budget.due(num_reqs, step):
+            return False
         last = self._match_paid_at.get(num_reqs)
         return (last is not None and step - last <= 2 * cfg.recheck_every) \
             or step % cfg.recheck_every == 0
@@ -891,6 +907,7 @@ class DraftPolicy:
                 "verify_cells": self.cells.table(),
                 "profile": [None if math.isnan(x) else x for x in self.profile.tolist()],
                 "realized": self.guard.table(),
+                "match_budget": self.budget.table(),
                 "calibration": self.calib.per_position(),
                 "calibration_table": self.calib.table(),
                 "calibration_sources": {name: {"per_position": c.per_position(), "table": c.table()}

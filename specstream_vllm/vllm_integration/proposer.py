@@ -100,7 +100,8 @@ class SpecStreamProposer:
             draft_layer_fraction=st.num_stream_layers / max(st.num_layers, 1),
             cost_scale=ps.get("cost_scale", 1.0), force_off_steps=ps.get("force_off_steps", 0),
             force_off_from=ps.get("force_off_from", 0),
-            realized_guard=ps.get("realized_guard", True)))
+            realized_guard=ps.get("realized_guard", True),
+            match_budget=ps.get("match_budget", True)))
         logger.info("specstream: draft policy %s (gamma %d), match source %s (up to %d tokens)",
                     self.policy.cfg.mode, self.num_streams,
                     self.match.name if self.match else "none", self.match_tokens)
@@ -154,16 +155,16 @@ class SpecStreamProposer:
             return no_drafts
         rows = active.tolist()
         R = len(rows)
-        view = None
+        matches = cands = cand_chain = None
         if self.match is not None and self.policy.match_due(R):
+            t0 = time.perf_counter()
             view = compat.token_view(self.runner, num_reqs)
             self.match.sync(view)           # new tokens in (since the last lookup), departed out
-        matches = cands = cand_chain = None
-        if view is not None:
             matches = self.match.propose(view, rows, min(k, self.match_tokens))
             if any(m is not None for m in matches):
                 cands = self._candidates(matches)
                 cand_chain = cands.chain = self.policy.expected(cands)
+            self.policy.observe_lookup(R, time.perf_counter() - t0)
         plan = self.policy.plan(R, cand_chain)
         if not plan.use_candidates:
             cands = None        # none can pay this step: the streams-only decision
@@ -238,11 +239,13 @@ class SpecStreamProposer:
         rec = clock.take_finished() if clock is not None else None
         if clock is not None and clock.current is not None:   # this output is the current step's
             clock.current.produced = int(n_sampled[:num_reqs].sum())
+            # the drafts this step verified are the ones proposed last step
+            clock.current.matched = any(src != STREAMS for src, _ in self._pending.values())
         if rec is not None:
             self.policy.observe_step(rec.num_tokens, rec.num_draft_tokens, rec.period,
                                      rec.draft_seconds, rec.draft_stream_tokens, rec.draft_passes)
             if rec.num_draft_tokens > 0 and rec.produced > 0:
-                self.policy.observe_outcome(rec.num_reqs, rec.produced, rec.period)
+                self.policy.observe_outcome(rec.num_reqs, rec.produced, rec.period, rec.matched)
         if not self._pending:
             return
         pending, self._pending = self._pending, {}
