@@ -119,13 +119,18 @@ async def _scrape(session: aiohttp.ClientSession, base: str) -> SpecCounters:
 async def drive(base: str, conversations: list[list[dict[str, str]]], concurrencies: list[int],
                 max_tokens: int, request_timeout_s: float,
                 requests_per_level: int | None = None) -> list[dict[str, Any]]:
-    """Warm up with one unrelated request, then run each concurrency level over all prompts."""
+    """Run each concurrency level over its prompts, after a warm-up at that concurrency:
+    ``conc`` unrelated requests at once (WARMUP_CONVERSATIONS, up to 48 tokens each), so that
+    every server meets the level's shapes (compiled kernels, and a draft policy's step costs at
+    that batch size) before it is timed, whether it served lower levels before or not."""
     url = base + "/v1/chat/completions"
     timeout = aiohttp.ClientTimeout(total=request_timeout_s)
     async with aiohttp.ClientSession(timeout=timeout) as session:
-        await _one_request(session, url, WARMUP_CONVERSATIONS[0], min(16, max_tokens))
         levels = []
         for conc in concurrencies:
+            await asyncio.gather(*(
+                _one_request(session, url, WARMUP_CONVERSATIONS[i % len(WARMUP_CONVERSATIONS)],
+                             min(48, max_tokens)) for i in range(conc)))
             sem = asyncio.Semaphore(conc)
 
             async def bounded(msgs: list[dict[str, str]]) -> RequestResult:

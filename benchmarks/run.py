@@ -102,6 +102,9 @@ def run_mode(mode: str, methods: list[Method], base_job: dict[str, Any], args: a
         raise SystemExit(f"{[m.name for m in runnable if m.engine_args or m.env]}: only "
                          "benchmarks.paired runs methods with extra engine arguments or ablations")
     repeats = args.online_repeats if mode == "online" and args.online_repeats else args.repeats
+    # online, a method that keeps state across requests gets a server per level; then every
+    # method does, or the others would meet each level on a server warmed by the levels before
+    fresh_levels = any(m.keeps_request_state for m in runnable)
     for r in range(repeats):
         for m in rotated(runnable, r):
             job = {**base_job, "speculative_config": m.speculative_config}
@@ -110,7 +113,7 @@ def run_mode(mode: str, methods: list[Method], base_job: dict[str, Any], args: a
             if mode == "offline":
                 res = run_offline(job, folder / "logs", tag, args, m.keeps_request_state)
             else:
-                res = run_online(job, folder / "logs", tag, args, m.keeps_request_state)
+                res = run_online(job, folder / "logs", tag, args, fresh_levels)
             runs.append({"method": m.name, "repeat": r, **res})
             print(f"[bench] {tag}: {_one_line(res, mode)}", flush=True)
             save()
@@ -129,12 +132,13 @@ def run_offline(job: dict[str, Any], logs: Path, tag: str, args: argparse.Namesp
 
 
 def run_online(job: dict[str, Any], logs: Path, tag: str, args: argparse.Namespace,
-               keeps_request_state: bool) -> dict[str, Any]:
-    """One server for all concurrency levels, or one per level for a method that keeps state
-    across requests (it would otherwise see each prompt's answer again)."""
+               fresh_levels: bool) -> dict[str, Any]:
+    """One server for all concurrency levels, or one per level when a method of the run keeps
+    state across requests (it would otherwise see each prompt's answer again; the other
+    methods then get one per level too, so that no server is warmer than another)."""
     run = lambda j, t: online.run_method(j, logs, t, args.startup_timeout,  # noqa: E731
                                          args.request_timeout, args.kv_cache_gib, args.threads)
-    if not keeps_request_state or len(job["concurrencies"]) == 1:
+    if not fresh_levels or len(job["concurrencies"]) == 1:
         return run(job, tag)
     return _merge([run({**job, "concurrencies": [c]}, f"{tag}-c{c}") for c in job["concurrencies"]],
                   "levels")

@@ -264,6 +264,33 @@ def test_run_online_fresh_server_per_level_only_for_suffix(monkeypatch: pytest.M
     assert calls == [[1], [4], [16]] and [x["concurrency"] for x in res["levels"]] == [1, 4, 16]
 
 
+def test_online_every_method_gets_a_server_per_level_when_one_keeps_state(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A baseline server shared across levels met concurrency 16 warmed by levels 1 and 4,
+    the suffix-keeping method a fresh one (TTFT 2.3 s against 3.0 s): same conditions now."""
+    from benchmarks import methods, online, run
+
+    calls: list[tuple[str, list[int]]] = []
+
+    def fake(job: dict, logs: Path, tag: str, *rest: object) -> dict:
+        calls.append((tag, job["concurrencies"]))
+        return {"status": "ok", "engine_start_s": 1.0, "peak_rss_mib": 1.0, "max_load1": 1.0,
+                "wall_s": 1.0, "log": tag,
+                "levels": [{"concurrency": c, "tokens_per_s": 1.0} for c in job["concurrencies"]]}
+
+    monkeypatch.setattr(online, "run_method", fake)
+    args = run.parse_args([])
+    base = methods.Method("baseline", None)
+    suffix = methods.Method("suffix", {"method": "suffix", "num_speculative_tokens": 8})
+    ngram = methods.Method("ngram", {"method": "ngram", "num_speculative_tokens": 4})
+    job = {"concurrencies": [1, 16]}
+    run.run_mode("online", [base, suffix], job, args, tmp_path, lambda: None, [])
+    assert sorted(c for _, c in calls) == [[1], [1], [16], [16]]
+    calls.clear()
+    run.run_mode("online", [base, ngram], job, args, tmp_path, lambda: None, [])
+    assert [c for _, c in calls] == [[1, 16], [1, 16]]
+
+
 def test_stream_sweep_variants_and_table() -> None:
     import argparse
 
