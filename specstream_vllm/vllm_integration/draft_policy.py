@@ -44,7 +44,8 @@ verification (measured per-token cost x tokens per second without speculation); 
 the draft lengths are chosen across requests as above. :meth:`DraftPolicy.plan` sees the
 candidates too: the stream pass runs only if streams would be taken by some request and
 pay for the pass; a request with a good match drafts even when the pass is skipped (no
-draft-pass cost). In ``fixed`` mode a request takes the candidate when its calibrated
+draft-pass cost). The lookups themselves are paid for too: where they cost more seconds than
+their drafts saved, they pause (:class:`MatchBudget`, match_budget.py). In ``fixed`` mode a request takes the candidate when its calibrated
 expected accepted tokens exceed those of its (cut) stream chain.
 """
 from __future__ import annotations
