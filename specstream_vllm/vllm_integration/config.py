@@ -232,10 +232,10 @@ def resolve_policy(extra: dict | None, match: MatchSettings | None = None) -> Dr
         *start, count = os.environ["SPECSTREAM_POLICY_FORCE_OFF_STEPS"].split(":")
         values["force_off_steps"] = int(count)
         values["force_off_from"] = int(start[0]) if start else 0
-    if os.environ.get("SPECSTREAM_POLICY_REALIZED_GUARD"):
-        values["realized_guard"] = os.environ["SPECSTREAM_POLICY_REALIZED_GUARD"] not in ("0", "false")
-    if os.environ.get("SPECSTREAM_POLICY_MATCH_BUDGET"):
-        values["match_budget"] = os.environ["SPECSTREAM_POLICY_MATCH_BUDGET"] not in ("0", "false")
+    for key, env in (("realized_guard", "SPECSTREAM_POLICY_REALIZED_GUARD"),
+                     ("match_budget", "SPECSTREAM_POLICY_MATCH_BUDGET")):   # ablation switches
+        if os.environ.get(env):
+            values[key] = os.environ[env] not in ("0", "false")
     try:
         return DraftPolicySettings(**values)
     except ValidationError as exc:
