@@ -252,6 +252,24 @@ def test_init_from_refuses_a_different_stream_form(tiny_chat_model, tmp_path):
     assert load_checkpoint_config(first.checkpoint_dir).stream_input == "next_token"
 
 
+def test_init_from_switches_between_next_token_and_chain_streams(tiny_chat_model, tmp_path):
+    """Both forms read x_{t+1} in stream 1 and hold the same tensors, so either may continue
+    as the other (e.g. deep chain streams re-trained as one-pass next_token streams)."""
+    data = _sharegpt_file(tmp_path / "sg.json")
+    first = train(_tf_recipe(tiny_chat_model, data, tmp_path / "n", max_steps=1), progress=False,
+                  log=lambda s: None)
+    logs: list[str] = []
+    chain = train(_tf_recipe(tiny_chat_model, data, tmp_path / "c", max_steps=1, stream_input="chain",
+                             init_from=str(first.checkpoint_dir)), progress=False, log=logs.append)
+    assert load_checkpoint_config(chain.checkpoint_dir).stream_input == "chain"
+    assert any("continue as chain streams" in m for m in logs)
+    logs.clear()
+    back = train(_tf_recipe(tiny_chat_model, data, tmp_path / "b", max_steps=1,
+                            init_from=str(chain.checkpoint_dir)), progress=False, log=logs.append)
+    assert load_checkpoint_config(back.checkpoint_dir).stream_input == "next_token"
+    assert any("continue as next_token streams" in m for m in logs)
+
+
 def test_init_from_a_lower_lora_rank_widens_it_without_changing_the_streams(tiny_chat_model, tmp_path):
     from transformers import AutoConfig
 

@@ -522,9 +522,9 @@ def _init_params(params: StreamParams, model_config, recipe: Recipe, out_dir: Pa
         return None
     cfg, tensors = load_checkpoint(src)
     widen = _lora_widening(cfg.lora, params.lora)
-    # next_token -> chain keeps every tensor and stream 1's function (both read x_{t+1})
-    to_chain = cfg.stream_input == "next_token" and params.chain
-    if ("chain" if to_chain else cfg.stream_input, cfg.num_streams, cfg.num_stream_layers) != (
+    # next_token <-> chain keeps every tensor and stream 1's function (both read x_{t+1})
+    switch = {cfg.stream_input, params.stream_input} == {"next_token", "chain"}
+    if (params.stream_input if switch else cfg.stream_input, cfg.num_streams, cfg.num_stream_layers) != (
             params.stream_input, params.num_streams, params.num_stream_layers) or \
             (cfg.token_map_rank or None) != params.token_map_rank or (cfg.lora != params.lora
                                                                       and not widen):
@@ -532,17 +532,17 @@ def _init_params(params: StreamParams, model_config, recipe: Recipe, out_dir: Pa
         raise ConfigError(f"cannot start from {src}: its streams (input {cfg.stream_input}, "
                           f"{cfg.num_streams} streams, {cfg.num_stream_layers} layers, lora {cfg.lora}) "
                           "differ from the recipe's; use a matching recipe (only a higher LoRA "
-                          "rank on the same targets may differ, and next_token streams may "
-                          "continue as chain streams)")
+                          "rank on the same targets may differ, and next_token and chain streams "
+                          "may continue in the other of those two forms)")
     if widen:
         tensors = _widen_lora(tensors, cfg.lora, params)
         cfg = cfg.model_copy(update={"lora": params.lora})
         log(f"[train] LoRA rank {cfg.lora.rank} from {src}'s rank {widen}: new directions start "
             "at zero, the streams' function is unchanged")
-    if to_chain:
-        cfg = cfg.model_copy(update={"stream_input": "chain"})
-        log(f"[train] {src}'s next_token streams continue as chain streams: stream j now reads "
-            "x_{t+j} instead of x_{t+1} (stream 1 unchanged)")
+    if switch:
+        log(f"[train] {src}'s {cfg.stream_input} streams continue as {params.stream_input} streams: "
+            f"stream j now reads {'x_{t+j}' if params.chain else 'x_{t+1}'} (stream 1 unchanged)")
+        cfg = cfg.model_copy(update={"stream_input": params.stream_input})
     loaded = StreamParams.from_checkpoint(model_config, cfg, tensors)
     params.load_state_dict(loaded.state_dict(), strict=False)
     params.set_draft_vocab(loaded.draft_vocab)
