@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model")
     p.add_argument("--methods", default="baseline,specstream")
-    p.add_argument("--streams")
+    p.add_argument("--streams", help="specstream checkpoint (default with the default model: the "
+                                     "shipped streams)")
     p.add_argument("--alt-streams", help="a second stream checkpoint: methods specstream-alt, "
                                          "specstream-streams-alt")
     p.add_argument("--workload", default="mixed")
@@ -166,6 +167,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="benchmarks/results/paired")
     args = p.parse_args(argv)
     args.batch_sizes = [int(x) for x in args.batch_sizes.split(",")]
+    names = [n.strip() for n in args.methods.split(",")]
+    if args.model is None and args.streams is None:
+        from specstream_vllm.assets import shipped_streams_dir
+        shipped = shipped_streams_dir()
+        args.streams = str(shipped) if shipped is not None else None
+    methods = build_methods(names, streams=args.streams, alt_streams=args.alt_streams)
+    skipped = [f"{m.name} ({m.skip_reason})" for m in methods if m.skip_reason]
+    if skipped:     # never run such a method as a second baseline
+        p.error("cannot run " + "; ".join(skipped))
     if args.model is None:
         from specstream_vllm.default_model import default_model_dir
         args.model = str(default_model_dir())
@@ -186,8 +196,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[paired] {w}: only {len(prompts)} prompts for {need}: prompts repeat across "
                   "rounds", flush=True)
         convs_of[w] = [[dict(m) for m in pr.messages] for pr in prompts]
-    names = [n.strip() for n in args.methods.split(",")]
-    methods = build_methods(names, streams=args.streams, alt_streams=args.alt_streams)
     engines: list[Engine] = []
     results: dict[str, Any] = {"meta": {"command": " ".join([sys.executable, "-m", "benchmarks.paired", *argv]),
                                         "dtype": args.dtype, "machine": machine_info(),

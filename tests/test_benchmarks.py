@@ -322,3 +322,14 @@ def test_paired_report_flags_rounds_whose_prompts_were_answered_before() -> None
     assert "batch 16 round 1: 16" in md and "batch 1 round" not in md
     results["levels"][1]["repeated"] = [0, 0]
     assert "answered earlier" not in render(results)
+
+
+def test_paired_refuses_a_method_it_cannot_run_instead_of_timing_it_as_a_baseline(tmp_path, capsys) -> None:
+    """``specstream-alt`` without ``--alt-streams`` has no speculative config: run anyway it
+    would be a second no-speculation engine labelled specstream."""
+    from benchmarks.paired import main
+    with pytest.raises(SystemExit) as exc:
+        main(["--methods", "baseline,specstream-alt", "--model", str(tmp_path),
+              "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    assert "specstream-alt" in capsys.readouterr().err and not (tmp_path / "out").exists()
