@@ -19,7 +19,8 @@ SPECSTREAM_MATCH = {"specstream-streams": "none", "specstream-suffix": "suffix",
 #: ablations: "<specstream method>+<name>" runs that method with these engine environment
 #: variables (``benchmarks.paired`` only), e.g. "specstream+noguard"
 ABLATIONS = {"noguard": {"SPECSTREAM_POLICY_REALIZED_GUARD": "0"},
-             "nobudget": {"SPECSTREAM_POLICY_MATCH_BUDGET": "0"}}
+             "nobudget": {"SPECSTREAM_POLICY_MATCH_BUDGET": "0"},
+             "fixed": {"SPECSTREAM_DRAFT_POLICY": "fixed"}}    # every stream, every step
 
 
 @dataclass
