@@ -149,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
                                      "shipped streams)")
     p.add_argument("--alt-streams", help="a second stream checkpoint: methods specstream-alt, "
                                          "specstream-streams-alt")
+    p.add_argument("--specstream-k", type=int, default=4,
+                   help="num_speculative_tokens of the specstream methods")
     p.add_argument("--workload", default="mixed")
     p.add_argument("--workloads", help="comma list (mtbench,sharegpt,code,...): overrides --workload")
     p.add_argument("--rounds-at", default="",
@@ -172,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         from specstream_vllm.assets import shipped_streams_dir
         shipped = shipped_streams_dir()
         args.streams = str(shipped) if shipped is not None else None
-    methods = build_methods(names, streams=args.streams, alt_streams=args.alt_streams)
+    methods = build_methods(names, streams=args.streams, alt_streams=args.alt_streams,
+                            specstream_k=args.specstream_k)
     skipped = [f"{m.name} ({m.skip_reason})" for m in methods if m.skip_reason]
     if skipped:     # never run such a method as a second baseline
         p.error("cannot run " + "; ".join(skipped))
