@@ -257,6 +257,34 @@ def test_chain_stops_when_another_pass_cannot_pay():
     assert f.continue_chain(torch.tensor([[0.01, 0.01]]))
 
 
+def test_drafting_that_measurably_pays_goes_on_where_the_profile_says_it_would_not():
+    """Underconfident chain streams (raw top-1 probabilities below their acceptance): the
+    running profile says two passes a step cannot pay, but the drafting steps of this batch
+    size were 1.33x faster than steps without drafts, so the pass keeps running."""
+    def policy():
+        p = DraftPolicy(PolicyConfig(gamma=2, sequential=True))
+        feed_chain_costs(p, per_step=0.045, per_token=0.0002, reqs=1, per_pass=0.012)
+        for _ in range(10):
+            p.choose(torch.tensor([[0.3, 0.33]]))        # profile ~0.3 / 0.1
+        return p
+
+    def regular_passes(p):
+        plans = [p.plan(1) for _ in range(12)]
+        return sum(pl.run_pass and not pl.probe for pl in plans)
+
+    assert regular_passes(policy()) == 0
+    p = policy()
+    base = p.cells.get(1, 1)
+    for _ in range(6):
+        p.observe_outcome(1, produced=2, seconds=base * 1.5)
+    assert regular_passes(p) == 12
+    # drafting steps that were slower keep it off
+    q = policy()
+    for _ in range(6):
+        q.observe_outcome(1, produced=2, seconds=base * 2.5)
+    assert regular_passes(q) == 0
+
+
 def test_off_plan_is_reused_within_a_window_and_resolved_when_the_batch_changes():
     """Speculation off costs a plan per step; the same batch size re-solves it only every
     ``recheck_every`` steps, and a new batch size at once."""

@@ -49,6 +49,13 @@ class RealizedGuard:
         if s[2] >= self.min_samples:
             s[3] = min(max(s[3] + self.rate * (self.target - s[1] / s[0]), 0.0), self.max_margin)
 
+    def paying(self, reqs: int, bar: float) -> bool:
+        """This bucket's drafting steps realized at least ``bar`` (e.g. 1.08x) of its steps
+        without drafts, over enough of them, with no margin raised."""
+        s = self._b.get(bucket(reqs))
+        return s is not None and s[2] >= self.min_samples and s[3] == 0.0 \
+            and s[1] / s[0] >= bar
+
     def margin(self, reqs: int) -> float:
         s = self._b.get(bucket(reqs))
         return s[3] if s is not None else 0.0
