@@ -278,6 +278,14 @@ def test_drafting_that_measurably_pays_goes_on_where_the_profile_says_it_would_n
     for _ in range(6):
         p.observe_outcome(1, produced=2, seconds=base * 1.5)
     assert regular_passes(p) == 12
+    # ... unless a cost scale says drafts cost more than measured (the tests' "costly" engine)
+    c = DraftPolicy(PolicyConfig(gamma=2, sequential=True, cost_scale=1000.0))
+    feed_chain_costs(c, per_step=0.045, per_token=0.0002, reqs=1, per_pass=0.012)
+    for _ in range(10):
+        c.choose(torch.tensor([[0.3, 0.33]]))
+    for _ in range(6):
+        c.observe_outcome(1, produced=2, seconds=c.cells.get(1, 1) * 1.5)
+    assert regular_passes(c) == 0
     # drafting steps that were slower keep it off
     q = policy()
     for _ in range(6):
