@@ -29,9 +29,10 @@ N0, N1 = len(COUNTING), len(COUNTING) + len(PROMPTS)
 LENGTHS = [64, 128] + MAX_TOKENS + [24] * len(VARIANTS)
 # every answer runs to its max_tokens (ignore_eos): the batch-32 phase is 24 steps at 32
 BATCHES = [[0], [1], [0], [N0], [N0 + 1], list(range(N0, N1)), list(range(N1, N1 + BIG))]
-# batch 0 (64 tokens) ends by policy step 65 whatever the acceptance; batch 1 (128 tokens)
-# then spends most of its steps inside the window, and batch 2 drafts again after it
-OFF_FROM, OFF_STEPS = 66, 90
+# batch 0 (64 tokens) drafts before step 40 and ends between step ~25 (good drafts) and 65
+# (none); batch 1 (128 tokens) then spends most of its steps inside the window whichever it
+# is, and batch 2 drafts again after it
+OFF_FROM, OFF_STEPS = 40, 120
 
 
 def steps(metrics: dict) -> tuple[int, int, int]:
