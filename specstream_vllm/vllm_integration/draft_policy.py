@@ -682,9 +682,9 @@ class DraftPolicy:
             # keep drafting (underconfident streams: chain12 at batch 1 drafted on 23% of
             # steps for 1.17x where drafting every step gave 1.28x). Not under a cost_scale
             # above 1: it says drafts cost more than measured, which no measurement overrules
-            paying = cfg.realized_guard and cfg.cost_scale <= 1.0 and self.guard.paying(
-                num_reqs, 1.0 + cfg.min_gain)
-            if (best > 0 or paying) and self._empty_passes < 4:
+            paying = best > 0 or (cfg.realized_guard and cfg.cost_scale <= 1.0
+                                  and self.guard.paying(num_reqs, 1.0 + cfg.min_gain))
+            if paying and self._empty_passes < 4:
                 return Plan(True, depth)
             self._off_memo = (num_reqs, self.stats.steps // cfg.recheck_every)
             return self._skip()
