@@ -17,10 +17,12 @@ ALL_METHODS = ("baseline", "baseline-sync", "ngram", "suffix", "medusa", "specst
 SPECSTREAM_MATCH = {"specstream-streams": "none", "specstream-suffix": "suffix",
                     "specstream-ngram": "ngram"}
 #: ablations: "<specstream method>+<name>" runs that method with these engine environment
-#: variables (``benchmarks.paired`` only), e.g. "specstream+noguard"
+#: variables, e.g. "specstream+noguard"
 ABLATIONS = {"noguard": {"SPECSTREAM_POLICY_REALIZED_GUARD": "0"},
              "nobudget": {"SPECSTREAM_POLICY_MATCH_BUDGET": "0"},
-             "fixed": {"SPECSTREAM_DRAFT_POLICY": "fixed"}}    # every stream, every step
+             "fixed": {"SPECSTREAM_DRAFT_POLICY": "fixed"},    # every stream, every step
+             # never drafts, never probes: what a speculative engine costs with nothing drafted
+             "off": {"SPECSTREAM_POLICY_FORCE_OFF_STEPS": str(10**9)}}
 
 
 @dataclass
@@ -32,10 +34,10 @@ class Method:
     weights_dir: str | None = None  # where its extra parameters live (for counting)
     skip_reason: str | None = None
     extra_params: int | None = None
-    #: extra ``vllm.LLM`` arguments (``benchmarks.paired`` only): "baseline-sync" is the
+    #: extra ``vllm.LLM`` arguments: "baseline-sync" is the
     #: baseline with async scheduling off, as vLLM 0.32 runs every specstream engine
     engine_args: dict[str, Any] = field(default_factory=dict)
-    #: extra environment of the engine process (``benchmarks.paired`` only): see ABLATIONS
+    #: extra environment of the engine process: see ABLATIONS
     env: dict[str, str] = field(default_factory=dict)
 
     @property

@@ -67,7 +67,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     llm = LLM(model=job["model"], dtype=job["dtype"], speculative_config=job["speculative_config"],
               enforce_eager=job["enforce_eager"], max_model_len=job["max_model_len"],
               seed=job["seed"], disable_log_stats=False,
-              max_num_seqs=max(max(job["batch_sizes"]), 16))
+              max_num_seqs=max(max(job["batch_sizes"]), 16), **job.get("engine_args", {}))
     start_s = time.perf_counter() - t0
 
     # Warm up on unrelated prompts: a method with a cross-request cache (suffix) must not
@@ -125,7 +125,7 @@ def run_method(job: dict[str, Any], workdir: Path, tag: str, timeout_s: float,
     with log_path.open("w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "benchmarks.offline", str(job_path),
                                  str(out_path)], stdout=log, stderr=subprocess.STDOUT,
-                                env=dict(engine_env(kv_cache_gib, threads),
+                                env=dict(engine_env(kv_cache_gib, threads), **job.get("env", {}),
                                          SPECSTREAM_POLICY_DUMP=str(workdir / f"{tag}.policy.json")),
                                 cwd=str(REPO_ROOT),
                                 start_new_session=True)

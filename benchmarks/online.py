@@ -174,6 +174,12 @@ def _serve_cmd(job: dict[str, Any], port: int) -> list[str]:
         cmd += ["--speculative-config", json.dumps(job["speculative_config"])]
     if job["enforce_eager"]:
         cmd.append("--enforce-eager")
+    for key, value in job.get("engine_args", {}).items():   # e.g. async_scheduling=False
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            cmd.append(flag if value else "--no-" + flag[2:])
+        else:
+            cmd += [flag, str(value)]
     return cmd
 
 
@@ -229,7 +235,7 @@ def run_method(job: dict[str, Any], workdir: Path, tag: str, startup_timeout_s: 
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO_ROOT),
-                                env=dict(engine_env(kv_cache_gib, threads),
+                                env=dict(engine_env(kv_cache_gib, threads), **job.get("env", {}),
                                          SPECSTREAM_POLICY_DUMP=str(workdir / f"{tag}.policy.json")),
                                 start_new_session=True)
         with PeakRSS(proc.pid) as rss:

@@ -98,16 +98,14 @@ def run_mode(mode: str, methods: list[Method], base_job: dict[str, Any], args: a
     """Run every runnable method ``args.repeats`` times (online: ``--online-repeats`` if
     given) in rotated order, appending to ``runs``."""
     runnable = [m for m in methods if not m.skip_reason]
-    if any(m.engine_args or m.env for m in runnable):
-        raise SystemExit(f"{[m.name for m in runnable if m.engine_args or m.env]}: only "
-                         "benchmarks.paired runs methods with extra engine arguments or ablations")
     repeats = args.online_repeats if mode == "online" and args.online_repeats else args.repeats
     # online, a method that keeps state across requests gets a server per level; then every
     # method does, or the others would meet each level on a server warmed by the levels before
     fresh_levels = any(m.keeps_request_state for m in runnable)
     for r in range(repeats):
         for m in rotated(runnable, r):
-            job = {**base_job, "speculative_config": m.speculative_config}
+            job = {**base_job, "speculative_config": m.speculative_config,
+                   "engine_args": m.engine_args, "env": m.env}
             tag = f"{mode}-{m.name}-r{r}"
             print(f"[bench] {tag}: starting engine", flush=True)
             if mode == "offline":

@@ -333,3 +333,30 @@ def test_paired_refuses_a_method_it_cannot_run_instead_of_timing_it_as_a_baselin
               "--out", str(tmp_path / "out")])
     assert exc.value.code == 2
     assert "specstream-alt" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_run_passes_ablations_and_engine_arguments_to_every_engine(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`benchmarks.run` once refused ablations: the online gap could not be split into what
+    drafts cost and what a speculative engine costs with nothing drafted (specstream+off)."""
+    from benchmarks import methods, online, run
+    from specstream_vllm.assets import SHIPPED
+
+    jobs: list[dict] = []
+
+    def fake(job: dict, logs: Path, tag: str, *rest: object) -> dict:
+        jobs.append(job)
+        return {"status": "ok", "engine_start_s": 1.0, "peak_rss_mib": 1.0, "max_load1": 1.0,
+                "wall_s": 1.0, "log": tag, "levels": []}
+
+    monkeypatch.setattr(online, "run_method", fake)
+    ms = methods.build_methods(["baseline-sync", "specstream+off"], streams=str(SHIPPED))
+    assert not any(m.skip_reason for m in ms)
+    run.run_mode("online", ms, {"concurrencies": [1]}, run.parse_args([]), tmp_path,
+                 lambda: None, [])
+    by_cfg = {j["speculative_config"] is None: j for j in jobs}
+    assert by_cfg[True]["engine_args"] == {"async_scheduling": False}
+    assert by_cfg[False]["env"]["SPECSTREAM_POLICY_FORCE_OFF_STEPS"] == str(10**9)
+    cmd = online._serve_cmd({**by_cfg[True], "model": "m", "dtype": "float32",
+                             "max_model_len": 64, "seed": 0, "enforce_eager": False}, 8000)
+    assert "--no-async-scheduling" in cmd

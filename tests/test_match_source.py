@@ -308,6 +308,7 @@ def test_forced_off_blocks_every_source():
         p.observe_step(1 + i % 5, i % 5, 0.030 + 0.001 * (1 + i % 5))
     c = cands([[0.99] * 4])
     for _ in range(10):
+        assert not p.match_due(1)       # no lookups either: nothing drafted, nothing paid for
         plan = p.plan(1, p.expected(c))
         choice = p.decide(torch.full((1, 4), 0.9) if plan.run_pass else None, 1, c)
         assert choice.lengths.tolist() == [0]

@@ -656,6 +656,8 @@ class DraftPolicy:
         longer than a few steps. Where lookups have cost more than their drafts saved, they
         pause (:class:`MatchBudget`)."""
         cfg = self.cfg
+        if self._forced_off(ahead=1):     # asked before plan() counts the step
+            return False
         if cfg.mode == "fixed" or not self._ready():
             return True
         step = self.stats.steps
@@ -716,9 +718,9 @@ class DraftPolicy:
         self.stats.anchor_refreshes += 1
         return self._off_step(use_candidates=False)
 
-    def _forced_off(self) -> bool:
+    def _forced_off(self, ahead: int = 0) -> bool:
         start = self.cfg.force_off_from
-        return start < self.stats.steps <= start + self.cfg.force_off_steps
+        return start < self.stats.steps + ahead <= start + self.cfg.force_off_steps
 
     def _skip(self) -> Plan:
         self._skipped += 1
