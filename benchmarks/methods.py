@@ -88,6 +88,16 @@ def _medusa_heads(path: Path, default: int) -> int:
     return default
 
 
+def default_streams(model: str | None, streams: str | None) -> str | None:
+    """``--streams``, else the shipped streams when the model is the default one (a run
+    without them would time "specstream" with no speculative config)."""
+    if streams is not None or model is not None:
+        return streams
+    from specstream_vllm.assets import shipped_streams_dir
+    shipped = shipped_streams_dir()
+    return str(shipped) if shipped is not None else None
+
+
 def build_methods(names: list[str], medusa: str | None = None, streams: str | None = None,
                   specstream_k: int = 4, medusa_k: int | None = None,
                   suffix_k: int = 8, alt_streams: str | None = None) -> list[Method]:

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .methods import build_methods
+from .methods import build_methods, default_streams
 from .offline import REPO_ROOT, WARMUP_CONVERSATIONS, engine_env
 from .specmetrics import from_vllm_metrics
 from .system import machine_info
@@ -170,10 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.batch_sizes = [int(x) for x in args.batch_sizes.split(",")]
     names = [n.strip() for n in args.methods.split(",")]
-    if args.model is None and args.streams is None:
-        from specstream_vllm.assets import shipped_streams_dir
-        shipped = shipped_streams_dir()
-        args.streams = str(shipped) if shipped is not None else None
+    args.streams = default_streams(args.model, args.streams)
     methods = build_methods(names, streams=args.streams, alt_streams=args.alt_streams,
                             specstream_k=args.specstream_k)
     skipped = [f"{m.name} ({m.skip_reason})" for m in methods if m.skip_reason]

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import offline, online
-from .methods import ALL_METHODS, Method, build_methods
+from .methods import ALL_METHODS, Method, build_methods, default_streams
 from .report import aggregate, plot, render_markdown
 from .system import machine_info
 from .workloads import Prompt, load_workload, prompts_digest
@@ -35,7 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", help="local HF model dir (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--methods", default=",".join(ALL_METHODS),
                    help=f"comma list from {','.join(ALL_METHODS)} (default: all)")
-    p.add_argument("--streams", help="specstream checkpoint dir (STREAMS_DIR)")
+    p.add_argument("--streams", help="specstream checkpoint dir (STREAMS_DIR; default with "
+                   "the default model: the shipped streams)")
     p.add_argument("--specstream-k", type=int, default=4, help="specstream num_speculative_tokens")
     p.add_argument("--medusa", help="Medusa heads dir for vLLM's built-in medusa method")
     p.add_argument("--medusa-k", type=int, help="medusa num_speculative_tokens (default: heads)")
@@ -165,6 +166,7 @@ def _one_line(res: dict[str, Any], mode: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    args.streams = default_streams(args.model, args.streams)
     if args.model is None:
         from specstream_vllm.default_model import default_model_dir
 
