@@ -163,7 +163,8 @@ class DraftPolicySettings(BaseModel):
     per second from the calibrated stream probabilities and the measured step costs,
     zero when nothing pays. ``fixed``: every stream, cut at ``min_draft_prob``; the default
     when ``SPECSTREAM_MIN_DRAFT_PROB`` is set and no policy is named.
-    ``cost_scale`` / ``force_off_steps`` / ``realized_guard`` / ``match_budget`` are test
+    ``cost_scale`` / ``force_off_steps`` / ``realized_guard`` / ``guard_target`` /
+    ``match_budget`` are test
     knobs (environment only; ``SPECSTREAM_POLICY_REALIZED_GUARD=0`` and
     ``SPECSTREAM_POLICY_MATCH_BUDGET=0`` are the ablations of
     vllm_integration/realized_guard.py and match_budget.py)."""
@@ -174,6 +175,7 @@ class DraftPolicySettings(BaseModel):
     force_off_steps: int = Field(0, ge=0)
     force_off_from: int = Field(0, ge=0)
     realized_guard: bool = True
+    guard_target: float | None = Field(None, gt=0.5, lt=2.0)
     match_budget: bool = True
     match: MatchSettings = MatchSettings(source="none")
 
@@ -232,6 +234,8 @@ def resolve_policy(extra: dict | None, match: MatchSettings | None = None) -> Dr
         *start, count = os.environ["SPECSTREAM_POLICY_FORCE_OFF_STEPS"].split(":")
         values["force_off_steps"] = int(count)
         values["force_off_from"] = int(start[0]) if start else 0
+    if os.environ.get("SPECSTREAM_POLICY_GUARD_TARGET"):     # ablation of the guard's bar
+        values["guard_target"] = float(os.environ["SPECSTREAM_POLICY_GUARD_TARGET"])
     for key, env in (("realized_guard", "SPECSTREAM_POLICY_REALIZED_GUARD"),
                      ("match_budget", "SPECSTREAM_POLICY_MATCH_BUDGET")):   # ablation switches
         if os.environ.get(env):

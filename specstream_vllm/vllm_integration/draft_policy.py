@@ -87,6 +87,7 @@ class PolicyConfig:
     recheck_every: int = 4                  # an "off" plan is re-solved at most every 4 steps
     refresh_every: int = 64                 # re-measure a batch size's no-draft step this often
     realized_guard: bool = True             # raise the bar where drafting steps were slower
+    guard_target: float | None = None       # ... than this x their steps without; None: 1 + min_gain
     match_budget: bool = True               # pause lookups where they cost more than they save
 
     def __post_init__(self):
@@ -419,7 +420,8 @@ class DraftPolicy:
         self._tau_memo: tuple[tuple[int, int], float] | None = None   # see _threshold
         self._curve_memo: tuple[tuple, torch.Tensor] | None = None      # see _cost_curve
         self._match_paid_at: dict[int, int] = {}     # batch size -> last step a match could pay
-        self.guard = RealizedGuard()
+        self.guard = RealizedGuard(target=1.0 + cfg.min_gain if cfg.guard_target is None
+                                   else cfg.guard_target)
         self.budget = MatchBudget()
 
     # ---------------------------------------------------------------- observations

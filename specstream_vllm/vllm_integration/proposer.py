@@ -100,7 +100,7 @@ class SpecStreamProposer:
             draft_layer_fraction=st.num_stream_layers / max(st.num_layers, 1),
             cost_scale=ps.get("cost_scale", 1.0), force_off_steps=ps.get("force_off_steps", 0),
             force_off_from=ps.get("force_off_from", 0),
-            realized_guard=ps.get("realized_guard", True),
+            realized_guard=ps.get("realized_guard", True), guard_target=ps.get("guard_target"),
             match_budget=ps.get("match_budget", True)))
         logger.info("specstream: draft policy %s (gamma %d), match source %s (up to %d tokens)",
                     self.policy.cfg.mode, self.num_streams,
