@@ -35,8 +35,8 @@ class Method:
     weights_dir: str | None = None  # where its extra parameters live (for counting)
     skip_reason: str | None = None
     extra_params: int | None = None
-    #: extra ``vllm.LLM`` arguments: "baseline-sync" is the
-    #: baseline with async scheduling off, as vLLM 0.32 runs every specstream engine
+    #: extra engine arguments (``vllm.LLM`` keywords; online, ``vllm serve`` flags):
+    #: "baseline-sync" is the baseline with async scheduling off, as vLLM 0.32 runs specstream
     engine_args: dict[str, Any] = field(default_factory=dict)
     #: extra environment of the engine process: see ABLATIONS
     env: dict[str, str] = field(default_factory=dict)
