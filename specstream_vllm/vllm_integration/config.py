@@ -164,10 +164,10 @@ class DraftPolicySettings(BaseModel):
     zero when nothing pays. ``fixed``: every stream, cut at ``min_draft_prob``; the default
     when ``SPECSTREAM_MIN_DRAFT_PROB`` is set and no policy is named.
     ``cost_scale`` / ``force_off_steps`` / ``realized_guard`` / ``guard_target`` /
-    ``match_budget`` are test
-    knobs (environment only; ``SPECSTREAM_POLICY_REALIZED_GUARD=0`` and
-    ``SPECSTREAM_POLICY_MATCH_BUDGET=0`` are the ablations of
-    vllm_integration/realized_guard.py and match_budget.py)."""
+    ``match_budget`` / ``drain_value`` are test
+    knobs (environment only; ``SPECSTREAM_POLICY_REALIZED_GUARD=0``,
+    ``SPECSTREAM_POLICY_MATCH_BUDGET=0`` and ``SPECSTREAM_POLICY_DRAIN_VALUE=0`` are the
+    ablations of vllm_integration/realized_guard.py, match_budget.py and batch_turnover.py)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     mode: Literal["auto", "fixed"] = "auto"
@@ -177,6 +177,7 @@ class DraftPolicySettings(BaseModel):
     realized_guard: bool = True
     guard_target: float | None = Field(None, gt=0.5, lt=2.0)
     match_budget: bool = True
+    drain_value: bool = True
     match: MatchSettings = MatchSettings(source="none")
 
 
@@ -237,7 +238,8 @@ def resolve_policy(extra: dict | None, match: MatchSettings | None = None) -> Dr
     if os.environ.get("SPECSTREAM_POLICY_GUARD_TARGET"):     # ablation of the guard's bar
         values["guard_target"] = float(os.environ["SPECSTREAM_POLICY_GUARD_TARGET"])
     for key, env in (("realized_guard", "SPECSTREAM_POLICY_REALIZED_GUARD"),
-                     ("match_budget", "SPECSTREAM_POLICY_MATCH_BUDGET")):   # ablation switches
+                     ("match_budget", "SPECSTREAM_POLICY_MATCH_BUDGET"),
+                     ("drain_value", "SPECSTREAM_POLICY_DRAIN_VALUE")):     # ablation switches
         if os.environ.get(env):
             values[key] = os.environ[env] not in ("0", "false")
     try:

@@ -47,6 +47,14 @@ pay for the pass; a request with a good match drafts even when the pass is skipp
 draft-pass cost). The lookups themselves are paid for too: where they cost more seconds than
 their drafts saved, they pause (:class:`MatchBudget`, match_budget.py). In ``fixed`` mode a request takes the candidate when its calibrated
 expected accepted tokens exceed those of its (cut) stream chain.
+
+**What a token is worth.** Tokens per second prices an accepted draft at a whole token of
+the step without drafts, which holds while finished requests are replaced (a server, a
+queue). In a batch that only drains, the run lasts as long as its longest request and an
+accepted token mostly lets a request leave a step sooner; the policy sees which case it is
+in from the requests that come and go (batch_turnover.py) and prices accepted tokens
+accordingly (:meth:`DraftPolicy._value`), in every choice and in what the realized guard
+and the match budget count.
 """
 from __future__ import annotations
 
@@ -55,6 +63,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .batch_turnover import Turnover
 from .match_budget import MatchBudget
 from .realized_guard import RealizedGuard
 
@@ -89,6 +98,7 @@ class PolicyConfig:
     realized_guard: bool = True             # raise the bar where drafting steps were slower
     guard_target: float | None = None       # ... than this x their steps without; None: 1 + min_gain
     match_budget: bool = True               # pause lookups where they cost more than they save
+    drain_value: bool = True                # price tokens lower in a batch that only drains
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -423,8 +433,15 @@ class DraftPolicy:
         self.guard = RealizedGuard(target=1.0 + cfg.min_gain if cfg.guard_target is None
                                    else cfg.guard_target)
         self.budget = MatchBudget()
+        self.turnover = Turnover()
 
     # ---------------------------------------------------------------- observations
+    def observe_requests(self, req_ids) -> None:
+        """The ids of this step's requests: whether finished requests are replaced
+        (:class:`Turnover`, see :meth:`_value`)."""
+        if self.cfg.drain_value:
+            self.turnover.observe(req_ids)
+
     def observe_step(self, num_tokens: int, num_draft_tokens: int, seconds: float,
                      draft_seconds: float = 0.0, draft_stream_tokens: int = 0,
                      draft_passes: int = 1) -> None:
@@ -448,10 +465,11 @@ class DraftPolicy:
         size's step without drafts (:class:`RealizedGuard`); ``matched``: some of the drafts
         came from the match source, whose lookups this step helps pay for (:class:`MatchBudget`)."""
         base = self.cells.get(reqs, reqs)
+        worth = reqs + self._value(reqs) * max(produced - reqs, 0)   # accepted drafts, priced
         if self.cfg.realized_guard and base is not None:
-            self.guard.observe(reqs, produced, seconds, base)
+            self.guard.observe(reqs, worth, seconds, base)
         if matched and self.cfg.match_budget and self._ready():
-            self.budget.saved(reqs, produced, seconds, float(self._cost_curve(reqs, 0)[0]),
+            self.budget.saved(reqs, worth, seconds, float(self._cost_curve(reqs, 0)[0]),
                               self.stats.steps)
 
     def observe_lookup(self, reqs: int, seconds: float) -> None:
@@ -502,8 +520,22 @@ class DraftPolicy:
         key = (reqs, self.stats.steps // self.cfg.recheck_every)
         if self._tau_memo is None or self._tau_memo[0] != key:
             per_token = self.cfg.cost_scale * float(self._token_cost())
-            self._tau_memo = (key, per_token * reqs / float(self._verify_cost(reqs, 0.0)))
+            self._tau_memo = (key, per_token * reqs / float(self._verify_cost(reqs, 0.0))
+                              / self._value(reqs))
         return self._tau_memo[1]
+
+    def _value(self, reqs: int) -> float:
+        """What an accepted draft token is worth, as a share of a token of the step without
+        drafts (``T(R) / R`` seconds). 1 where finished requests are replaced; in a batch
+        that only drains, the seconds it saves are the step's per-request part ``s`` (the
+        request leaves a step sooner; the run still lasts as long as its longest request),
+        ``s R / T(R)`` of it (batch_turnover.py). Mixed by the share of leaves replaced. A
+        lone request is its run's longest: 1."""
+        rho = self.turnover.replaced
+        if not self.cfg.drain_value or reqs <= 1 or rho >= 1.0 or not self._ready():
+            return 1.0
+        drained = float(self._token_cost()) * reqs / float(self._cost_curve(reqs, 0)[0])
+        return rho + (1.0 - rho) * min(max(drained, 0.05), 1.0)
 
     # ---------------------------------------------------------------- cost helpers
     def _ready(self) -> bool:
@@ -611,7 +643,8 @@ class DraftPolicy:
         (:class:`RealizedGuard`)."""
         min_gain += self.guard.margin(reqs)
         n = gains_sorted.numel()
-        tokens = reqs + torch.cat([torch.zeros(1, dtype=torch.float64), gains_sorted.cumsum(0)])
+        gains = gains_sorted.cumsum(0) * self._value(reqs)
+        tokens = reqs + torch.cat([torch.zeros(1, dtype=torch.float64), gains])
         rate = tokens / (self._cost_curve(reqs, n) + draft_costs)
         base = float(rate[0])
         best = int(torch.argmax(rate))
@@ -920,6 +953,7 @@ class DraftPolicy:
                 "profile": [None if math.isnan(x) else x for x in self.profile.tolist()],
                 "realized": self.guard.table(),
                 "match_budget": self.budget.table(),
+                "turnover": self.turnover.summary(),
                 "calibration": self.calib.per_position(),
                 "calibration_table": self.calib.table(),
                 "calibration_sources": {name: {"per_position": c.per_position(), "table": c.table()}

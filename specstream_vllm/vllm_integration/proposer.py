@@ -101,7 +101,7 @@ class SpecStreamProposer:
             cost_scale=ps.get("cost_scale", 1.0), force_off_steps=ps.get("force_off_steps", 0),
             force_off_from=ps.get("force_off_from", 0),
             realized_guard=ps.get("realized_guard", True), guard_target=ps.get("guard_target"),
-            match_budget=ps.get("match_budget", True)))
+            match_budget=ps.get("match_budget", True), drain_value=ps.get("drain_value", True)))
         logger.info("specstream: draft policy %s (gamma %d), match source %s (up to %d tokens)",
                     self.policy.cfg.mode, self.num_streams,
                     self.match.name if self.match else "none", self.match_tokens)
@@ -148,6 +148,8 @@ class SpecStreamProposer:
         else:
             n_draft = torch.zeros(num_reqs, dtype=torch.int64)
         self._observe(num_reqs, n_sampled, n_draft)
+        self.policy.observe_requests(r for r in compat.runner_req_ids(self.runner)[:num_reqs]
+                                     if r is not None)
         if k <= 0 or num_reqs == 0:
             return no_drafts
         active = torch.nonzero(n_sampled[:num_reqs] > 0).flatten()
