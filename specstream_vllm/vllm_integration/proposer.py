@@ -78,6 +78,7 @@ class SpecStreamProposer:
         self.last_sources: list[str | None] = []
         self._last_log = time.monotonic()
         self.errors = 0         # propose() calls that failed and ran without drafts
+        self._last_period: float | None = None     # the last finished step's seconds (trace)
 
     # vLLM calls this from the runner's load_model with the target model
     def load_model(self, target_model) -> None:
@@ -228,7 +229,9 @@ class SpecStreamProposer:
         if not _POLICY_TRACE:
             return
         p = self.policy
-        rec = {"step": p.stats.steps, "reqs": reqs, "depth": depth, "drafts": sum(lengths),
+        rec = {"pid": os.getpid(), "step": p.stats.steps, "reqs": reqs, "depth": depth,
+               "drafts": sum(lengths), "last_step_s": self._last_period,
+               "replaced": round(p.turnover.replaced, 3),
                "verify_w": p.verify.weights().tolist() if p.verify.ready else None,
                "draft_w": p.draft.weights().tolist() if p.draft.ready else None,
                "profile": [None if x != x else round(x, 3) for x in p.profile.tolist()]}
@@ -244,6 +247,7 @@ class SpecStreamProposer:
             # the drafts this step verified are the ones proposed last step
             clock.current.matched = any(src != STREAMS for src, _ in self._pending.values())
         if rec is not None:
+            self._last_period = rec.period
             self.policy.observe_step(rec.num_tokens, rec.num_draft_tokens, rec.period,
                                      rec.draft_seconds, rec.draft_stream_tokens, rec.draft_passes)
             if rec.num_draft_tokens > 0 and rec.produced > 0:
