@@ -10,9 +10,10 @@ from specstream_vllm.vllm_integration.draft_policy import DraftPolicy, PolicyCon
 from tests.test_draft_policy import feed_costs
 
 
-def draining(t: Turnover, n: int = 16, every: int = 3) -> None:
-    """n requests start together; one finishes every ``every`` steps; nothing joins."""
-    ids = list(range(n))
+def draining(t: Turnover, n: int = 16, every: int = 3, first: int = 0) -> None:
+    """n requests (ids from ``first``) start together; one finishes every ``every`` steps;
+    nothing joins."""
+    ids = list(range(first, first + n))
     while ids:
         for _ in range(every):
             t.observe(ids)
@@ -47,6 +48,15 @@ def test_a_server_after_a_draining_batch_is_a_server_again():
     draining(t)
     serving(t, steps=60)
     assert t.replaced > 0.9
+
+
+def test_rounds_of_a_draining_batch_stay_draining():
+    """Offline rounds back to back: the next round's requests join right after the last
+    one leaves; they must not count as replacing the previous round's last leaves."""
+    t = Turnover()
+    for r in range(4):
+        draining(t, n=8, every=2, first=8 * r)     # leaves within ``window`` steps of the end
+    assert t.replaced < 0.1
 
 
 def test_a_leave_that_empties_the_batch_says_nothing():

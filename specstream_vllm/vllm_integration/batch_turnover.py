@@ -31,6 +31,7 @@ class Turnover:
         self._open: deque[int] = deque()    # steps of leaves no join has answered yet
         self._step = 0
         self.leaves = 0
+        self.last = (0, 0)
 
     def observe(self, req_ids) -> None:
         """The requests of this step (their ids, in any order)."""
@@ -40,7 +41,14 @@ class Turnover:
             self._open.popleft()
             self._record(0.0)
         stayed = ids & self._ids
-        if stayed:      # a leave counts only while others keep running
+        self.last = (len(ids - self._ids), len(self._ids) - len(stayed))    # joins, leaves
+        if self._ids and not stayed:
+            # the batch ran empty: leaves no join answered while it ran were not replaced
+            # (the next run's requests must not answer them: rounds of an offline batch)
+            while self._open:
+                self._open.popleft()
+                self._record(0.0)
+        else:           # a leave counts only while others keep running
             for _ in range(len(self._ids) - len(stayed)):
                 self._open.append(self._step)
         for _ in range(min(len(ids - self._ids), len(self._open))):
