@@ -16,7 +16,15 @@ throughput price promised a gain.
 leaves while others keep running is *replaced* if a new request joins within ``window``
 steps. A decayed mean over leaves, starting at "replaced" (the price as it was, so a
 server, batch 1 and any run too short to tell are unchanged), gives ``replaced``. A leave
-that empties the batch says nothing (batch 1, or a run ending) and is not counted."""
+that empties the batch says nothing (batch 1, or a run ending) and is not counted.
+
+Opt-in (``SPECSTREAM_POLICY_DRAIN_VALUE=1``; PolicyConfig.drain_value). Measured on ShareGPT
+(one EPYC core, 4 rounds, `docs/benchmarks/drain2-s17/`) it was slower at batch 4 (0.96x
+against 1.04x pricing every token as in a server) and no faster at 16 (0.98x against 1.01x):
+the price ``s`` assumes the request drafted for is not its run's longest, but drafts spread
+over all requests speed up the longest one too, which in expectation (each request equally
+likely the longest) gives back the server's price. Pricing each request by how likely it is
+to be the longest (its remaining ``max_tokens``) is the refinement it would need."""
 from __future__ import annotations
 
 from collections import deque

@@ -165,9 +165,10 @@ class DraftPolicySettings(BaseModel):
     when ``SPECSTREAM_MIN_DRAFT_PROB`` is set and no policy is named.
     ``cost_scale`` / ``force_off_steps`` / ``realized_guard`` / ``guard_target`` /
     ``match_budget`` / ``drain_value`` are test
-    knobs (environment only; ``SPECSTREAM_POLICY_REALIZED_GUARD=0``,
-    ``SPECSTREAM_POLICY_MATCH_BUDGET=0`` and ``SPECSTREAM_POLICY_DRAIN_VALUE=0`` are the
-    ablations of vllm_integration/realized_guard.py, match_budget.py and batch_turnover.py)."""
+    knobs (environment only; ``SPECSTREAM_POLICY_REALIZED_GUARD=0`` and
+    ``SPECSTREAM_POLICY_MATCH_BUDGET=0`` are the ablations of vllm_integration/realized_guard.py
+    and match_budget.py; ``SPECSTREAM_POLICY_DRAIN_VALUE=1`` turns on batch_turnover.py's
+    pricing, measured slower at batch 4 and no faster at 16)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     mode: Literal["auto", "fixed"] = "auto"
@@ -177,7 +178,7 @@ class DraftPolicySettings(BaseModel):
     realized_guard: bool = True
     guard_target: float | None = Field(None, gt=0.5, lt=2.0)
     match_budget: bool = True
-    drain_value: bool = True
+    drain_value: bool = False
     match: MatchSettings = MatchSettings(source="none")
 
 

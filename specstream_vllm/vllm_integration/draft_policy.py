@@ -54,7 +54,8 @@ queue). In a batch that only drains, the run lasts as long as its longest reques
 accepted token mostly lets a request leave a step sooner; the policy sees which case it is
 in from the requests that come and go (batch_turnover.py) and prices accepted tokens
 accordingly (:meth:`DraftPolicy._value`), in every choice and in what the realized guard
-and the match budget count.
+and the match budget count. Opt-in (``drain_value``): measured, it drafted too little at batch
+4 (see batch_turnover.py).
 """
 from __future__ import annotations
 
@@ -98,7 +99,7 @@ class PolicyConfig:
     realized_guard: bool = True             # raise the bar where drafting steps were slower
     guard_target: float | None = None       # ... than this x their steps without; None: 1 + min_gain
     match_budget: bool = True               # pause lookups where they cost more than they save
-    drain_value: bool = True                # price tokens lower in a batch that only drains
+    drain_value: bool = False               # price tokens lower in a batch that only drains (opt-in)
 
     def __post_init__(self):
         if self.mode not in MODES:

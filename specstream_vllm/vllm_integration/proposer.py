@@ -102,7 +102,7 @@ class SpecStreamProposer:
             cost_scale=ps.get("cost_scale", 1.0), force_off_steps=ps.get("force_off_steps", 0),
             force_off_from=ps.get("force_off_from", 0),
             realized_guard=ps.get("realized_guard", True), guard_target=ps.get("guard_target"),
-            match_budget=ps.get("match_budget", True), drain_value=ps.get("drain_value", True)))
+            match_budget=ps.get("match_budget", True), drain_value=ps.get("drain_value", False)))
         logger.info("specstream: draft policy %s (gamma %d), match source %s (up to %d tokens)",
                     self.policy.cfg.mode, self.num_streams,
                     self.match.name if self.match else "none", self.match_tokens)
