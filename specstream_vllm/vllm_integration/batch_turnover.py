@@ -19,8 +19,8 @@ server, batch 1 and any run too short to tell are unchanged), gives ``replaced``
 that empties the batch says nothing (batch 1, or a run ending) and is not counted.
 
 Opt-in (``SPECSTREAM_POLICY_DRAIN_VALUE=1``; PolicyConfig.drain_value). Measured on ShareGPT
-(one EPYC core, 4 rounds, `docs/benchmarks/drain2-s17/`) it was slower at batch 4 (0.96x
-against 1.04x pricing every token as in a server) and no faster at 16 (0.98x against 1.01x):
+(one EPYC core, 4 rounds, `docs/benchmarks/drain2-s17/`) it was slower at batch 4 (0.95x
+against 1.04x pricing every token as in a server) and no faster at 16 (0.97x against 1.01x):
 the price ``s`` assumes the request drafted for is not its run's longest, but drafts spread
 over all requests speed up the longest one too, which in expectation (each request equally
 likely the longest) gives back the server's price. Pricing each request by how likely it is
