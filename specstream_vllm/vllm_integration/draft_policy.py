@@ -466,7 +466,8 @@ class DraftPolicy:
         size's step without drafts (:class:`RealizedGuard`); ``matched``: some of the drafts
         came from the match source, whose lookups this step helps pay for (:class:`MatchBudget`)."""
         base = self.cells.get(reqs, reqs)
-        worth = reqs + self._value(reqs) * max(produced - reqs, 0)   # accepted drafts, priced
+        # accepted drafts priced (_value; 1 unless the opt-in drain pricing says otherwise)
+        worth = produced - (1.0 - self._value(reqs)) * max(produced - reqs, 0)
         if self.cfg.realized_guard and base is not None:
             self.guard.observe(reqs, worth, seconds, base)
         if matched and self.cfg.match_budget and self._ready():
