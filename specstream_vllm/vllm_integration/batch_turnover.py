@@ -49,7 +49,8 @@ class Turnover:
             self._open.popleft()
             self._record(0.0)
         stayed = ids & self._ids
-        self.last = (len(ids - self._ids), len(self._ids) - len(stayed))    # joins, leaves
+        joins = len(ids) - len(stayed)
+        self.last = (joins, len(self._ids) - len(stayed))    # joins, leaves
         if self._ids and not stayed:
             # the batch ran empty: leaves no join answered while it ran were not replaced
             # (the next run's requests must not answer them: rounds of an offline batch)
@@ -59,7 +60,7 @@ class Turnover:
         else:           # a leave counts only while others keep running
             for _ in range(len(self._ids) - len(stayed)):
                 self._open.append(self._step)
-        for _ in range(min(len(ids - self._ids), len(self._open))):
+        for _ in range(min(joins, len(self._open))):
             self._open.popleft()
             self._record(1.0)
         self._ids = ids

@@ -533,8 +533,10 @@ class DraftPolicy:
         request leaves a step sooner; the run still lasts as long as its longest request),
         ``s R / T(R)`` of it (batch_turnover.py). Mixed by the share of leaves replaced. A
         lone request is its run's longest: 1."""
+        if not self.cfg.drain_value or reqs <= 1:      # asked several times a step: off first
+            return 1.0
         rho = self.turnover.replaced
-        if not self.cfg.drain_value or reqs <= 1 or rho >= 1.0 or not self._ready():
+        if rho >= 1.0 or not self._ready():
             return 1.0
         drained = float(self._token_cost()) * reqs / float(self._cost_curve(reqs, 0)[0])
         return rho + (1.0 - rho) * min(max(drained, 0.05), 1.0)

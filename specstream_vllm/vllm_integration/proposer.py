@@ -231,7 +231,9 @@ class SpecStreamProposer:
         p = self.policy
         rec = {"pid": os.getpid(), "step": p.stats.steps, "reqs": reqs, "depth": depth,
                "drafts": sum(lengths), "last_step_s": self._last_period,
-               "replaced": round(p.turnover.replaced, 3), "joins_leaves": p.turnover.last,
+               # batch turnover is only followed with the opt-in drain pricing
+               "replaced": round(p.turnover.replaced, 3) if p.cfg.drain_value else None,
+               "joins_leaves": p.turnover.last if p.cfg.drain_value else None,
                "verify_w": p.verify.weights().tolist() if p.verify.ready else None,
                "draft_w": p.draft.weights().tolist() if p.draft.ready else None,
                "profile": [None if x != x else round(x, 3) for x in p.profile.tolist()]}
