@@ -1,0 +1,1 @@
+"""Every patch on vLLM internals, one module per patched vLLM part."""
