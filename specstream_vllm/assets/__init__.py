@@ -3,10 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-#: the default streams since the fifteenth session: next_token streams over the top 12 layers
-#: (one draft pass; batch 1 MT-Bench 1.50x against 1.42x for the N_s = 4 streams in
-#: ``smollm2-135m-instruct``, batch 16 the same within noise: docs/benchmarks/next12-s15,
-#: next12-b16-s15)
+#: the default streams: next_token streams over the top 12 layers, drafted in one pass
+#: (streams/smollm2-135m-instruct-next12/README.md; the chain-form alternative is
+#: streams/smollm2-135m-instruct-chain12)
 SHIPPED = Path(__file__).parent / "streams" / "smollm2-135m-instruct-next12"
 
 
