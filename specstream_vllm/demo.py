@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .engine_job import run_in_subprocess
 from .errors import SpecStreamError
+from .spec_counters import SpecCounters
 
 DEMO_PROMPTS = [
     "What is the capital of France?",
@@ -35,15 +36,6 @@ def _rate(res: dict) -> tuple[float, int]:
 def _dtype_reason(dtype: str) -> str:
     return {"bfloat16": "this CPU has AMX bf16",
             "float32": "this CPU has no AMX bf16"}.get(dtype, "chosen by vLLM")
-
-
-def acceptance(metrics: dict) -> tuple[float, list[float]]:
-    drafts = metrics.get("vllm:spec_decode_num_drafts") or 0
-    acc = metrics.get("vllm:spec_decode_num_accepted_tokens") or 0
-    per_pos = metrics.get("vllm:spec_decode_num_accepted_tokens_per_pos") or []
-    if not drafts:
-        return float("nan"), []
-    return 1 + acc / drafts, [p / drafts for p in per_pos]
 
 
 def run_demo(model: str | None = None, streams: str | None = None, gamma: int = 4,
@@ -79,7 +71,8 @@ def run_demo(model: str | None = None, streams: str | None = None, gamma: int = 
         r["batches"] = r["batches"][1:]  # drop the warm-up call
     base_rate, _ = _rate(base)
     ours_rate, n_tokens = _rate(ours)
-    mal, per_pos = acceptance(ours["metrics"])
+    counters = SpecCounters.from_metrics(ours["metrics"])
+    mal, per_pos = counters.mean_acceptance_length, counters.per_position_rate
     same = sum(a["outputs"] == b["outputs"] for a, b in zip(base["batches"], ours["batches"]))
     report = {"model": model, "streams": streams, "gamma": gamma, "dtype": dtype,
               "prompts": len(prompts), "max_tokens": max_tokens,

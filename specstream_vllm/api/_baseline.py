@@ -1,15 +1,13 @@
-"""The benchmark's baseline: the same engine settings without speculation, in its own process.
+"""The API benchmark's baseline: the same engine settings without speculation, timed as the
+speculative side is timed (``engine._timed_runs``), in its own process.
 
-Usage: python -m specstream_vllm.api._baseline JOB.json OUT.json
+Run through the package's engine job: ``{"call": "specstream_vllm.api._baseline:measure", ...}``.
 """
 from __future__ import annotations
 
-import json
-import sys
 
-
-def main(job_path: str, out_path: str) -> None:
-    job = json.loads(open(job_path).read())
+def measure(job: dict) -> dict:
+    """Rates per run, outputs of the last run, peak RSS while timed and lifetime peak (VmHWM)."""
     from vllm import LLM  # import before measuring the base RSS, as the speculative side does
 
     from ._memory import PeakSampler, children_hwm, owner_rss
@@ -20,14 +18,4 @@ def main(job_path: str, out_path: str) -> None:
     rates, outputs, extra = _timed_runs(llm, job["prompt_ids"], job["num_runs"], job["max_new_tokens"],
                                         job["temperature"], job["warmup"], counters=False,
                                         sampler=PeakSampler(base_rss))
-    out = {"rates": rates, "outputs": outputs, "peak_rss": extra["peak_rss"], "hwm": children_hwm()}
-    with open(out_path, "w") as f:
-        json.dump(out, f)
-    try:
-        llm.llm_engine.engine_core.shutdown()
-    except Exception:
-        pass
-
-
-if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    return {"rates": rates, "outputs": outputs, "peak_rss": extra["peak_rss"], "hwm": children_hwm()}

@@ -15,8 +15,6 @@ import gc
 import json
 import math
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -388,7 +386,7 @@ class SpeculativeEngine:
 
         How: the speculative runs use this engine (in this process); the baseline is the
         same model and engine settings *without* ``speculative_config``, started in a
-        separate Python subprocess (``python -m specstream_vllm.api._baseline``) after the
+        separate Python subprocess (``specstream_vllm.engine_job``) after the
         speculative runs finish, so the two never compete for the CPU and the baseline
         returns all its memory when it exits. Each prompt is sent alone (batch size 1),
         ``num_runs`` times, after one warm-up request; tokens/s = generated tokens / wall
@@ -472,12 +470,7 @@ def _timed_runs(llm, ids: list[list[int]], num_runs: int, max_new_tokens: int, t
 
 def run_baseline(job: dict, workdir: Path, timeout: float) -> dict:
     """Run the no-speculation engine in a fresh interpreter; raise with its log tail on failure."""
-    jp, op, lp = workdir / "baseline.job.json", workdir / "baseline.out.json", workdir / "baseline.log"
-    jp.write_text(json.dumps(job))
-    with open(lp, "w") as log:
-        proc = subprocess.run([sys.executable, "-m", "specstream_vllm.api._baseline", str(jp), str(op)],
-                              stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"baseline engine failed (exit {proc.returncode}; log {lp}):\n"
-                           f"{lp.read_text()[-4000:]}")
-    return json.loads(op.read_text())
+    from ..engine_job import run_in_subprocess
+
+    return run_in_subprocess(dict(job, call="specstream_vllm.api._baseline:measure"), workdir,
+                             "baseline", timeout)

@@ -5,26 +5,10 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-DRAFTS = "vllm:spec_decode_num_drafts"
-DRAFT_TOKENS = "vllm:spec_decode_num_draft_tokens"
-ACCEPTED = "vllm:spec_decode_num_accepted_tokens"
-PER_POS = "vllm:spec_decode_num_accepted_tokens_per_pos"
+from .. import spec_counters
 
-
-def read_spec_counters(llm) -> dict:
-    """vLLM's spec-decode counters, summed over engines/labels: {name: int | list[int]}."""
-    out: dict = {DRAFTS: 0, DRAFT_TOKENS: 0, ACCEPTED: 0, PER_POS: []}
-    for m in llm.get_metrics():
-        if m.name not in out:
-            continue
-        if m.name == PER_POS:
-            vals = list(getattr(m, "values", []) or [])
-            cur = out[PER_POS]
-            cur.extend([0] * (len(vals) - len(cur)))
-            out[PER_POS] = [a + int(b) for a, b in zip(cur, vals + [0] * (len(cur) - len(vals)))]
-        else:
-            out[m.name] += int(getattr(m, "value", 0) or 0)
-    return out
+#: vLLM's spec-decode counters now (the package's one counter reader)
+read_spec_counters = spec_counters.read
 
 
 @dataclass
@@ -41,13 +25,10 @@ class AcceptanceStats:
     accepted_per_position: list[int] = field(default_factory=list)
 
     @classmethod
-    def delta(cls, before: dict, after: dict) -> "AcceptanceStats":
-        pb, pa = before[PER_POS], after[PER_POS]
-        n = max(len(pa), len(pb))
-        pb = pb + [0] * (n - len(pb))
-        pa = pa + [0] * (n - len(pa))
-        return cls(after[DRAFTS] - before[DRAFTS], after[DRAFT_TOKENS] - before[DRAFT_TOKENS],
-                   after[ACCEPTED] - before[ACCEPTED], [a - b for a, b in zip(pa, pb)])
+    def delta(cls, before: spec_counters.SpecCounters,
+              after: spec_counters.SpecCounters) -> "AcceptanceStats":
+        d = after - before
+        return cls(d.drafts, d.draft_tokens, d.accepted_tokens, list(d.accepted_per_pos))
 
     @property
     def mean_acceptance_length(self) -> float:
