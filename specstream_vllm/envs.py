@@ -82,6 +82,7 @@ _VARS = (
            "File: the draft policy's statistics, written at engine shutdown (JSON)."),
     EnvVar("SPECSTREAM_POLICY_TRACE", "debug",
            "File: one JSON line per step with the policy's choice and its inputs."),
+    EnvVar("SPECSTREAM_STATE_LOG", "debug", "File: sizes of the drafter's per-request structures and memory, appended every few steps (JSON lines)."),
     EnvVar("SPECSTREAM_CPU_KERNEL_FIX", "debug",
            "`0`: keep vLLM-CPU's own rejection-sampler override (to reproduce its bug).",
            _flag, True),

@@ -31,7 +31,7 @@ import time
 
 import torch
 
-from . import compat
+from . import compat, state_sizes
 from .draft_policy import STREAMS, Candidates, DraftPolicy, PolicyConfig
 from .match_source import make_match_source
 
@@ -137,6 +137,7 @@ class SpecStreamProposer:
     @torch.inference_mode()
     def _propose(self, *, sampled_token_ids, aux_hidden_states, spec_decode_metadata,
                  common_attn_metadata, num_speculative_tokens: int | None = None):
+        state_sizes.maybe_log(self)  # SPECSTREAM_STATE_LOG: structure sizes for long runs
         cm = common_attn_metadata
         k = min(num_speculative_tokens or self.num_speculative_tokens, self.num_speculative_tokens)
         g = min(k, self.num_streams)
