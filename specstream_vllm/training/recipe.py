@@ -47,14 +47,14 @@ class DataSpec(_Strict):
     vllm_dtype: Literal["auto", "bfloat16", "float32", "float16"] = Field(
         "auto", validate_default=True,
         description='dtype of the vLLM engine that generates the answers; "auto" is resolved '
-                    "here: bfloat16 on CPUs with AMX bf16, else float32 (specstream_vllm.hardware)")
+                    "here: float32 on CPUs unless measured right and faster (specstream_vllm.dtype_choice)")
     kv_cache_gib: float = Field(4.0, gt=0)
     max_num_seqs: int = Field(64, ge=1)
 
     @field_validator("vllm_dtype")
     @classmethod
     def _resolve_auto_dtype(cls, value: str) -> str:
-        from ..hardware import resolve_dtype
+        from ..dtype_choice import resolve_dtype
         return resolve_dtype(value)
 
 
