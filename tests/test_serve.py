@@ -36,7 +36,8 @@ def server(smollm2_dir, shipped_streams, tmp_path_factory):
     log = open(tmp / "server.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "specstream_vllm.cli", "vllm", "serve", str(smollm2_dir), "--host", "127.0.0.1", "--port", str(port),
-         "--speculative-config", spec, "--enforce-eager", "--max-model-len", "1024",
+         "--speculative-config", spec, "--enforce-eager", "--dtype", "float32",  # right in every mode
+         "--max-model-len", "1024",
          "--served-model-name", "smollm2"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
