@@ -275,7 +275,7 @@ def test_init_from_a_lower_lora_rank_widens_it_without_changing_the_streams(tiny
 
     from specstream_vllm.checkpoint import LoraSpec
     from specstream_vllm.reference.streams import StreamParams
-    from specstream_vllm.training.trainer import _widen_lora
+    from specstream_vllm.training.checkpoint_io import widen_lora as _widen_lora
     cfg = AutoConfig.from_pretrained(str(tiny_chat_model))
     targets = ["q_proj", "v_proj", "down_proj"]
     old = StreamParams(cfg, 3, 2, LoraSpec(rank=4, alpha=16, target_modules=targets))

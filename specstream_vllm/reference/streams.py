@@ -152,7 +152,8 @@ class StreamParams(nn.Module):
         return out
 
     def set_draft_vocab(self, vocab: torch.Tensor | None) -> None:
-        self.draft_vocab = None if vocab is None else torch.unique(vocab.to(torch.int64))
+        device = self.stream_embeddings.device
+        self.draft_vocab = None if vocab is None else torch.unique(vocab.to(device, torch.int64))
 
     def draft_lm_weight(self, lm_weight: torch.Tensor) -> torch.Tensor:
         """The LM-head rows drafts are chosen from (all rows without a draft vocabulary)."""
@@ -216,6 +217,7 @@ class MainPass:
     logits: torch.Tensor | None  # [B, T, V] or None if not requested
     layer_inputs: dict[int, torch.Tensor]  # residual stream entering each top layer, [B, T, d]
     position_ids: torch.Tensor  # [B, T]
+    final: torch.Tensor | None = None  # final-normed hidden states [B, T, d], if requested
 
 
 @contextmanager
@@ -236,19 +238,26 @@ def capture_layer_inputs(model: nn.Module, layer_ids):
 
 
 def main_pass(model: nn.Module, input_ids: torch.Tensor, layer_ids,
-              attention_mask: torch.Tensor | None = None, with_logits: bool = True) -> MainPass:
+              attention_mask: torch.Tensor | None = None, with_logits: bool = True,
+              with_final: bool = False) -> MainPass:
     """One forward of the unmodified model, keeping the inputs of the stream layers.
 
-    With ``with_logits=False`` the LM head is skipped (the trainer's lossless mode).
+    The one main pass of the project: the trainer, the teacher-forced source, evaluation
+    and the reference decoder all run it. ``with_final`` skips the LM head and keeps the
+    final-normed hidden states instead (the trainers score their own, restricted head);
+    without either only the layer inputs are kept.
     """
+    if with_logits and with_final:
+        raise ValueError("main_pass returns logits or final hidden states, not both")
     pos = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0).expand_as(input_ids)
+    logits = final = None
     with capture_layer_inputs(model, layer_ids) as store:
         if with_logits:
             logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         else:
-            decoder_of(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-            logits = None
-    return MainPass(logits, dict(store), pos)
+            out = decoder_of(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            final = out.last_hidden_state if with_final else None
+    return MainPass(logits, dict(store), pos, final)
 
 
 # --------------------------------------------------------------------------- stream pass

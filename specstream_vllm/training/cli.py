@@ -21,7 +21,7 @@ def _overrides(args) -> dict:
             out[k] = yaml.safe_load(v)
         except Exception:
             out[k] = v
-    for attr, key in (("base_model", "base_model"), ("output_dir", "output_dir")):
+    for attr, key in (("base_model", "base_model"), ("output_dir", "output_dir"), ("device", "device")):
         if getattr(args, attr, None):
             out[key] = getattr(args, attr)
     return out
@@ -47,6 +47,9 @@ def _run_train(args) -> int:
     from .trainer import train
     recipe = _recipe(args)
     res = train(recipe, resume=args.resume, progress=not args.no_progress)
+    from .parallel import Ranks
+    if not Ranks.from_env().is_main:
+        return 0
     print(f"stream checkpoint: {res.checkpoint_dir} ({res.stream_params:,} parameters, "
           f"{res.steps} steps, {res.seconds / 60:.1f} min)")
     if args.eval:
@@ -64,6 +67,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                                           "Speculative Streaming streams per the recipe.")
     _common(p)
     p.add_argument("--output-dir", "-o", default=None, help="where the checkpoint goes")
+    p.add_argument("--device", default=None,
+                   help="auto (CUDA when available), cpu, cuda or cuda:N (default: the recipe's, "
+                        "auto); for several GPUs start this command with torchrun")
     p.add_argument("--resume", action="store_true", help="continue from output_dir/trainer_state.pt")
     p.add_argument("--eval", action="store_true", help="evaluate acceptance after training")
     p.set_defaults(func=_run_train)

@@ -17,13 +17,12 @@ import torch
 
 from ..checkpoint import load_checkpoint
 from ..reference.decoder import AcceptanceStats, simulate_chain_acceptance
-from ..reference.streams import StreamParams, stream_logits, teacher_tokens, unwrap_causal_lm
+from ..reference.streams import (MainPass, StreamParams, main_pass, stream_logits, teacher_tokens,
+                                 unwrap_causal_lm)
 from .data import Example, build_sets
+from .device import DTYPES as _DTYPES, load_base_model
 from .losses import chunked_argmax
 from .recipe import DataSpec
-from .trainer import load_base_model, run_main
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 #: ``drafter(model, layer_inputs, final_hidden, anchors[A], ids[T]) -> [A, gamma]`` top-1 tokens
 Drafter = Callable[[object, dict, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -31,8 +30,6 @@ Drafter = Callable[[object, dict, torch.Tensor, torch.Tensor, torch.Tensor], tor
 
 def stream_drafter(params: StreamParams, gamma: int, chunk: int = 128) -> Drafter:
     def draft(model, layers, final, anchors, ids):
-        from ..reference.streams import MainPass
-
         T = final.shape[1]
         main = MainPass(None, layers, torch.arange(T).unsqueeze(0))
         head = unwrap_causal_lm(model).lm_head
@@ -72,7 +69,8 @@ def acceptance_on(model, examples: list[Example], drafters: dict[str, tuple[Draf
         if n < p + 3:
             continue
         ids = torch.tensor([toks])
-        layers, final = run_main(model, ids, None, layer_ids, True)
+        main = main_pass(model, ids, layer_ids, with_logits=False, with_final=True)
+        layers, final = main.layer_inputs, main.final
         main_top = chunked_argmax(final[0, p - 1:n - 1], lm, bias=bias)
         agree += int((main_top == ids[0, p:]).sum())
         total += n - p

@@ -22,12 +22,11 @@ from safetensors.torch import load_file, save_file
 
 from .data import Example
 from .losses import chunked_argmax, chunked_lm_loss
+from .device import CPU_DTYPES, load_base_model
 from .recipe import Recipe
-from .trainer import (_lr_lambda, load_base_model, pad_ids, prepare_training_sequences,
-                      response_vocab, run_main, step_batch)
-from ..reference.streams import unwrap_causal_lm
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+from .sequences import pad_ids, prepare_training_sequences, response_vocab, step_batch
+from .trainer import _lr_lambda
+from ..reference.streams import main_pass, unwrap_causal_lm
 
 
 class MedusaHeads(nn.Module):
@@ -106,7 +105,7 @@ def train_medusa(recipe: Recipe, examples: list[Example] | None = None, *, outpu
 
     base_dir, seqs = prepare_training_sequences(recipe, examples, base_dir, generator, log)
     torch.manual_seed(recipe.seed)
-    model = load_base_model(base_dir, _DTYPES[recipe.dtype])
+    model = load_base_model(base_dir, CPU_DTYPES[recipe.dtype])
     cfg = model.config
     d = cfg.hidden_size
     K = num_heads or recipe.num_streams
@@ -137,7 +136,7 @@ def train_medusa(recipe: Recipe, examples: list[Example] | None = None, *, outpu
         if missing:
             with torch.no_grad():
                 ids, mask = pad_ids([seqs[i] for i in missing])
-                _, final = run_main(model, ids, mask, [], True)
+                final = main_pass(model, ids, [], mask, with_logits=False, with_final=True).final
             for j, i in enumerate(missing):
                 cache[i] = final[j, :seqs[i].length].clone()
         B, A = anchors.shape

@@ -109,8 +109,13 @@ class Recipe(_Strict):
     init_from: Optional[str] = Field(
         None, description="start from this stream checkpoint (its tensors, vocabulary and, for "
                           "teacher-forced data, its data cursor: training continues on unseen data)")
-    dtype: Literal["float32", "bfloat16"] = Field(
-        "float32", description="dtype of the frozen base model during training")
+    device: str = Field(
+        "auto", description='where training runs: "auto" (CUDA when available, else the CPU), '
+                            '"cpu", "cuda" or "cuda:N"; under torchrun each process takes its '
+                            "own GPU")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description='dtype of the frozen base model during training; "auto": bfloat16 '
+                            "on CUDA, float32 on the CPU")
     stream_dtype: Literal["float32"] = "float32"
     main_dtype: Optional[Literal["float32", "bfloat16"]] = Field(
         None, description="teacher-forced data: dtype of the no-grad main pass (null = dtype); "
@@ -140,6 +145,12 @@ class Recipe(_Strict):
         0.0, ge=0.0, lt=1.0,
         description="written to the checkpoint's greedy proposal: the proposer cuts a draft at "
                     "the first stream whose top-1 probability is below this (0 = never)")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        from .device import check_device_name
+        return check_device_name(value)
 
     @model_validator(mode="after")
     def _consistent(self) -> "Recipe":

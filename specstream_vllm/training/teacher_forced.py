@@ -18,11 +18,13 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import next_token_features
-from ..reference.streams import MainPass, StreamParams, stream_logits, teacher_tokens, unwrap_causal_lm
+from ..reference.streams import MainPass, StreamParams, main_pass, teacher_tokens, unwrap_causal_lm
 from .conversations import (ConversationStream, EncodedConversation, frequent_tokens, load_conversations,
                             training_units)
 from .losses import chunked_argmax, chunked_lm_loss
+from .parallel import shard
 from .recipe import Recipe
+from .source import StepOutput, Trainee, restricted_head
 
 MANIFEST_NAME = "data_manifest.json"
 
@@ -148,9 +150,8 @@ def read_manifest(ckpt_dir: Path) -> dict | None:
 
 @torch.no_grad()
 def _main_pass(model, ids, mask, layer_ids, dtype: torch.dtype):
-    from .trainer import run_main
-    layers, final = run_main(model, ids, mask, layer_ids, True)
-    return {k: v.to(dtype) for k, v in layers.items()}, final
+    out = main_pass(model, ids, layer_ids, mask, with_logits=False, with_final=True)
+    return {k: v.to(dtype) for k, v in out.layer_inputs.items()}, out.final
 
 
 @torch.no_grad()
@@ -166,8 +167,9 @@ def fit_token_map(model, params: StreamParams, data: TeacherForcedData, recipe: 
     positions, truncated to the map's rank by SVD.
     """
     d = params.stream_embeddings.shape[1]
-    ete = torch.zeros(d, d, dtype=torch.float64)
-    etd = torch.zeros(d, d, dtype=torch.float64)
+    dev = params.stream_embeddings.device
+    ete = torch.zeros(d, d, dtype=torch.float64, device=dev)
+    etd = torch.zeros(d, d, dtype=torch.float64, device=dev)
     n = 0
     embed = model.get_input_embeddings()
     first = params.first_layer
@@ -176,7 +178,7 @@ def fit_token_map(model, params: StreamParams, data: TeacherForcedData, recipe: 
         if not batch:
             break
         n += len(batch)
-        ids, mask, _ = pad_encoded(batch)
+        ids, mask, _ = (t.to(params.stream_embeddings.device) for t in pad_encoded(batch))
         layers, _ = _main_pass(main_model or model, ids, mask, [first], torch.float32)
         h = layers[first].double()
         sel = mask[:, 1:] > 0
@@ -185,7 +187,8 @@ def fit_token_map(model, params: StreamParams, data: TeacherForcedData, recipe: 
         ete += e.T @ e
         etd += e.T @ dh
         data.tokens_seen += int(mask.sum())
-    w = torch.linalg.solve(ete + ridge * ete.diagonal().mean() * torch.eye(d, dtype=ete.dtype), etd).T
+    eye = torch.eye(d, dtype=ete.dtype, device=dev)
+    w = torch.linalg.solve(ete + ridge * ete.diagonal().mean() * eye, etd).T
     u, sv, vh = torch.linalg.svd(w)
     r = params.token_map_rank
     params.token_map_B.copy_((u[:, :r] * sv[:r].sqrt()).float())
@@ -195,43 +198,89 @@ def fit_token_map(model, params: StreamParams, data: TeacherForcedData, recipe: 
         "full map's energy)")
 
 
-def tf_step(model, params: StreamParams, data: TeacherForcedData, recipe: Recipe,
-            lm_weight_vocab: torch.Tensor, step: int, main_model=None,
-            lm_bias_vocab: torch.Tensor | None = None):
-    """Loss and per-(anchor, stream) correctness of one step, or None when data ran out.
+class TeacherForcedSource:
+    """Teacher-forced conversations as the trainer's data source: one pass, no epochs.
 
-    Returns ``(loss, correct [B, A, g], valid [B, A, g])``; correct = the stream's top-1
-    equals the base model's top-1 (both over the draft vocabulary)."""
-    batch = data.stream.take(recipe.batch_size)
-    if not batch:
-        return None
-    g = recipe.num_streams
-    ids, mask, asst = pad_encoded(batch)
-    lens = mask.sum(1)
-    layers, final = _main_pass(main_model or model, ids, mask, list(params.layer_ids), model.dtype)
-    rng = torch.Generator().manual_seed(recipe.seed * 1_000_003 + step)
-    run = assistant_runs(asst)
-    anchors, avalid = sample_tf_anchors(run, lens, recipe.anchors_per_seq, rng)
-    B, A = anchors.shape
-    T = ids.shape[1]
-    main = MainPass(None, layers, torch.arange(T).unsqueeze(0).expand(B, T))
-    bidx = torch.arange(B)[:, None]
-    next_tokens = teacher_tokens(params, ids, anchors, g)
-    hidden = stream_logits(model, params, main, anchors, g, return_hidden=True,
-                           next_tokens=next_tokens)  # [B, A, g, d]
-    js = torch.arange(1, g + 1)
-    # stream j's target: the base model at t+j; x_{t+1..t+1+j} must all be assistant tokens
-    valid = avalid[:, :, None] & (run[bidx, anchors + 1][:, :, None] >= js + 1)
-    if recipe.chain_targets:
-        valid = chain_consistent(valid, anchors, ids, final, unwrap_causal_lm(model).lm_head,
-                                 recipe.lm_head_chunk)
-    tpos = torch.minimum(anchors[:, :, None] + js, (lens - 1)[:, None, None])
-    target_h = final[torch.arange(B)[:, None, None], tpos].reshape(-1, final.shape[-1])
-    counts = valid.sum(dim=(0, 1)).clamp(min=1).float()
-    wts = valid.float() * (torch.tensor(recipe.stream_weights()) / counts)[None, None, :]
-    d = hidden.shape[-1]
-    loss, correct = chunked_lm_loss(hidden.reshape(-1, d), lm_weight_vocab, None, wts.reshape(-1),
-                                    recipe.lm_head_chunk, target_h.float(), bias=lm_bias_vocab)
-    data.tokens_seen += int(lens.sum())
-    data.anchors_seen += int(avalid.sum())
-    return loss, correct.reshape(B, A, g), valid
+    Per step the next ``batch_size`` unseen windows (x world size under torchrun, each
+    rank taking its share) run through the frozen base model; stream j at anchor t is
+    trained towards the base model's distribution at t+j over the draft vocabulary."""
+
+    def __init__(self, trainee: Trainee, data: TeacherForcedData, log=print):
+        self.t, self.data, self.log = trainee, data, log
+        r = trainee.recipe
+        self.steps_per_epoch = max(1, data.stream.windows_remaining()
+                                   // (r.batch_size * trainee.ranks.world_size))
+        self.lm_weight = self.lm_bias = None
+
+    def describe(self) -> str:
+        return (f"teacher-forced conversations from #{self.data.stream.cursor:,} "
+                f"({self.data.tokens_seen:,} tokens seen before)")
+
+    def plan(self, step: int, resumed: bool) -> int:
+        r = self.t.recipe
+        if resumed:  # a resumed stream run goes on for max_steps / the data left more
+            return step + (r.max_steps or self.steps_per_epoch)
+        return min(self.steps_per_epoch, r.max_steps) if r.max_steps else self.steps_per_epoch
+
+    def set_lm_head(self, log) -> None:
+        vocab = self.t.params.draft_vocab
+        self.lm_weight, self.lm_bias = restricted_head(self.t.model, vocab)
+        log(f"[train] training softmax over the {vocab.numel():,}-token draft vocabulary")
+
+    def state(self) -> dict:
+        return self.data.manifest(self.t.recipe)
+
+    def begin_segment(self, step: int) -> None:
+        import time
+        self.segment = {"start_step": step, "start_conversation": self.data.stream.cursor,
+                        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                        "device": str(self.t.device), "world_size": self.t.ranks.world_size}
+        self.data.segments.append(self.segment)
+
+    def on_save(self, out_dir: Path, step: int, seconds: float) -> None:
+        self.segment.update(end_step=step, end_conversation=self.data.stream.cursor,
+                            seconds=round(seconds, 1), tokens_seen=self.data.tokens_seen)
+        self.data.write_manifest(self.t.recipe, out_dir)
+
+    def step(self, step: int) -> StepOutput | None:
+        """Loss and per-(anchor, stream) correctness of one step, or None when data ran out;
+        correct = the stream's top-1 equals the base model's top-1 (both over the draft
+        vocabulary)."""
+        t, r, data = self.t, self.t.recipe, self.data
+        world = t.ranks.world_size
+        batch = data.stream.take(r.batch_size * world)
+        if len(batch) < world or not batch:
+            return None
+        tokens_all = sum(e.length for e in batch)
+        batch = shard(batch, t.ranks)
+        g, dev = r.num_streams, t.device
+        ids, mask, asst = pad_encoded(batch)
+        lens = mask.sum(1)
+        tokens = int(lens.sum())
+        rng = torch.Generator().manual_seed(r.seed * 1_000_003 + step + 7_919_000 * t.ranks.rank)
+        run = assistant_runs(asst)
+        anchors, avalid = sample_tf_anchors(run, lens, r.anchors_per_seq, rng)
+        B, A = anchors.shape
+        js = torch.arange(1, g + 1)
+        # stream j's target: the base model at t+j; x_{t+1..t+1+j} must all be assistant tokens
+        valid = avalid[:, :, None] & (run[torch.arange(B)[:, None], anchors + 1][:, :, None] >= js + 1)
+        ids, mask, lens, anchors, valid = (x.to(dev) for x in (ids, mask, lens, anchors, valid))
+        js = js.to(dev)
+        layers, final = _main_pass(t.main_model or t.model, ids, mask, list(t.params.layer_ids),
+                                   t.model.dtype)
+        T = ids.shape[1]
+        main = MainPass(None, layers, torch.arange(T, device=dev).unsqueeze(0).expand(B, T))
+        hidden = t.forward(main, anchors, g, teacher_tokens(t.params, ids, anchors, g))  # [B, A, g, d]
+        if r.chain_targets:
+            valid = chain_consistent(valid, anchors, ids, final, unwrap_causal_lm(t.model).lm_head,
+                                     r.lm_head_chunk)
+        tpos = torch.minimum(anchors[:, :, None] + js, (lens - 1)[:, None, None])
+        target_h = final[torch.arange(B, device=dev)[:, None, None], tpos].reshape(-1, final.shape[-1])
+        counts = valid.sum(dim=(0, 1)).clamp(min=1).float()
+        wts = valid.float() * (t.stream_weights() / counts)[None, None, :]
+        d = hidden.shape[-1]
+        loss, correct = chunked_lm_loss(hidden.reshape(-1, d), self.lm_weight, None, wts.reshape(-1),
+                                        r.lm_head_chunk, target_h.float(), bias=self.lm_bias)
+        data.tokens_seen += tokens_all
+        data.anchors_seen += int(avalid.sum()) * world
+        return StepOutput(loss, correct.reshape(B, A, g), valid, tokens)
