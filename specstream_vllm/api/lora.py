@@ -206,7 +206,8 @@ class LoRAAdapter:
         from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
         from ..reference.streams import StreamParams
-        from ..training.trainer import _DTYPES, _export, load_base_model
+        from ..training.checkpoint_io import export as _export
+        from ..training.device import CPU_DTYPES as _DTYPES, load_base_model
         tensors = self._require()
         r = self.recipe
         model = load_base_model(self.base_dir, _DTYPES[r.dtype])
