@@ -243,7 +243,7 @@ class MSAMixin:
             rows = w.index_select(0, vocab)
             head = None
             if getattr(self, "draft_bf16", False):
-                from specstream_vllm.vllm_integration.compat import bf16_matmul
+                from specstream_vllm.vllm_integration.patches.kernels import bf16_matmul
                 head = bf16_matmul(rows)
             if head is None:
                 w_t = rows.t().contiguous()

@@ -15,7 +15,6 @@ or up alone) and ``mlp_out`` (down). Shards follow the linear's own TP sizes.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,6 +22,8 @@ from typing import Callable, Literal
 
 import torch
 import torch.nn as nn
+
+from specstream_vllm import envs
 
 from .msa import MSAMixin, ShardedLoRA, StreamSettings, _tp
 
@@ -95,7 +96,7 @@ class StreamModel(MSAMixin):
         if self.layout.qk_norm is None and (hasattr(attn, "q_norm") or hasattr(attn, "k_norm")):
             raise ValueError(f"q/k-norm attention is not supported by {type(self).__name__}")
         self._compiled_stream_forward = None
-        if not vllm_config.model_config.enforce_eager and os.environ.get("SPECSTREAM_COMPILE_DRAFT") != "0":
+        if not vllm_config.model_config.enforce_eager and envs.get("SPECSTREAM_COMPILE_DRAFT"):
             self._compiled_stream_forward = torch.compile(self._stream_forward, dynamic=True)
 
     def stream_decoder(self) -> nn.Module:
@@ -120,15 +121,15 @@ class StreamModel(MSAMixin):
 
     def _set_draft_precision(self) -> None:
         """``draft_precision`` bfloat16 (or auto on a CPU with native bf16, float32 served):
-        each stream-layer linear gets a bf16 stand-in (compat.bf16_linear) and the draft
+        each stream-layer linear gets a bf16 stand-in (patches.kernels.bf16_linear) and the draft
         head a bf16 copy of its rows. At batch 1 a pass is bound by reading its layers'
         weights (SmolLM2: 4 layers, 57 MB in float32: ~4 ms of a ~6 ms pass on one EPYC
         core), so half the bytes is most of the pass. Here, in ``load_weights``, because
         vLLM-CPU drops the float32 weights right after it."""
-        from specstream_vllm.vllm_integration import compat
+        from specstream_vllm.vllm_integration.patches import kernels
         want = self.stream_settings.draft_precision
         served_fp32 = self.stream_embeddings.dtype == torch.float32
-        use = want == "bfloat16" or (want == "auto" and served_fp32 and compat.native_bf16_cpu())
+        use = want == "bfloat16" or (want == "auto" and served_fp32 and kernels.native_bf16_cpu())
         self.draft_bf16 = False
         L = self.layout
         for li in range(self.stream_settings.first_layer, self.stream_settings.num_layers):
@@ -136,7 +137,7 @@ class StreamModel(MSAMixin):
             attn = get(lay, L.attn)
             for lin in (get(attn, L.qkv), get(attn, L.o_proj), get(lay, L.mlp[0]), get(lay, L.mlp[2])):
                 # None for anything but an unquantized float32 linear (bf16_linear decides)
-                lin.specstream_bf16 = compat.bf16_linear(lin) if use else None
+                lin.specstream_bf16 = kernels.bf16_linear(lin) if use else None
                 self.draft_bf16 = self.draft_bf16 or lin.specstream_bf16 is not None
         self._draft_head_cache = (None, None)
         if use and not self.draft_bf16:

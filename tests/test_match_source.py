@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from specstream_vllm.vllm_integration.draft_policy import (STREAMS, Candidates, DraftPolicy,
-                                                           PolicyConfig)
+from specstream_vllm.policy import STREAMS, Candidates, DraftPolicy, PolicyConfig
 from specstream_vllm.vllm_integration.match_source import (NgramMatch, SuffixMatch, TokenView,
                                                            confidence, make_match_source)
 
@@ -89,10 +88,10 @@ def test_suffix_prefill_and_max_model_len():
 
 _NGRAM_CHECK = """
 import json, numpy as np
-from specstream_vllm.vllm_integration import compat
+from specstream_vllm.vllm_integration import vllm_ops
 from specstream_vllm.vllm_integration.match_source import NgramMatch, TokenView
 from tests.test_match_source import PROMPT, view
-m = NgramMatch(compat.ngram_kernel(), min_n=2, max_n=5)
+m = NgramMatch(vllm_ops.ngram_kernel(), min_n=2, max_n=5)
 hit = m.propose(view({"a": (PROMPT, [11, 12, 13])}), [0], max_tokens=4)[0]
 miss = m.propose(view({"a": (PROMPT, [40, 41])}), [0], max_tokens=4)[0]
 print(json.dumps([hit.token_ids, hit.match_len, hit.confidence, miss]))
@@ -288,8 +287,8 @@ def test_match_calibration_learns_from_its_own_acceptance():
                              torch.tensor([1 if torch.rand(()) < 0.2 else 0]), "suffix")
     after = p.expected(c)[0, 0].item()
     assert after < 0.45 < before
-    assert p.source_calib["suffix"].per_position()[0]["n"] == 100
-    assert p.calib.per_position()[0]["n"] == 0              # the streams' calibration untouched
+    assert p.calibration.sources["suffix"].per_position()[0]["n"] == 100
+    assert p.calibration.streams.per_position()[0]["n"] == 0  # the streams' calibration untouched
     assert p.decide(torch.tensor([[0.9, 0.8, 0.7, 0.6]]), 1, c).source == [STREAMS]
 
 
@@ -299,7 +298,7 @@ def test_fixed_mode_takes_the_draft_with_more_expected_tokens():
     choice = p.decide(streams, 2, cands([[0.9, 0.9, 0.9, 0.9], [0.6]]))
     assert choice.source == ["suffix", STREAMS]
     assert choice.lengths.tolist() == [4, 4]
-    assert p.choose(streams).tolist() == [2, 4]              # streams alone: the cut as before
+    assert p.decide(streams).lengths.tolist() == [2, 4]              # streams alone: the cut as before
 
 
 def test_forced_off_blocks_every_source():
@@ -353,8 +352,8 @@ def test_match_config_key_env_checkpoint_and_widening(tiny_llama_dir, tmp_path, 
 def test_per_source_stats_survive_vllms_msgpack():
     """The engine core sends SchedulerStats to the front end with vLLM's msgpack encoder:
     the per-source field is a real dataclass field, not a dropped attribute."""
-    from specstream_vllm.vllm_integration import compat
-    compat._add_stats_field()  # what the plugin does when vllm.v1.spec_decode.metrics loads
+    from specstream_vllm.vllm_integration.patches import metrics
+    metrics.add_stats_field()  # what the plugin does when vllm.v1.spec_decode.metrics loads
     from vllm.v1.engine import EngineCoreOutputs
     from vllm.v1.metrics.stats import SchedulerStats
     from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder

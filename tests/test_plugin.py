@@ -29,9 +29,11 @@ def test_runner_patched_when_imported():
     from specstream_vllm.plugin import register
     register()
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-    from specstream_vllm.vllm_integration.compat import GPUModelRunnerPatch
+    from specstream_vllm.vllm_integration.patches.runner import GPUModelRunnerPatch
     assert GPUModelRunner.propose_draft_token_ids is GPUModelRunnerPatch.__dict__["propose_draft_token_ids"]
-    assert GPUModelRunnerPatch.original("propose_draft_token_ids") is not None
+    original = GPUModelRunnerPatch.original("propose_draft_token_ids")
+    assert (original.__module__, original.__qualname__) == (
+        "vllm.v1.worker.gpu_model_runner", "GPUModelRunner.propose_draft_token_ids")
 
 
 def test_patch_keeps_originals_and_refuses_double_apply():
@@ -74,3 +76,89 @@ def test_plugin_loads_in_ray_worker():
         assert registered and post_init.startswith("SpeculativeConfigPatch")
     finally:
         ray.shutdown()
+
+
+def test_every_vllm_symbol_the_patches_need_exists():
+    """The audit a new vLLM version gets before the pin moves."""
+    from specstream_vllm.vllm_integration import patches
+    needed = patches.required_vllm_symbols()
+    assert "vllm.v1.worker.gpu_model_runner:GPUModelRunner.execute_model" in needed["runner"]
+    assert patches.missing_vllm_symbols() == []
+
+
+def test_each_vllm_attribute_is_patched_once():
+    from specstream_vllm.vllm_integration import patches
+    seen: dict[str, str] = {}
+    for module in patches.patch_modules():
+        for patch in patches.patches_of(module):
+            for attr in patch.replaced():
+                key = f"{patch.target_name}.{attr}"
+                assert key not in seen, f"{key} patched by {seen[key]} and {patch.__name__}"
+                seen[key] = patch.__name__
+    assert len(seen) > 20
+
+
+def test_version_gate_override_is_read_through_envs(monkeypatch):
+    from specstream_vllm.errors import VersionMismatchError
+    from specstream_vllm.vllm_integration import patches
+    monkeypatch.setattr(patches, "installed_vllm_version", lambda: "0.33.1")
+    monkeypatch.delenv(patches.VERSION_OVERRIDE_ENV, raising=False)
+    with pytest.raises(VersionMismatchError, match=patches.VERSION_OVERRIDE_ENV):
+        patches.apply_all()
+    monkeypatch.setenv(patches.VERSION_OVERRIDE_ENV, "1")
+    assert patches.check_vllm_version() == "0.33.1"
+
+
+def _imports(path, package: str) -> set[str]:
+    """Modules of this project that ``path`` imports (any level, function bodies too)."""
+    import ast
+    tree = ast.parse(path.read_text())
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")
+            if node.level:
+                base = base[: len(base) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            out.add(mod)
+            out.update(f"{mod}.{a.name}" for a in node.names)
+    return out
+
+
+def test_no_import_cycles():
+    """Between the modules of specstream_vllm and model_patches (every import, also the
+    deferred ones inside functions: a deferred cycle is still a cycle of dependencies)."""
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    modules = {}
+    for top in ("specstream_vllm", "model_patches"):
+        for f in (root / top).rglob("*.py"):
+            parts = list(f.relative_to(root).with_suffix("").parts)
+            is_pkg = parts[-1] == "__init__"
+            name = ".".join(parts[:-1] if is_pkg else parts)
+            modules[name] = (f, name if is_pkg else name.rpartition(".")[0])
+    graph = {name: sorted(m for m in _imports(f, pkg) if m in modules and m != name)
+             for name, (f, pkg) in modules.items()}
+    # a package importing its own submodules is how packages work, not a cycle
+    graph = {n: [m for m in deps if not n.startswith(m + ".")] for n, deps in graph.items()}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(n):
+        state[n] = 1
+        stack.append(n)
+        for m in graph[n]:
+            if state.get(m) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(m):] + [m]))
+            if m not in state:
+                visit(m)
+        stack.pop()
+        state[n] = 2
+
+    for n in sorted(graph):
+        if n not in state:
+            visit(n)

@@ -6,12 +6,13 @@ from types import SimpleNamespace
 
 import pytest
 
-from specstream_vllm.vllm_integration import compat, proposer
+from specstream_vllm.vllm_integration import proposer, vllm_ops
 
 
 def broken_proposer() -> proposer.SpecStreamProposer:
     p = object.__new__(proposer.SpecStreamProposer)
     p.errors, p._pending, p.last_sources = 0, {"r0": ("streams", [0.5])}, ["streams"]
+    p._profile, p._raise_errors = False, False
 
     def fail(**kwargs):
         raise AttributeError("'NoneType' object has no attribute 'token_ids'")
@@ -26,8 +27,7 @@ def call(p):
 
 
 def test_failed_drafting_runs_the_step_without_drafts(monkeypatch, caplog):
-    monkeypatch.setattr(proposer, "_RAISE_ERRORS", False)
-    monkeypatch.setattr(compat, "tp_world_size", lambda: 1)
+    monkeypatch.setattr(vllm_ops, "tp_world_size", lambda: 1)
     p = broken_proposer()
     with caplog.at_level("ERROR", logger="vllm.specstream"):
         assert call(p) == [[], [], []]
@@ -37,11 +37,24 @@ def test_failed_drafting_runs_the_step_without_drafts(monkeypatch, caplog):
 
 
 def test_errors_raise_under_tensor_parallelism_and_in_tests(monkeypatch):
-    monkeypatch.setattr(proposer, "_RAISE_ERRORS", False)
-    monkeypatch.setattr(compat, "tp_world_size", lambda: 2)   # a collective could fall out of step
+    monkeypatch.setattr(vllm_ops, "tp_world_size", lambda: 2)   # a collective could fall out of step
     with pytest.raises(AttributeError):
         call(broken_proposer())
-    monkeypatch.setattr(compat, "tp_world_size", lambda: 1)
-    monkeypatch.setattr(proposer, "_RAISE_ERRORS", True)
+    monkeypatch.setattr(vllm_ops, "tp_world_size", lambda: 1)
+    p = broken_proposer()
+    p._raise_errors = True          # SPECSTREAM_RAISE_ERRORS=1, read when the proposer is built
     with pytest.raises(AttributeError):
-        call(broken_proposer())
+        call(p)
+
+
+def test_debug_switches_are_read_when_the_proposer_is_built(monkeypatch):
+    """Set after import, before the engine starts (as SpeculativeEngine and the tests do)."""
+    from specstream_vllm.vllm_integration import proposer as module
+    monkeypatch.setenv("SPECSTREAM_RAISE_ERRORS", "1")
+    monkeypatch.setenv("SPECSTREAM_DRAFT_LOG", "/tmp/drafts.jsonl")
+    monkeypatch.setattr(module, "make_match_source", lambda *a: None)
+    hf = SimpleNamespace(specstream_policy={"match": {"source": "none"}})
+    cfg = SimpleNamespace(speculative_config=SimpleNamespace(num_speculative_tokens=3),
+                          model_config=SimpleNamespace(hf_config=hf))
+    p = module.SpecStreamProposer(cfg, "cpu", runner=object())
+    assert p._raise_errors is True and p._draft_log == "/tmp/drafts.jsonl"

@@ -110,7 +110,7 @@ def test_unsupported_opt_variant(tmp_path, streams, variant, words):
 
 def test_version_mismatch_is_refused(monkeypatch):
     from specstream_vllm.errors import VersionMismatchError
-    from specstream_vllm.vllm_integration import compat
+    from specstream_vllm.vllm_integration import patches as compat
     monkeypatch.setattr("importlib.metadata.version", lambda name: "0.31.9")
     with pytest.raises(VersionMismatchError, match="pinned to vLLM 0.32.0 but vLLM 0.31.9"):
         compat.check_vllm_version()

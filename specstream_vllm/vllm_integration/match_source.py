@@ -4,14 +4,14 @@ On repetitive text (code to copy, lists, a small model's own loops) a continuati
 in the request's own context beats any learned head; on new text there is none and the
 streams draft. This module only finds the match; which draft a request proposes (and how
 long) is the draft policy's choice (draft_policy.py), made by the proposer. No vLLM
-here: compat.py hands in a :class:`TokenView` of the runner's batch and, for ``ngram``,
+here: the proposer hands in a :class:`TokenView` of the runner's batch and, for ``ngram``,
 vLLM's own n-gram kernel.
 
 * ``suffix``: arctic-inference's ``SuffixDecodingCache`` (the implementation vLLM's
   ``suffix`` method uses): a suffix tree over each active request's prompt and response,
   plus a global tree of earlier responses (bounded, FIFO eviction). The draft comes with
-  the tree's own per-token probabilities (path frequencies), their sum (``score``) and the
-  length of the matched context.
+  the tree's own per-token probabilities (path frequencies) and the length of the
+  matched context.
 * ``ngram``: vLLM's prompt-lookup kernel (``NgramProposer``'s numba function): the
   continuation after the longest earlier occurrence (``ngram_min`` .. ``ngram_max``
   tokens) of the context's last tokens. The kernel returns the draft only; the match
@@ -53,7 +53,6 @@ class TokenView:
 class MatchDraft:
     token_ids: list[int]
     confidence: list[float]        # raw per-position confidence, see confidence()
-    score: float                   # the source's own score (suffix: sum of path probs)
     match_len: int                 # context tokens matched
 
 
@@ -165,7 +164,7 @@ class SuffixMatch:
             self.stats.found += 1
             ids = list(d.token_ids)[:room]
             out.append(MatchDraft(ids, confidence(d.probs, len(ids), d.match_len),
-                                  float(d.score), int(d.match_len)))
+                                  int(d.match_len)))
         return out
 
     def state(self) -> dict:
@@ -214,7 +213,7 @@ class NgramMatch:
                     break
             self.stats.found += 1
             ids = [int(t) for t in draft]
-            out.append(MatchDraft(ids, confidence(None, len(ids), length), float(len(ids)), length))
+            out.append(MatchDraft(ids, confidence(None, len(ids), length), length))
         return out
 
     def state(self) -> dict:

