@@ -21,9 +21,6 @@ SPECSTREAM_MATCH = {"specstream-streams": "none", "specstream-suffix": "suffix",
 ABLATIONS = {"noguard": {"SPECSTREAM_POLICY_REALIZED_GUARD": "0"},
              "nobudget": {"SPECSTREAM_POLICY_MATCH_BUDGET": "0"},
              "fixed": {"SPECSTREAM_DRAFT_POLICY": "fixed"},    # every stream, every step
-             "guard102": {"SPECSTREAM_POLICY_GUARD_TARGET": "1.02"},  # the guard's bar until s16
-             # accepted tokens priced lower where the batch only drains (batch_turnover.py)
-             "drain": {"SPECSTREAM_POLICY_DRAIN_VALUE": "1"},
              # never drafts, never probes: what a speculative engine costs with nothing drafted
              "off": {"SPECSTREAM_POLICY_FORCE_OFF_STEPS": str(10**9)}}
 

@@ -1,1 +1,29 @@
-"""How many tokens to draft per request and step, chosen from measured costs."""
+"""The draft policy: how many tokens each request drafts every step, and from which source.
+
+Pure torch and Python, no vLLM: the proposer feeds it what it observes and asks it to plan
+the stream pass and to choose the drafts. The objective is tokens per second of the whole
+step, from measured step costs and calibrated acceptance; speculation is off where it
+cannot pay.
+
+Modules, one job each (imports only go down this list):
+
+* ``config``      PolicyConfig: the proposer's settings and the tuned constants.
+* ``decisions``   Candidates, Plan, Choice, STREAMS: what proposer and policy exchange.
+* ``stats``       PolicyStats: counters for reports, how a step is counted.
+* ``costs``       StepCosts: verification and draft-pass seconds per batch size and draft
+                  count (measured cells, a linear fit elsewhere).
+* ``calibration`` Calibration: raw stream probabilities and match confidences corrected
+                  online from their own acceptance, per position and bin.
+* ``guard``       RealizedGuard: raises the bar where drafting steps realized less than
+                  steps without drafts, per batch-size bucket.
+* ``budget``      MatchBudget: pauses match lookups where they cost more than they saved.
+* ``selection``   the step's arithmetic: likeliest slots first, best draft count.
+* ``schedule``    PassSchedule: when the stream pass runs, probes while it does not.
+* ``policy``      DraftPolicy: composes the above; ``plan`` before the pass, ``decide``
+                  after it, ``continue_chain`` between chain passes, ``observe_*``.
+"""
+from .config import MODES, PolicyConfig
+from .decisions import STREAMS, Candidates, Choice, Plan
+from .policy import DraftPolicy
+
+__all__ = ["MODES", "PolicyConfig", "STREAMS", "Candidates", "Choice", "Plan", "DraftPolicy"]

@@ -1,14 +1,12 @@
-"""Whether looking for matches pays at a batch size: the seconds the lookups cost against
-the seconds the match drafts saved.
+"""Match-draft budget: whether looking for matches pays at a batch size, i.e. the seconds
+the lookups cost against the seconds the match drafts saved.
 
-The policy prices each match draft before verifying it, but not the search that found it:
-feeding the suffix trees, the lookup, the calibration of the candidates and the larger
-plan cost ~1.2 ms a step at batch 16 (SmolLM2, one EPYC core; 1.78 against 0.55 ms of
-proposer time without matches), and on MT-Bench they bought 8 drafting steps in 96 whose
-realized speed-up was ~1.01x. That is a net loss of ~1% of every step, at every step.
+The policy prices each match draft before verifying it, but not the search that found it
+(feeding the suffix trees, the lookup, calibrating the candidates, a larger plan). At large
+batches that search can cost more every step than the few match drafts that pay save.
 
-So per batch-size bucket (1, 2-3, 4-7, ...; see realized_guard.bucket) two exponentially
-decayed sums (per step, ~50-step memory) are kept:
+So per batch-size bucket (1, 2-3, 4-7, ...; see guard.bucket) two exponentially decayed
+sums (per step, ~50-step memory) are kept:
 
 * ``spent``: seconds of every lookup;
 * ``saved``: for every step whose drafts came (in part) from matches,
@@ -18,11 +16,11 @@ decayed sums (per step, ~50-step memory) are kept:
 
 After ``min_lookups`` lookups in a bucket, ``saved < spent`` pauses lookups there: one
 probe lookup after 8, 16, ... 128 steps, whose drafts (if any) are counted as before.
-Lookups resume as soon as ``saved >= spent`` again -- a stretch of text that repeats
+Lookups resume as soon as ``saved >= spent`` again: a stretch of text that repeats
 itself pays for its lookups within a probe or two."""
 from __future__ import annotations
 
-from .realized_guard import bucket
+from .guard import bucket
 
 
 class MatchBudget:

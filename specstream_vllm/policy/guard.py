@@ -1,10 +1,10 @@
-"""What drafting really bought, per batch size, and the extra predicted gain the draft
-policy asks of a draft where it bought less than nothing.
+"""Realized-speed guard: what drafting really bought, per batch size, and the extra
+predicted gain the policy asks of a draft where it bought less than its bar.
 
 The policy predicts each step's speed-up from calibrated acceptance and measured step
 costs; both are estimates, and when they are wrong in the costly direction (a draft-cost
-cell measured once or twice on a busy machine, a source whose confidence drifts) the server
-is slower for as long as the estimate stays wrong. So every step that verified drafts is checked
+cell measured on a busy machine, a source whose confidence drifts) the server is slower
+for as long as the estimate stays wrong. So every step that verified drafts is checked
 against the same batch size's step without drafts:
 
     realized = (tokens produced / step seconds) / (requests / no-draft step seconds)
@@ -12,15 +12,13 @@ against the same batch size's step without drafts:
 with the step's whole wall time (verification, the next draft pass, lookups). Per batch
 size bucket (1, 2-3, 4-7, ...), a running mean of that ratio drives an integral
 controller: below ``target`` the bucket's margin grows, above it the margin shrinks to 0;
-the policy adds the margin to the gain a plan must predict (``DraftPolicy._best``). A bad
-estimate therefore costs a few steps, not the run; where drafts pay, the margin stays 0
-and nothing changes (SmolLM2 on one EPYC core: drafting steps realized 1.01x at batch
-16-31 and 1.2-1.9x below, so the margin stayed at or near 0 there).
+the policy adds the margin to the gain a plan must predict. A bad estimate therefore
+costs a few steps, not the run; where drafts pay, the margin stays 0 and nothing changes.
 
-The draft policy sets ``target`` to its own plan's bar (1 + ``min_gain``, 8%): a step's
-own time misses part of what drafting costs (steps that also prefill are not measured,
-nor anything between steps), and online at 16 concurrent requests drafting steps that
-realized 1.01-1.09x went with a server at 0.87x of no speculation."""
+The policy sets ``target`` to its own plan's bar (1 + ``min_gain``): a step's own time
+misses part of what drafting costs (steps that also prefill are not measured, nor
+anything between steps), so a bar at break-even lets a server run slower than without
+speculation."""
 from __future__ import annotations
 
 
