@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import torch
 
 from specstream_vllm.errors import CheckpointError, ConfigError, SpecStreamError
 from specstream_vllm.reference.init import init_checkpoint
+from tests.test_startup_errors import without_arctic  # noqa: F401 (fixture)
 from tests.test_vllm_integration import streams_for_smollm2
 
 
@@ -140,6 +142,44 @@ def test_other_bad_arguments(streams, smollm2_dir, tmp_path):
         SpeculativeEngine(model=str(smollm2_dir))  # base model without specstream/ folder
     with pytest.raises(CheckpointError):
         SpeculativeEngine(streams=str(tmp_path / "missing"))
+
+
+def test_engine_and_deployment_build_the_same_speculative_config(streams, monkeypatch):
+    """Our keys are SpecStreamOptions' fields, taken by SpeculativeEngine and DeploymentConfig
+    alike; min_draft_prob travels in the speculative config, not in the environment."""
+    import inspect
+
+    from specstream_vllm import DeploymentConfig, SpeculativeEngine
+    from specstream_vllm.options import OPTION_KEYS
+    assert set(OPTION_KEYS) <= set(inspect.signature(SpeculativeEngine).parameters)
+    assert set(OPTION_KEYS) <= set(DeploymentConfig.model_fields)
+    monkeypatch.delenv("SPECSTREAM_MIN_DRAFT_PROB", raising=False)
+    keys = {"min_draft_prob": 0.3, "draft_policy": "auto", "match": "ngram", "match_tokens": 6,
+            "draft_precision": "exact"}
+    eng = SpeculativeEngine(streams=str(streams), lazy=True, **keys)
+    cfg = DeploymentConfig(streams=str(streams), **keys)
+    spec = eng.llm_kwargs()["speculative_config"]
+    assert spec == cfg.speculative_config() == cfg.llm_kwargs(check_device=False)["speculative_config"]
+    assert {k: spec[k] for k in keys} == keys
+    argv = cfg.serve_command()
+    assert json.loads(argv[argv.index("--speculative-config") + 1]) == spec
+    assert "SPECSTREAM_MIN_DRAFT_PROB" not in os.environ
+    with pytest.raises(ValueError, match="match"):
+        DeploymentConfig(streams=str(streams), match="regex")
+    cfg.match = "none"  # validated on assignment too
+    assert cfg.speculative_config()["match"] == "none"
+
+
+def test_missing_match_package_refused_before_the_engine_starts(streams, without_arctic):
+    from specstream_vllm import DeploymentConfig, SpeculativeEngine
+    with pytest.raises(ConfigError, match="pip install arctic-inference"):
+        SpeculativeEngine(streams=str(streams), lazy=True, match="suffix")
+    eng = SpeculativeEngine(streams=str(streams), lazy=True, match="none")
+    assert eng.llm_kwargs()["speculative_config"]["match"] == "none"
+    cfg = DeploymentConfig(streams=str(streams), match="suffix")
+    cfg.serve_command()  # rendered for another machine: not checked here
+    with pytest.raises(ConfigError, match="pip install arctic-inference"):
+        cfg.llm_kwargs(check_device=True)
 
 
 def test_default_model_needs_streams_when_none_shipped(shipped_streams):

@@ -5,13 +5,31 @@ before any engine process exists; the plugin loads inside it as it does in vLLM.
 """
 from __future__ import annotations
 
+import importlib.abc
 import json
+import sys
 
 import pytest
 
 from specstream_vllm.checkpoint import LoraSpec
 from specstream_vllm.reference.init import init_checkpoint
 from tests.conftest import make_tiny_llama
+
+
+class _BlockArctic(importlib.abc.MetaPathFinder):
+    """An install without arctic-inference, simulated in this process."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "arctic_inference" or name.startswith("arctic_inference."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+@pytest.fixture
+def without_arctic(monkeypatch):
+    for name in [m for m in sys.modules if m == "arctic_inference" or m.startswith("arctic_inference.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "meta_path", [_BlockArctic(), *sys.meta_path])
 
 
 def engine_config(model, spec):
@@ -133,6 +151,14 @@ def test_min_draft_prob_from_checkpoint_and_env(tiny_llama_dir, streams, tmp_pat
     with pytest.raises(ValueError, match="must be a probability"):
         engine_config(tiny_llama_dir, spec)
     monkeypatch.delenv("SPECSTREAM_MIN_DRAFT_PROB")
+    # the speculative config's key: beats the checkpoint, the environment beats it
+    keyed = dict(spec, min_draft_prob=0.4)
+    assert engine_config(tiny_llama_dir, keyed).model_config.hf_config.specstream["min_draft_prob"] == 0.4
+    monkeypatch.setenv("SPECSTREAM_MIN_DRAFT_PROB", "0.5")
+    assert engine_config(tiny_llama_dir, keyed).model_config.hf_config.specstream["min_draft_prob"] == 0.5
+    monkeypatch.delenv("SPECSTREAM_MIN_DRAFT_PROB")
+    with pytest.raises(ValueError, match=r"min_draft_prob\"=1.5.*less than 1"):
+        engine_config(tiny_llama_dir, dict(spec, min_draft_prob=1.5))
     raw["speculators_config"]["proposal_methods"] = [{"proposal_type": "greedy", "min_draft_prob": -1}]
     (ck / "config.json").write_text(json.dumps(raw))
     with pytest.raises(ValueError, match="malformed"):
@@ -165,6 +191,7 @@ def test_draft_policy_key_default_env_and_refusal(tiny_llama_dir, streams, monke
     assert policy(base)["mode"] == "fixed"
     assert policy(dict(base, draft_policy="auto"))["mode"] == "auto"
     monkeypatch.delenv("SPECSTREAM_MIN_DRAFT_PROB")
+    assert policy(dict(base, min_draft_prob=0.3))["mode"] == "fixed"  # the key: the same rule
     with pytest.raises(ValueError, match="draft_policy"):
         engine_config(tiny_llama_dir, dict(base, draft_policy="sometimes"))
     with pytest.raises(Exception, match="draft_policy"):  # vLLM's own refusal for other methods
@@ -185,3 +212,29 @@ def test_draft_precision_key_default_env_and_refusal(tiny_llama_dir, streams, mo
     monkeypatch.delenv("SPECSTREAM_DRAFT_PRECISION")
     with pytest.raises(ValueError, match="draft_precision.*'half'"):
         engine_config(tiny_llama_dir, dict(base, draft_precision="half"))
+
+
+def test_missing_match_package_is_one_line_before_any_worker(without_arctic):
+    """The default match source ("suffix") needs arctic-inference: without it the front
+    end refuses in one line naming the pip command (the workers would each fail later)."""
+    from specstream_vllm.errors import ConfigError
+    from specstream_vllm.options import SpecStreamOptions, match_source
+    with pytest.raises(ConfigError, match=r"^match source \"suffix\" \(the default\) needs "
+                                          r"arctic-inference .*: pip install arctic-inference") as err:
+        match_source(SpecStreamOptions(), None)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="^match source \"suffix\" needs"):
+        match_source(SpecStreamOptions(match="suffix"), "none")  # the options' key wins ...
+    assert match_source(SpecStreamOptions(match="none"), "suffix") == "none"
+    assert match_source(SpecStreamOptions(), "ngram") == "ngram"  # ... then the checkpoint's
+
+
+def test_missing_match_package_refused_by_the_engine_config(tiny_llama_dir, streams, without_arctic,
+                                                            monkeypatch):
+    base = {"method": "specstream", "model": str(streams)}
+    with pytest.raises(ValueError, match="pip install arctic-inference"):
+        engine_config(tiny_llama_dir, base)
+    cfg = engine_config(tiny_llama_dir, dict(base, match="ngram"))
+    assert cfg.model_config.hf_config.specstream_policy["match"]["source"] == "ngram"
+    monkeypatch.setenv("SPECSTREAM_MATCH", "none")  # the environment's override counts too
+    assert engine_config(tiny_llama_dir, base).model_config.hf_config.specstream_policy["match"]["source"] == "none"

@@ -11,6 +11,7 @@ from typing import Optional
 
 from ..checkpoint import STREAMS_SUBDIR, load_checkpoint_config, validate_against_base
 from ..errors import ConfigError
+from ..options import METHOD, SpecStreamOptions
 from .errors import DeviceError, StreamsNotFoundError
 
 GAMMA_MIN, GAMMA_MAX = 2, 8
@@ -25,11 +26,15 @@ class ResolvedSpec:
     gamma: int
     num_streams: int
     is_default_model: bool
+    default_match: Optional[str] = None  # the checkpoint's match source (None: the plugin's)
 
-    def speculative_config(self) -> dict:
-        spec = {"method": "specstream", "num_speculative_tokens": self.gamma}
+    def speculative_config(self, options: Optional[SpecStreamOptions] = None) -> dict:
+        """vLLM's keys, then ours that ``options`` gives (nothing for the rest: defaults)."""
+        spec = {"method": METHOD, "num_speculative_tokens": self.gamma}
         if self.streams is not None:
             spec["model"] = self.streams
+        if options is not None:
+            spec.update(options.speculative_keys())
         return spec
 
 
@@ -116,4 +121,5 @@ def resolve_spec(model: Optional[str], streams: Optional[str], gamma: int) -> Re
             f"pass gamma <= {cfg.num_streams} or train more streams (recipe field `num_streams`)")
     if Path(model_path).is_dir():  # fail before the engine starts on a wrong base model
         validate_against_base(cfg, model_path, gamma)
-    return ResolvedSpec(model_path, streams_path, gamma, cfg.num_streams, is_default)
+    return ResolvedSpec(model_path, streams_path, gamma, cfg.num_streams, is_default,
+                        cfg.speculators_config.greedy_proposal().match)

