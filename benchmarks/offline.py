@@ -1,174 +1,133 @@
-"""Offline mode: one ``vllm.LLM`` engine per method, each in its own child process.
+"""Offline benchmark (``vllm.LLM``): every method's engine stays up and the methods take turns.
 
-The parent writes a job JSON, starts ``python -m benchmarks.offline JOB OUT``, samples the child's
-process-tree RSS, and reads the result JSON. A failing or crashing engine yields a result with
-``status: "failed"`` and the error text; the run goes on with the next method.
+On a shared CPU the load of other jobs changes minute to minute; methods timed one after the
+other would differ by the load they met. Here each round runs every method back to back on
+the same fresh prompts (the order rotated per round), the ratio to no speculation is taken
+within the round, and the report gives the median over rounds. No engine sees a prompt twice
+unless the workload runs out (then flagged), so suffix caches cannot replay answers.
+
+Each engine is a ``serve`` job of :mod:`specstream_vllm.engine_job`, started one at a time
+(concurrent compilation on a few busy cores times out), its process tree's RSS sampled.
 """
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
+import statistics
 import time
-import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from specstream_vllm.engine_job import EngineProcess
+from specstream_vllm.spec_counters import SpecCounters
+
+from .methods import Method
 from .system import PeakRSS
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 WARMUP_CONVERSATIONS = [
     [{"role": "user", "content": f"Count from {i} to {i + 30}, one number per line."}]
     for i in range(1, 65)]
 
 
 def engine_env(kv_cache_gib: int, threads: int | None = None) -> dict[str, str]:
-    """Environment for an engine process (CPU KV-cache size, optional thread count)."""
-    env = dict(os.environ)
-    env["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)
+    """Environment of an engine process: CPU KV-cache size, optional thread count."""
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib), "TOKENIZERS_PARALLELISM": "false"}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     return env
 
 
-def error_tail(log: Path, lines: int = 12) -> str:
-    """Last lines of a log that look like the error (for a failed engine)."""
+def rotated(items: list[Any], r: int) -> list[Any]:
+    """The list rotated left by ``r`` (round r starts with a different method)."""
+    if not items:
+        return []
+    r %= len(items)
+    return items[r:] + items[:r]
+
+
+def level_sizes(batch_sizes: list[int], per_level: int, rounds: int,
+                rounds_at: dict[int, int]) -> list[tuple[int, int, int]]:
+    """(batch size, rounds, prompts per round) of each level: max(per_level, batch) prompts."""
+    return [(b, rounds_at.get(b, rounds), max(per_level, b)) for b in batch_sizes]
+
+
+class _Engine:
+    def __init__(self, method: Method, args: Any, folder: Path):
+        self.name = method.name
+        max_seqs = max(max(args.batch_sizes), 16)
+        job = {"model": args.model, "dtype": args.dtype, "spec": method.speculative_config,
+               "engine_args": method.engine_args, "max_model_len": args.max_model_len,
+               "max_tokens": args.max_tokens, "max_num_seqs": max_seqs,
+               "enforce_eager": args.enforce_eager, "seed": args.seed, "serve": True,
+               "warmup": WARMUP_CONVERSATIONS[:max_seqs], "warmup_single": args.warmup_single,
+               "env": {**engine_env(args.kv_cache_gib, args.threads), **method.env,
+                       "SPECSTREAM_POLICY_DUMP": str(folder / f"{method.name}.policy.json")}}
+        self.policy_path = folder / f"{method.name}.policy.json"
+        self.proc = EngineProcess(job, folder, method.name)
+        self.rss = PeakRSS(self.proc.pid).__enter__()
+        t0 = time.perf_counter()
+        self.counters = SpecCounters.from_metrics(self.proc.wait_ready(args.timeout))
+        self.start_s = time.perf_counter() - t0
+
+    def run(self, prompts: list, timeout: float) -> tuple[float, list[list[int]], SpecCounters]:
+        res = self.proc.request(prompts, timeout)
+        after = SpecCounters.from_metrics(res["metrics"])
+        spec, self.counters = after - self.counters, after
+        return res["seconds"], res["outputs"], spec
+
+    def stop(self) -> None:
+        self.rss.__exit__()
+        self.proc.stop()
+
+
+def run_offline(methods: list[Method], workloads: dict[str, list[list[dict]]], args: Any,
+                folder: Path, save: Callable[[dict], None]) -> dict[str, Any]:
+    """All engines up, then per workload and batch size ``rounds`` rounds of every method on
+    the same prompts. Returns ``levels`` (per round and method: seconds, tokens, tok/s,
+    counters, token ids), the engines' start time and peak RSS, the load average seen."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out: dict[str, Any] = {"levels": [], "engines": {}}
+    engines: list[_Engine] = []
+    load: list[float] = []
+    sizes = level_sizes(args.batch_sizes, args.per_level, args.rounds, args.rounds_at)
     try:
-        text = log.read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError:
-        return ""
-    hits = [ln for ln in text if "Error" in ln or "error" in ln or "Exception" in ln]
-    return "\n".join((hits or text)[-lines:])
-
-
-# ------------------------------------------------------------------ child side
-
-def _chunks(items: list[Any], size: int) -> list[list[Any]]:
-    return [items[i:i + size] for i in range(0, len(items), size)]
-
-
-def level_prompts(items: list[Any], level: int, per_level: int | None) -> list[Any]:
-    """The prompts one batch size / concurrency level runs: all of them, or with
-    ``--requests-per-level N`` the first max(N, level) (a full batch at every level)."""
-    return items if not per_level else items[:max(per_level, level)]
-
-
-def run_job(job: dict[str, Any]) -> dict[str, Any]:
-    """Start the engine, warm it up, then time greedy generation at each batch size."""
-    from vllm import LLM, SamplingParams
-
-    from .specmetrics import from_vllm_metrics
-
-    conversations = [p["messages"] for p in job["prompts"]]
-    t0 = time.perf_counter()
-    llm = LLM(model=job["model"], dtype=job["dtype"], speculative_config=job["speculative_config"],
-              enforce_eager=job["enforce_eager"], max_model_len=job["max_model_len"],
-              seed=job["seed"], disable_log_stats=False,
-              max_num_seqs=max(max(job["batch_sizes"]), 16), **job.get("engine_args", {}))
-    start_s = time.perf_counter() - t0
-
-    # Warm up on unrelated prompts: a method with a cross-request cache (suffix) must not
-    # have seen the measured prompts' outputs.
-    warm = SamplingParams(temperature=0.0, max_tokens=min(16, job["max_tokens"]))
-    llm.chat(WARMUP_CONVERSATIONS[:max(job["batch_sizes"])], warm, use_tqdm=False)
-
-    params = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"])
-    phases: list[dict[str, Any]] = []
-    for bs in job["batch_sizes"]:
-        before = from_vllm_metrics(llm.get_metrics())
-        elapsed, token_ids = 0.0, []
-        for chunk in _chunks(level_prompts(conversations, bs, job.get("requests_per_level")), bs):
-            t = time.perf_counter()
-            outs = llm.chat(chunk, params, use_tqdm=False)
-            elapsed += time.perf_counter() - t
-            token_ids += [list(o.outputs[0].token_ids) for o in outs]
-        spec = from_vllm_metrics(llm.get_metrics()) - before
-        n_out = sum(len(t) for t in token_ids)
-        phases.append({"batch_size": bs, "elapsed_s": elapsed, "output_tokens": n_out,
-                       "tokens_per_s": n_out / elapsed if elapsed > 0 else 0.0,
-                       "requests": len(token_ids), "spec": spec.to_json(),
-                       "token_ids": token_ids})
-    return {"status": "ok", "engine_start_s": start_s, "phases": phases}
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Child entry point: ``python -m benchmarks.offline JOB.json OUT.json``."""
-    job_path, out_path = (argv or sys.argv[1:])[:2]
-    job = json.loads(Path(job_path).read_text())
-    try:
-        result = run_job(job)
-    except BaseException as exc:  # noqa: BLE001 - reported to the parent, not raised
-        traceback.print_exc()
-        result = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
-    tmp = Path(out_path).with_suffix(".partial")
-    tmp.write_text(json.dumps(result))
-    tmp.replace(out_path)
-    sys.stdout.flush()
-    # vLLM leaves worker processes and threads behind; exit without waiting for them.
-    os._exit(0 if result["status"] == "ok" else 1)
-
-
-# ------------------------------------------------------------------ parent side
-
-def run_method(job: dict[str, Any], workdir: Path, tag: str, timeout_s: float,
-               kv_cache_gib: int, threads: int | None = None) -> dict[str, Any]:
-    """Run one method's engine in a child process; always returns a result dict."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    job_path, out_path, log_path = (workdir / f"{tag}.job.json", workdir / f"{tag}.result.json",
-                                    workdir / f"{tag}.log")
-    job_path.write_text(json.dumps(job))
-    out_path.unlink(missing_ok=True)
-    t0 = time.perf_counter()
-    with log_path.open("w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "benchmarks.offline", str(job_path),
-                                 str(out_path)], stdout=log, stderr=subprocess.STDOUT,
-                                env=dict(engine_env(kv_cache_gib, threads), **job.get("env", {}),
-                                         SPECSTREAM_POLICY_DUMP=str(workdir / f"{tag}.policy.json")),
-                                cwd=str(REPO_ROOT),
-                                start_new_session=True)
-        with PeakRSS(proc.pid) as rss:
-            try:
-                proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                _kill_group(proc)
-    wall = time.perf_counter() - t0
-    if out_path.is_file():
-        result = json.loads(out_path.read_text())
-    elif proc.returncode is None or proc.returncode < 0:
-        result = {"status": "failed", "error": f"engine process timed out after {timeout_s:.0f} s"
-                  if proc.returncode is None else f"engine process killed by signal "
-                  f"{-proc.returncode}\n{error_tail(log_path)}"}
-    else:
-        result = {"status": "failed", "error": f"engine process exited with {proc.returncode}\n"
-                  f"{error_tail(log_path)}"}
-    if result["status"] == "failed" and "\n" not in result.get("error", ""):
-        result["error"] += "\n" + error_tail(log_path, 6)
-    _kill_group(proc)  # leftovers of os._exit
-    result.update(peak_rss_mib=rss.peak_mib, max_load1=round(rss.max_load, 2), wall_s=wall,
-                  log=str(log_path))
-    return result
-
-
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    """Terminate the child's own process group (it was started in a new session)."""
-    import signal
-
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except (ProcessLookupError, PermissionError):
-        return
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
-
-
-if __name__ == "__main__":
-    main()
+        for m in methods:
+            engines.append(_Engine(m, args, folder))
+            print(f"[bench] {m.name}: ready ({engines[-1].start_s:.0f} s)", flush=True)
+        for workload, convs in workloads.items():
+            cursor = 0
+            for b, rounds, n in sizes:
+                level: dict[str, Any] = {"workload": workload, "batch_size": b, "rounds": [],
+                                         "repeated": []}
+                for r in range(rounds):
+                    chunk = [convs[(cursor + i) % len(convs)] for i in range(n)]
+                    # prompts an engine has answered before: suffix caches remember the answers
+                    level["repeated"].append(sum(cursor + i >= len(convs) for i in range(n)))
+                    cursor += n
+                    rnd: dict[str, Any] = {}
+                    for e in rotated(engines, r):
+                        load.append(os.getloadavg()[0])
+                        secs, ids, spec = 0.0, [], SpecCounters()
+                        for i in range(0, n, b):
+                            s, o, c = e.run(chunk[i:i + b], args.timeout)
+                            secs, ids, spec = secs + s, ids + o, spec + c
+                        toks = sum(len(x) for x in ids)
+                        rnd[e.name] = {"seconds": secs, "tokens": toks, "tok_s": toks / secs,
+                                       "spec": spec.to_json(), "token_ids": ids}
+                    level["rounds"].append(rnd)
+                    base = rnd.get("baseline")
+                    print(f"[bench] {workload} batch {b} round {r}: " + " ".join(
+                        f"{k}={v['tok_s']:.1f}" + (f"({v['tok_s'] / base['tok_s']:.2f}x)" if base else "")
+                        for k, v in rnd.items()) + f" load {os.getloadavg()[0]:.1f}", flush=True)
+                out["levels"].append(level)
+                save(out)
+    finally:
+        for e in engines:
+            e.stop()
+    for e in engines:
+        out["engines"][e.name] = {"engine_start_s": e.start_s, "peak_rss_mib": e.rss.peak_mib}
+        if e.policy_path.exists():
+            import json
+            out.setdefault("policy", {})[e.name] = json.loads(e.policy_path.read_text())
+    out["load1_mean"] = statistics.mean(load) if load else None
+    out["load1_max"] = max(load) if load else None
+    return out

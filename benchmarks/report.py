@@ -1,18 +1,22 @@
-"""Aggregation over repeats, the markdown report and the PNG plots.
+"""Benchmark reports from results files: one ``report.md`` per results folder, and the index.
 
-Raw per-run records (one per method, repeat and mode) go in; per-method, per-batch-size (offline)
-or per-concurrency (online) rows come out: median and min/max of tokens/s and of the ratio to the
-baseline of the same repeat, acceptance from the summed spec-decode counters, output equality.
+    python -m benchmarks.report RESULTS_DIR              # RESULTS_DIR/report.md
+    python -m benchmarks.report --index docs/benchmarks  # docs/benchmarks/README.md
+
+Every figure comes from ``results.json`` (written by ``benchmarks.run``): the offline
+rotation's ``levels`` (tok/s per round, ratio to the same round's baseline, greedy equality,
+acceptance from the summed spec-decode counters) and the online ``runs`` (``vllm bench serve``
+per concurrency level). Each section states the command, the machine and the dtype.
 """
 from __future__ import annotations
 
+import argparse
+import json
 import statistics
 from pathlib import Path
 from typing import Any, Iterable
 
-from .specmetrics import SpecCounters
-
-Row = dict[str, Any]
+from specstream_vllm.spec_counters import SpecCounters
 
 
 def spread(values: Iterable[float]) -> dict[str, float] | None:
@@ -22,82 +26,6 @@ def spread(values: Iterable[float]) -> dict[str, float] | None:
         return None
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
 
-
-def ratio(value: float | None, base: float | None) -> float | None:
-    """value / base, or None when either is missing or the base is not positive."""
-    if value is None or base is None or base <= 0:
-        return None
-    return value / base
-
-
-def equal_fraction(outputs: list[list[int]], reference: list[list[int]]) -> float | None:
-    """Fraction of prompts whose token ids equal the reference's (None if counts differ)."""
-    if not reference or len(outputs) != len(reference):
-        return None
-    return sum(a == b for a, b in zip(outputs, reference)) / len(reference)
-
-
-def _points(run: dict[str, Any], mode: str) -> list[dict[str, Any]]:
-    return run.get("phases" if mode == "offline" else "levels", []) if run.get("status") == "ok" else []
-
-
-def aggregate(runs: list[dict[str, Any]], mode: str, baseline: str = "baseline") -> dict[str, Any]:
-    """Per method: status, errors, and a list of rows, one per batch size / concurrency.
-
-    ``runs`` are records with ``method``, ``repeat`` and the engine result (``status``,
-    ``phases`` or ``levels``, ``peak_rss_mib``). Ratios use the baseline of the same repeat.
-    """
-    key = "batch_size" if mode == "offline" else "concurrency"
-    base_tps: dict[tuple[int, int], float] = {}
-    base_ids: dict[int, list[list[int]]] = {}
-    for run in runs:
-        if run["method"] != baseline:
-            continue
-        for p in _points(run, mode):
-            base_tps[(run["repeat"], p[key])] = p["tokens_per_s"]
-            if "token_ids" in p:
-                base_ids.setdefault(p[key], p["token_ids"])
-
-    out: dict[str, Any] = {}
-    for name in dict.fromkeys(r["method"] for r in runs):
-        mruns = [r for r in runs if r["method"] == name]
-        ok = [r for r in mruns if r.get("status") == "ok"]
-        rows: list[Row] = []
-        for x in sorted({p[key] for r in ok for p in _points(r, mode)}):
-            pts = [(r["repeat"], p) for r in ok for p in _points(r, mode) if p[key] == x]
-            spec = SpecCounters()
-            for _, p in pts:
-                spec = spec + SpecCounters.from_json(p.get("spec", {}))
-            ratios = [q for rep, p in pts
-                      if (q := ratio(p["tokens_per_s"], base_tps.get((rep, x)))) is not None]
-            row: Row = {key: x, "tokens_per_s": spread(p["tokens_per_s"] for _, p in pts),
-                        "ratio": spread(ratios), "spec": spec.to_json()}
-            if mode == "offline":
-                first = pts[0][1].get("token_ids")
-                row["equal_to_baseline"] = (equal_fraction(first, base_ids[x])
-                                            if first is not None and x in base_ids else None)
-            else:
-                for metric in ("ttft", "tpot", "latency"):
-                    row[metric] = {s: spread(v for _, p in pts
-                                             if (v := (p.get(metric) or {}).get(s)) is not None)
-                                   for s in ("median_ms", "p90_ms")}
-                row["failed_requests"] = sum(p.get("failed", 0) for _, p in pts)
-            rows.append(row)
-        status = "ok" if ok else (mruns[0].get("status", "failed") if mruns else "missing")
-        out[name] = {
-            "status": status,
-            "errors": [r.get("error") for r in mruns if r.get("status") not in ("ok", None)
-                       and r.get("error")][:3],
-            "peak_rss_mib": max((r.get("peak_rss_mib") or 0 for r in ok), default=None),
-            "engine_start_s": spread(r["engine_start_s"] for r in ok if "engine_start_s" in r),
-            "max_load1": max((r["max_load1"] for r in mruns if r.get("max_load1") is not None),
-                             default=None),
-            "rows": rows,
-        }
-    return out
-
-
-# ------------------------------------------------------------------ markdown
 
 def _fmt(x: float | None, digits: int = 1, suffix: str = "") -> str:
     return "-" if x is None else f"{x:.{digits}f}{suffix}"
@@ -111,206 +39,200 @@ def _fmt_spread(s: dict[str, float] | None, digits: int = 1, suffix: str = "") -
     return f"{s['median']:.{digits}f}{suffix} ({s['min']:.{digits}f}-{s['max']:.{digits}f})"
 
 
-def _fmt_pos(rates: list[float]) -> str:
-    return " / ".join(f"{r:.2f}" for r in rates) if rates else "-"
+def _acceptance_cols(spec: SpecCounters) -> list[str]:
+    """mean acceptance length, per position, drafts by source, steps without drafts, draft tok/step."""
+    s = spec.summary()
+    by = s.get("by_source") or {}
+    share = s.get("no_spec_step_share")
+    return [_fmt(s["mean_acceptance_length"], 2),
+            " / ".join(f"{x:.2f}" for x in s["acceptance_per_pos"]) or "-",
+            ", ".join(f"{k} {100 * v['draft_share']:.0f}% ({v['mean_acceptance_length']:.2f})"
+                      for k, v in by.items() if v.get("draft_share")) or "-",
+            _fmt(None if share is None else 100 * share, 0, "%"),
+            _fmt(s.get("draft_tokens_per_step"), 2)]
 
 
-def _policy_cols(spec: dict[str, Any]) -> str:
-    """specstream's draft policy: share of decode steps without drafts, draft tokens per step."""
-    share = spec.get("no_spec_step_share")
-    return f"{_fmt(None if share is None else 100 * share, 0, '%')} | {_fmt(spec.get('draft_tokens_per_step'), 2)}"
+# ------------------------------------------------------------------ offline (rotation)
+
+def offline_tables(levels: list[dict[str, Any]]) -> list[str]:
+    """One table per workload: tok/s per round, ratio to no speculation (median of rounds),
+    greedy equality, tokens per target step, then acceptance; and rounds whose prompts the
+    engines had answered before."""
+    names = list(levels[0]["rounds"][0]) if levels else []
+    workloads = list(dict.fromkeys(lv.get("workload", "-") for lv in levels))
+    out = []
+    for w in workloads:
+        mine = [lv for lv in levels if lv.get("workload", "-") == w]
+        rows = [f"#### {w}" if w != "-" else "",
+                "| method | batch | tok/s per round | vs baseline (median of rounds) | = baseline | "
+                "tokens per step | mean accept len | accept per pos | "
+                "drafts by source (share, accept len) | steps w/o drafts | draft tok/step |",
+                "|---|---:|---|---:|---:|---:|---:|---|---|---:|---:|"]
+        for name in names:
+            for lv in mine:
+                rnds = [r for r in lv["rounds"] if name in r]
+                ratios = [r[name]["tok_s"] / r["baseline"]["tok_s"] for r in rnds if "baseline" in r]
+                same = [a == b for r in rnds if "baseline" in r
+                        for a, b in zip(r[name]["token_ids"], r["baseline"]["token_ids"])]
+                spec = SpecCounters()
+                for r in rnds:
+                    spec = spec + SpecCounters.from_json(r[name]["spec"])
+                ratio = (f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
+                         if ratios else "-")
+                # each request-step yields 1 + accepted tokens: the reduction in target calls
+                toks = sum(r[name]["tokens"] for r in rnds)
+                per_step = toks / max(toks - spec.accepted_tokens, 1)
+                rows.append("| " + " | ".join(
+                    [name, str(lv["batch_size"]), " / ".join(f"{r[name]['tok_s']:.1f}" for r in rnds),
+                     ratio, f"{100 * sum(same) / max(len(same), 1):.0f}%", f"{per_step:.2f}",
+                     *_acceptance_cols(spec)]) + " |")
+        out.append("\n".join(x for x in rows if x))
+        seen = [f"batch {lv['batch_size']} round {r}: {k}" for lv in mine
+                for r, k in enumerate(lv.get("repeated", [])) if k]
+        if seen:
+            out.append(f"{w}: prompts answered earlier in this run (the workload ran out; suffix "
+                       "caches remember their answers, so these rounds favour them): " + ", ".join(seen))
+    return out
 
 
-def _params(n: int | None) -> str:
-    return "-" if n is None else f"{n:.2e}"
+# ------------------------------------------------------------------ online (vllm bench serve)
 
-
-def offline_table(agg: dict[str, Any], extra_params: dict[str, int | None]) -> str:
-    """Markdown table of the offline aggregate."""
-    lines = ["| method | batch | tok/s median (min-max) | vs baseline | mean accept len | "
-             "accept per pos | steps w/o drafts | draft tok/step | = baseline | peak RSS MiB | "
-             "extra params |",
-             "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
-    for name, m in agg.items():
-        if m["status"] != "ok":
-            continue
-        for row in m["rows"]:
-            bs, spec = row["batch_size"], row["spec"]
-            eq = row.get("equal_to_baseline")
-            lines.append(
-                f"| {name} | {bs} | {_fmt_spread(row['tokens_per_s'])} | "
-                f"{_fmt_spread(row['ratio'], 2, 'x')} | {_fmt(spec['mean_acceptance_length'], 2)} | "
-                f"{_fmt_pos(spec['acceptance_per_pos'])} | {_policy_cols(spec)} | "
-                f"{_fmt(None if eq is None else eq * 100, 0, '%')} | "
-                f"{_fmt(m['peak_rss_mib'], 0)} | {_params(extra_params.get(name))} |")
-    return "\n".join(lines)
+def aggregate_online(runs: list[dict[str, Any]], baseline: str = "baseline") -> dict[str, Any]:
+    """Per method and concurrency: tok/s and its ratio to the same repeat's baseline (median,
+    min-max over repeats), TTFT/TPOT medians and p90s, summed counters, failures."""
+    base = {(r["repeat"], p["concurrency"]): p["tokens_per_s"] for r in runs
+            if r["method"] == baseline and r.get("status") == "ok" for p in r["levels"]}
+    out: dict[str, Any] = {}
+    for name in dict.fromkeys(r["method"] for r in runs):
+        mruns = [r for r in runs if r["method"] == name]
+        ok = [r for r in mruns if r.get("status") == "ok"]
+        rows = []
+        for c in sorted({p["concurrency"] for r in ok for p in r["levels"]}):
+            pts = [(r["repeat"], p) for r in ok for p in r["levels"] if p["concurrency"] == c]
+            spec = SpecCounters()
+            for _, p in pts:
+                spec = spec + SpecCounters.from_json(p.get("spec", {}))
+            rows.append({
+                "concurrency": c, "tokens_per_s": spread(p["tokens_per_s"] for _, p in pts),
+                "ratio": spread(p["tokens_per_s"] / base[(rep, c)] for rep, p in pts
+                                if base.get((rep, c))),
+                "spec": spec, "failed_requests": sum(p.get("failed", 0) for _, p in pts),
+                **{m: {s: spread(v for _, p in pts if (v := (p.get(m) or {}).get(s)) is not None)
+                       for s in ("median_ms", "p90_ms")} for m in ("ttft", "tpot", "latency")}})
+        out[name] = {"status": "ok" if ok else "failed", "rows": rows,
+                     "errors": [r.get("error", "") for r in mruns if r.get("status") != "ok"][:3],
+                     "peak_rss_mib": max((r.get("peak_rss_mib") or 0 for r in ok), default=None),
+                     "max_load1": max((r.get("max_load1") or 0 for r in mruns), default=None)}
+    return out
 
 
 def online_table(agg: dict[str, Any]) -> str:
-    """Markdown table of the online aggregate."""
     lines = ["| method | conc. | tok/s median (min-max) | vs baseline | TTFT med / p90 ms | "
-             "TPOT med / p90 ms | mean accept len | steps w/o drafts | draft tok/step | "
-             "failed req | peak RSS MiB |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "TPOT med / p90 ms | failed req | mean accept len | accept per pos | "
+             "drafts by source (share, accept len) | steps w/o drafts | draft tok/step | "
+             "peak RSS MiB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---:|"]
     for name, m in agg.items():
-        if m["status"] != "ok":
-            continue
         for row in m["rows"]:
-            conc = row["concurrency"]
             def med(metric: str, stat: str) -> float | None:
                 s = row[metric][stat]
                 return s["median"] if s else None
-            lines.append(
-                f"| {name} | {conc} | {_fmt_spread(row['tokens_per_s'])} | "
-                f"{_fmt_spread(row['ratio'], 2, 'x')} | "
-                f"{_fmt(med('ttft', 'median_ms'), 0)} / {_fmt(med('ttft', 'p90_ms'), 0)} | "
-                f"{_fmt(med('tpot', 'median_ms'), 1)} / {_fmt(med('tpot', 'p90_ms'), 1)} | "
-                f"{_fmt(row['spec']['mean_acceptance_length'], 2)} | {_policy_cols(row['spec'])} | "
-                f"{row['failed_requests']} | "
-                f"{_fmt(m['peak_rss_mib'], 0)} |")
+            lines.append("| " + " | ".join(
+                [name, str(row["concurrency"]), _fmt_spread(row["tokens_per_s"]),
+                 _fmt_spread(row["ratio"], 2, "x"),
+                 f"{_fmt(med('ttft', 'median_ms'), 0)} / {_fmt(med('ttft', 'p90_ms'), 0)}",
+                 f"{_fmt(med('tpot', 'median_ms'), 1)} / {_fmt(med('tpot', 'p90_ms'), 1)}",
+                 str(row["failed_requests"]), *_acceptance_cols(row["spec"]),
+                 _fmt(m["peak_rss_mib"], 0)]) + " |")
     return "\n".join(lines)
 
 
-def not_run_lines(results: dict[str, Any]) -> list[str]:
-    """One bullet per skipped or failed method (with the first error line)."""
-    lines = []
-    for m in results["methods"]:
-        if m.get("skip_reason"):
-            lines.append(f"- **{m['name']}**: skipped: {m['skip_reason']}")
-    for mode in ("offline", "online"):
-        for name, a in (results.get(mode, {}).get("aggregate") or {}).items():
-            if a["status"] != "ok":
-                err = (a["errors"] or ["no error text"])[0].strip().replace("\n", " / ")
-                lines.append(f"- **{name}** ({mode}): failed: {err[:600]}")
-    return lines
+# ------------------------------------------------------------------ one results file
+
+def _machine(mach: dict[str, Any]) -> str:
+    if not mach:
+        return "unknown"
+    return (f"{mach.get('cpu_model', '?')}, {mach.get('logical_cores', '?')} logical cores "
+            f"({mach.get('affinity_cores')} usable), {mach.get('ram_gib', '?')} GiB RAM, "
+            f"GPU {mach.get('gpu') or 'none'}, CPU flags "
+            f"{', '.join(mach.get('cpu_flags_of_note') or []) or '-'}; {mach.get('vllm_dist', 'vllm')} "
+            f"{mach.get('vllm')}, torch {mach.get('torch')}, python {mach.get('python')}")
 
 
-def render_markdown(results: dict[str, Any]) -> str:
-    """The whole report: setup, machine, tables, skipped/failed methods."""
-    meta, mach = results["meta"], results["meta"]["machine"]
-    extra = {m["name"]: m.get("extra_params") for m in results["methods"]}
-    out = [f"# Speculative decoding benchmark ({meta['timestamp']})", "",
-           f"- command: `{meta['command']}`",
-           f"- model: `{meta['model']}` dtype {meta['dtype']}, max_tokens {meta['max_tokens']}, "
-           f"greedy, chat template, max_model_len {meta['max_model_len']}, "
-           f"{'eager' if meta['enforce_eager'] else 'torch.compile'}",
-           f"- workload: {meta['workload']} ({meta['num_prompts']} prompts, digest "
-           f"{meta['prompts_digest']}), repeats {meta['repeats']} offline / "
-           f"{meta.get('online_repeats', meta['repeats'])} online (method order rotated per repeat)",
-           f"- machine: {mach['cpu_model']}, {mach['logical_cores']} logical cores "
-           f"({mach.get('affinity_cores')} usable), {mach['ram_gib']} GiB RAM, GPU {mach.get('gpu') or 'none'}; "
-           f"{mach['vllm_dist']} {mach['vllm']}, torch {mach['torch']}, "
-           f"arctic-inference {mach.get('arctic_inference')}, python {mach['python']}",
-           "- tok/s = output tokens / wall time of the generate calls; ratios are to the baseline "
-           "of the same repeat; mean acceptance length counts the bonus token (vLLM convention); "
-           "'= baseline' is the share of prompts whose greedy token ids equal the baseline's at the "
-           "same batch size; peak RSS sums the engine process tree."]
+def render(results: dict[str, Any], title: str, level: int = 1) -> str:
+    """The report of one results file (``level``: the heading level of its title)."""
+    meta = results["meta"]
+    h = "#" * level
+    out = [f"{h} {title}", "", f"- command: `{meta.get('command', '?')}`",
+           f"- machine: {_machine(meta.get('machine') or {})}",
+           f"- dtype {meta.get('dtype')}, greedy, chat template"
+           + (f"; model `{meta['model']}`" if meta.get("model") else "")
+           + (f", up to {meta['max_tokens']} new tokens" if meta.get("max_tokens") else "")
+           + (f"; workload {meta['workload']} ({meta.get('num_prompts')} prompts, digest "
+              f"{meta.get('prompts_digest')})" if meta.get("workload") else "")]
     if meta.get("note"):
         out.append(f"- note: {meta['note']}")
-    out.append("")
-    if "offline" in results:
-        engines = ("one engine per method for all batch sizes, except suffix (its response "
-                   "cache would see each prompt again): a fresh engine per batch size"
-                   if meta.get("shared_engine")
-                   else "a fresh engine per method and batch size")
-        out += ["## Offline (`vllm.LLM`, b prompts per generate call)", "",
-                f"Warm-up on unrelated prompts, then timed; {engines}.", "",
-                offline_table(results["offline"]["aggregate"], extra), ""]
-    if "online" in results:
-        out += ["## Online (`vllm serve`, streaming chat completions)", "",
-                online_table(results["online"]["aggregate"]), ""]
-    cores = mach.get("affinity_cores") or mach.get("logical_cores") or 0
-    loads = {f"{name} ({mode})": a["max_load1"] for mode in ("offline", "online")
-             for name, a in (results.get(mode, {}).get("aggregate") or {}).items()
-             if a.get("max_load1") is not None}
-    busy = {k: v for k, v in loads.items() if cores and v > cores + 0.5}
-    if busy:
-        out += ["**Warning: the machine was busy with other work during these runs** (peak "
-                f"1-min load average vs {cores} cores: "
-                + ", ".join(f"{k} {v:.1f}" for k, v in busy.items())
-                + "); absolute tok/s and ratios are unreliable.", ""]
-    missing = not_run_lines(results)
-    if missing:
-        out += ["## Not measured", "", *missing, ""]
-    return "\n".join(out)
+    levels = results.get("levels") or (results.get("offline") or {}).get("levels")
+    if levels:
+        load = results.get("load1_mean", meta.get("load1_mean"))
+        out += ["", f"{h}# Offline (`vllm.LLM`): engines up together, methods take turns per round",
+                "", "tok/s = output tokens / wall time of the generate calls; the ratio is to no "
+                "speculation in the same round; '= baseline': greedy token ids equal to the "
+                "baseline's; mean acceptance length counts the bonus token (vLLM's convention).", "",
+                *"\n\n".join(offline_tables(levels)).split("\n")]
+        if load is not None:
+            out += ["", f"load average (1 min) during the runs: mean {load:.1f}, max "
+                    f"{results.get('load1_max', meta.get('load1_max')) or 0:.1f}"]
+    if results.get("online"):
+        agg = aggregate_online(results["online"]["runs"])
+        out += ["", f"{h}# Online (`vllm serve`)", "", online_table(agg)]
+        failed = [f"- **{n}**: failed: {(a['errors'] or ['?'])[0].strip().splitlines()[0][:300]}"
+                  for n, a in agg.items() if a["status"] != "ok"]
+        out += ["", *failed] if failed else []
+    methods = results.get("methods") or meta.get("methods") or []
+    skipped = [f"- **{m['name']}**: skipped: {m['skip_reason']}" for m in methods if m.get("skip_reason")]
+    return "\n".join(out + (["", *skipped] if skipped else [])) + "\n"
 
 
-# ------------------------------------------------------------------ plots
-
-def plot(results: dict[str, Any], folder: Path) -> list[Path]:
-    """speedup.png (ratio vs batch size / concurrency) and acceptance.png (per position)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    written: list[Path] = []
-    modes = [(m, k) for m, k in (("offline", "batch size"), ("online", "concurrency"))
-             if m in results]
-    if modes:
-        fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4), squeeze=False)
-        for ax, (mode, label) in zip(axes[0], modes):
-            key = "batch_size" if mode == "offline" else "concurrency"
-            for name, a in results[mode]["aggregate"].items():
-                pts = [(r[key], r["ratio"]) for r in a["rows"] if r["ratio"]]
-                if not pts:
-                    continue
-                xs = [x for x, _ in pts]
-                med = [s["median"] for _, s in pts]
-                err = [[s["median"] - s["min"] for _, s in pts], [s["max"] - s["median"] for _, s in pts]]
-                ax.errorbar(xs, med, yerr=err, marker="o", capsize=3, label=name)
-            ax.axhline(1.0, color="grey", lw=0.8, ls="--")
-            ax.set_xscale("log", base=2)
-            ticks = sorted({r[key] for a in results[mode]["aggregate"].values() for r in a["rows"]})
-            ax.set_xticks(ticks, [str(t) for t in ticks])
-            ax.minorticks_off()
-            ax.set_xlabel(label)
-            ax.set_ylabel("output tok/s vs baseline")
-            ax.set_title(f"{mode}: speedup")
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend()
-        fig.tight_layout()
-        written.append(folder / "speedup.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    drawn = False
-    for mode in ("offline", "online"):
-        for name, a in (results.get(mode, {}).get("aggregate") or {}).items():
-            total = SpecCounters()
-            for r in a["rows"]:
-                total = total + SpecCounters.from_json(r["spec"])
-            rates = total.to_json()["acceptance_per_pos"]
-            if rates:
-                ax.plot(range(1, len(rates) + 1), rates, marker="o", label=f"{name} ({mode})")
-                drawn = True
-    if drawn:
-        ax.set_xlabel("draft position")
-        ax.set_ylabel("acceptance rate (accepted / drafts)")
-        ax.set_ylim(0, 1)
-        ax.set_title("Per-position acceptance")
-        ax.legend()
-        fig.tight_layout()
-        written.append(folder / "acceptance.png")
-        fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
-    return written
+def rerender(folder: Path) -> str:
+    """Rewrite ``folder/report.md`` from ``folder/results.json``; return it."""
+    md = render(json.loads((folder / "results.json").read_text()), folder.name)
+    (folder / "report.md").write_text(md)
+    return md
 
 
-def rerender(folder: Path) -> None:
-    """Rebuild aggregates, report.md and plots from a folder's results.json."""
-    import json
+INDEX_HEAD = """# Benchmark results
 
-    results = json.loads((folder / "results.json").read_text())
-    for mode in ("offline", "online"):
-        if mode in results:
-            results[mode]["aggregate"] = aggregate(results[mode]["runs"], mode)
-    (folder / "report.md").write_text(render_markdown(results))
-    plot(results, folder)
+Generated by `python -m benchmarks.report --index docs/benchmarks` from each folder's
+`results.json`; each folder also holds its own `report.md`. Folder names: the date of the
+run and what it measures.
+"""
+
+
+def write_index(root: Path) -> Path:
+    """``root/README.md``: every results folder's report as one section (newest first)."""
+    folders = sorted((p for p in root.iterdir() if (p / "results.json").is_file()), reverse=True)
+    parts = [INDEX_HEAD]
+    for folder in folders:
+        parts.append(render(json.loads((folder / "results.json").read_text()),
+                            f"[{folder.name}]({folder.name}/report.md)", level=2))
+    (root / "README.md").write_text("\n".join(parts))
+    return root / "README.md"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.split("\n")[0])
+    ap.add_argument("folder", nargs="?", help="a results folder: rewrite its report.md")
+    ap.add_argument("--index", metavar="ROOT", help="ROOT/README.md from every results folder under ROOT")
+    a = ap.parse_args(argv)
+    if a.index:
+        print(f"wrote {write_index(Path(a.index))}")
+    elif a.folder:
+        print(rerender(Path(a.folder)))
+    else:
+        ap.error("give a results folder or --index ROOT")
+    return 0
 
 
 if __name__ == "__main__":
-    import sys
-
-    rerender(Path(sys.argv[1]))
+    raise SystemExit(main())

@@ -88,12 +88,17 @@ def _generate(llm, prompts: list, params: list) -> dict:
 
 
 def _warm_up(llm, job: dict) -> None:
+    """``warmup`` prompts as one batch, then the last ``warmup_single`` of them one at a time
+    (batch-1 shapes compiled, a draft policy's step costs measured at batch 1)."""
     from vllm import SamplingParams
 
-    if job.get("warmup"):
-        prompts = _token_prompts(llm, job["warmup"], job.get("skip_tokenizer_init", False))
-        llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=job.get("warmup_max_tokens", 16)),
-                     use_tqdm=False)
+    if not job.get("warmup"):
+        return
+    prompts = _token_prompts(llm, job["warmup"], job.get("skip_tokenizer_init", False))
+    llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=job.get("warmup_max_tokens", 16)),
+                 use_tqdm=False)
+    for p in prompts[len(prompts) - job.get("warmup_single", 0):]:
+        llm.generate([p], SamplingParams(temperature=0.0, max_tokens=48), use_tqdm=False)
 
 
 def run(job: dict, out_path: Optional[Path] = None) -> dict:
@@ -122,7 +127,9 @@ def run(job: dict, out_path: Optional[Path] = None) -> dict:
 
 
 def _serve(llm, job: dict, out_path: Path, skip: bool) -> None:
-    _write(out_path.with_suffix(".ready"), {"status": "ready"})
+    from .spec_counters import read
+
+    _write(out_path.with_suffix(".ready"), {"status": "ready", "metrics": read(llm).to_metrics()})
     for line in sys.stdin:
         cmd = json.loads(line)
         if cmd.get("stop"):
@@ -225,9 +232,9 @@ class EngineProcess:
             time.sleep(0.05)
         return json.loads(path.read_text())
 
-    def wait_ready(self, timeout: float) -> None:
-        """``serve`` jobs: block until the engine is up and warmed up."""
-        self._await_file(self.out_path.with_suffix(".ready"), timeout, "start")
+    def wait_ready(self, timeout: float) -> dict:
+        """``serve`` jobs: block until the engine is up and warmed up; its counters then."""
+        return self._await_file(self.out_path.with_suffix(".ready"), timeout, "start")["metrics"]
 
     def request(self, prompts: list, timeout: float) -> dict:
         """``serve`` jobs: generate ``prompts`` as one call; seconds, outputs, counters after."""

@@ -1,4 +1,4 @@
-"""The load-and-fault storm (benchmarks/storm.py): plan and checks, and a short real run.
+"""The load-and-fault storm (tests/stress/storm.py): plan and checks, and a short real run.
 
 The short run is one pair of real servers (without / with specstream, float32) under a KV
 cache of a few sequences: a mixed storm at concurrency 24 (greedy, streamed, stop strings,
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks import storm
-from benchmarks.storm_plan import (COMPLETIONS, GREEDY_KINDS, Outcome, Req, check, edge_plan,
+from tests.stress import storm
+from tests.stress.storm_plan import (COMPLETIONS, GREEDY_KINDS, Outcome, Req, check, edge_plan,
                                    limits_plan, storm_plan)
 
 

@@ -1,6 +1,7 @@
-"""Load-and-fault storm: ``python -m benchmarks.storm`` (bounded, loopback only).
+"""Load-and-fault storm: ``python -m tests.stress.storm`` (bounded, loopback only).
 
-Each phase sends the same plan (benchmarks/storm_plan.py) first to ``specstream vllm serve``
+A stress test, not a benchmark: ``tests/test_storm.py`` runs a short one. Each phase sends
+the same plan (``tests/stress/storm_plan.py``) first to ``specstream vllm serve``
 *without* speculation, then *with* the shipped specstream streams (float32), and compares:
 
 * ``storm``: mixed greedy / streamed / stop strings / logprobs / seeded sampling / n=2 /
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
 import subprocess
 import sys
@@ -28,13 +30,17 @@ from typing import Any, Optional
 
 import aiohttp
 
-from .offline import REPO_ROOT, engine_env, error_tail
-from .online import _wait_healthy, free_port, stop_server
-from .storm_plan import (COMPLETIONS, EDGE_TEXT, GREEDY_KINDS, SERVED_NAME, Outcome, Req, check,
+from benchmarks.offline import engine_env
+from benchmarks.online import _wait_healthy, free_port, stop_server
+from benchmarks.system import machine_info
+from specstream_vllm.engine_job import error_tail
+from specstream_vllm.spec_counters import SpecCounters, from_prometheus_text
+
+from tests.stress.storm_plan import (COMPLETIONS, EDGE_TEXT, GREEDY_KINDS, SERVED_NAME, Outcome, Req, check,
                          edge_plan, limits_plan, storm_plan)
-from .system import machine_info
 
 _METRIC = re.compile(r"^(vllm:[a-z_]+?)(?:_total)?(?:\{[^}]*\})?\s+(\S+)$")
+_SCHEDULER = ("vllm:num_preemptions", "vllm:num_requests_running", "vllm:num_requests_waiting")
 
 
 @dataclass
@@ -63,12 +69,13 @@ class ServerSpec:
 
 
 def metrics(base: str) -> dict[str, float]:
-    """vLLM's /metrics summed over labels (``_total`` dropped from counter names)."""
+    """Preemptions, running and waiting requests from /metrics (summed over labels), and the
+    spec-decode counters (vLLM names, see ``specstream_vllm.spec_counters``)."""
     text = urllib.request.urlopen(base + "/metrics", timeout=30).read().decode()
-    out: dict[str, float] = {}
+    out: dict[str, float] = from_prometheus_text(text).to_metrics()
     for line in text.splitlines():
         m = _METRIC.match(line)
-        if m and not m.group(1).endswith("_created"):  # creation timestamps, not counts
+        if m and m.group(1) in _SCHEDULER:
             out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(2))
     return out
 
@@ -156,14 +163,14 @@ def serve_and_run(spec: ServerSpec, plans: dict[str, tuple[list[Req], int]], wor
     """Start one server, run each named plan (requests, concurrency), stop it."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    env = engine_env(1)
+    env = dict(os.environ, **engine_env(1))
     if spec.kv_cache_bytes:
         env.pop("VLLM_CPU_KVCACHE_SPACE")  # it would override --kv-cache-memory-bytes
     log = workdir / f"{tag}.log"
     t0 = time.monotonic()
     with log.open("w") as fh:
         proc = subprocess.Popen(spec.command(port), stdout=fh, stderr=subprocess.STDOUT,
-                                cwd=str(REPO_ROOT), env=env, start_new_session=True)
+                                env=env, start_new_session=True)
         try:
             err = _wait_healthy(proc, base, startup_timeout_s)
             if err:
@@ -174,8 +181,9 @@ def serve_and_run(spec: ServerSpec, plans: dict[str, tuple[list[Req], int]], wor
                 outcomes = asyncio.run(drive(base, plan, conc, request_timeout_s))
                 problems = settle(base)
                 after = metrics(base)
-                delta = {k: after.get(k, 0) - before.get(k, 0) for k in after
-                         if k.startswith(("vllm:num_preemptions", "vllm:spec_decode_num"))}
+                spec_delta = SpecCounters.from_metrics(after) - SpecCounters.from_metrics(before)
+                delta = {"vllm:num_preemptions": after.get("vllm:num_preemptions", 0)
+                         - before.get("vllm:num_preemptions", 0), **spec_delta.to_metrics()}
                 result["phases"][name] = {"seconds": round(time.monotonic() - t1, 1),
                                           "outcomes": outcomes, "server_problems": problems,
                                           "counters": delta}
@@ -252,8 +260,7 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
 def print_report(report: dict[str, Any], summary: dict[str, Any]) -> None:
     for name, r in report.items():
         c = r["counters"]["specstream"]
-        drafts = c.get("vllm:spec_decode_num_drafts", 0)
-        acc = 1 + c.get("vllm:spec_decode_num_accepted_tokens", 0) / drafts if drafts else float("nan")
+        acc = SpecCounters.from_metrics(c).mean_acceptance_length
         print(f"[storm] {name}: {r['requests']} requests at concurrency {r['concurrency']}: "
               f"wrong greedy {len(r['wrong_greedy'])}/{r['greedy_compared']}, failures "
               f"{len(r['failures'])}, aborted {r['aborted']}, edge requests refused (400) "
@@ -268,7 +275,7 @@ def print_report(report: dict[str, Any], summary: dict[str, Any]) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.storm", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tests.stress.storm", description=__doc__.split("\n")[0])
     p.add_argument("--model", help="HF model dir (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--streams", help="stream checkpoint (default: the shipped one)")
     p.add_argument("--requests", type=int, default=192, help="storm requests")
@@ -297,7 +304,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                            kv_cache_bytes=kv_bytes_for_tokens(model, a.tiny_kv_tokens), **common))
     summary = summarize(report)
     summary.update(wall_minutes=round((time.monotonic() - t0) / 60, 1),
-                   command=" ".join(["python -m benchmarks.storm", *(argv if argv is not None else sys.argv[1:])]),
+                   command=" ".join(["python -m tests.stress.storm", *(argv if argv is not None else sys.argv[1:])]),
                    cpu=machine_info()["cpu_model"])
     (out / "storm.json").write_text(json.dumps({"summary": summary, "report": report}, indent=1,
                                                default=lambda o: asdict(o)))
