@@ -368,7 +368,7 @@ def test_per_source_stats_survive_vllms_msgpack():
 
 def test_benchmark_methods_and_per_source_counters(shipped_streams):
     from benchmarks.methods import build_methods
-    from benchmarks.specmetrics import from_prometheus_text
+    from specstream_vllm.spec_counters import from_prometheus_text
     if shipped_streams is None:
         pytest.skip("no shipped streams")
     ms = {m.name: m for m in build_methods(["specstream-streams", "specstream-suffix:8", "ngram"],

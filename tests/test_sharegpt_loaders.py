@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import workloads
 from specstream_vllm.training import data
 
 RECORDS = [{"id": f"conv{i}_0", "conversations": [
@@ -43,28 +42,7 @@ def test_trainer_loader(truncated):
     assert [cid for cid, _ in data.sharegpt_first_turns(path)] == [f"conv{i}_0" for i in range(complete)]
 
 
-@pytest.mark.parametrize("chunk", [7, 64, 1 << 20])  # records straddle chunk boundaries
-def test_benchmark_loader(truncated, chunk):
-    path, complete = truncated
-    assert list(workloads.iter_json_array(path, chunk_chars=chunk)) == RECORDS[:complete]
-
-
-def test_benchmark_workload_without_trainer_module(truncated, monkeypatch):
-    """The benchmark's own fallback path (trainer package not importable)."""
-    path, complete = truncated
-    monkeypatch.setattr(workloads, "_trainer_data", lambda: None)
-    monkeypatch.setattr(workloads, "sharegpt_file", lambda: path)
-    monkeypatch.setattr(workloads, "is_heldout", lambda cid: True)
-    monkeypatch.setattr(workloads, "mtbench_questions", lambda: [])
-    ids = {p.id for p in workloads.load_sharegpt()}
-    assert ids == {f"sharegpt-conv{i}_0" for i in range(complete)}
-
-
-def test_complete_file_and_not_an_array(tmp_path):
+def test_complete_file(tmp_path):
     full = tmp_path / "full.json"
     full.write_text(FULL)
-    assert list(workloads.iter_json_array(full)) == RECORDS == data._json_array_items(full)
-    bad = tmp_path / "bad.json"
-    bad.write_text('{"id": 1}')
-    with pytest.raises(ValueError, match="not a JSON array"):
-        list(workloads.iter_json_array(bad))
+    assert data._json_array_items(full) == RECORDS
