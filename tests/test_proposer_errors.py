@@ -50,11 +50,12 @@ def test_errors_raise_under_tensor_parallelism_and_in_tests(monkeypatch):
 def test_debug_switches_are_read_when_the_proposer_is_built(monkeypatch):
     """Set after import, before the engine starts (as SpeculativeEngine and the tests do)."""
     from specstream_vllm.vllm_integration import proposer as module
-    monkeypatch.setenv("SPECSTREAM_RAISE_ERRORS", "1")
-    monkeypatch.setenv("SPECSTREAM_DRAFT_LOG", "/tmp/drafts.jsonl")
     monkeypatch.setattr(module, "make_match_source", lambda *a: None)
     hf = SimpleNamespace(specstream_policy={"match": {"source": "none"}})
     cfg = SimpleNamespace(speculative_config=SimpleNamespace(num_speculative_tokens=3),
                           model_config=SimpleNamespace(hf_config=hf))
-    p = module.SpecStreamProposer(cfg, "cpu", runner=object())
-    assert p._raise_errors is True and p._draft_log == "/tmp/drafts.jsonl"
+    for raise_errors, log in (("0", ""), ("1", "/tmp/drafts.jsonl")):
+        monkeypatch.setenv("SPECSTREAM_RAISE_ERRORS", raise_errors)
+        monkeypatch.setenv("SPECSTREAM_DRAFT_LOG", log)
+        p = module.SpecStreamProposer(cfg, "cpu", runner=object())
+        assert p._raise_errors is (raise_errors == "1") and p._draft_log == (log or None)

@@ -10,8 +10,9 @@ from __future__ import annotations
 from .match_source import TokenView
 from .step_clock import StepClock
 
-#: the runner attribute that holds the step clock (set by patches/runner.py)
+#: runner attributes set by patches/runner.py: the step clock, this step's draft sources
 CLOCK_ATTR = "_specstream_clock"
+SOURCES_ATTR = "_specstream_sources"
 
 
 class RunnerView:
@@ -35,6 +36,15 @@ class RunnerView:
                          num_tokens=batch.num_tokens_no_spec,
                          num_prompt_tokens=batch.num_prompt_tokens,
                          max_model_len=int(self._runner.max_model_len))
+
+    def request_maps(self) -> dict[str, dict]:
+        """The runner's per-request maps (vLLM's ``requests``, the runner patch's draft
+        sources), for the state-size log; read, never changed."""
+        out = {"requests": self._runner.requests}
+        sources = self._runner.__dict__.get(SOURCES_ATTR)
+        if sources is not None:
+            out[SOURCES_ATTR] = sources
+        return out
 
     def block_size(self, kv_cache_gid: int) -> int:
         """Block size the runner's slot mappings use for this KV cache group."""

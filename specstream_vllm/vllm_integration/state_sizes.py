@@ -76,9 +76,8 @@ def snapshot(proposer) -> dict:
         if cache is not None:
             sizes["match.cache.active_requests"] = len(cache.active_requests)
             sizes["match.cache.cached_requests"] = len(cache.cached_requests)
-    runner = proposer.runner
-    for name in ("requests", "_specstream_sources"):
-        value = getattr(runner, name, None) if runner is not None else None
+    maps = proposer.runner.request_maps() if proposer.runner is not None else {}
+    for name, value in maps.items():
         if isinstance(value, dict):
             sizes[f"runner.{name}"] = len(value)
     steps = proposer.policy.stats.steps if proposer.policy is not None else None

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 
 from ... import envs
 from ..patching import Patch
-from ..runner_view import CLOCK_ATTR
+from ..runner_view import CLOCK_ATTR, SOURCES_ATTR as _SOURCES
 from ..step_clock import StepClock
 from .config import is_specstream
 
@@ -28,9 +28,7 @@ VLLM_SYMBOLS = (
     "vllm.v1.worker.gpu_input_batch:InputBatch.update_async_output_token_ids",
 )
 
-#: runner attributes set by this patch
 _TIMER = "_specstream_timer"
-_SOURCES = "_specstream_sources"
 
 
 @contextmanager
