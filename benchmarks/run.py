@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.model is None:
         from specstream_vllm.default_model import default_model_dir
         args.model = str(default_model_dir())
-    from specstream_vllm.hardware import resolve_dtype
+    from specstream_vllm.dtype_choice import resolve_dtype
     args.dtype = resolve_dtype(args.dtype)
 
     workloads = [f"prompts file {Path(args.prompts).name}"] if args.prompts else \

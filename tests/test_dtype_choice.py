@@ -148,9 +148,11 @@ def log_records():
     handler.emit = records.append
     log = logging.getLogger("vllm.specstream")
     log.addHandler(handler)
+    level, _ = log.level, log.setLevel(logging.INFO)
     dtype_choice._ANNOUNCED.clear()
     yield records
     log.removeHandler(handler)
+    log.setLevel(level)
 
 
 def _served_dtype(model_dir, **kw) -> str:

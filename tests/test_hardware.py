@@ -73,7 +73,7 @@ def test_plugin_warns_for_compiled_bf16_on_such_cpu(zen3_host, smollm2_dir):
     from vllm.engine.arg_utils import EngineArgs
 
     from specstream_vllm.plugin import register
-    from specstream_vllm.vllm_integration import compat
+    from specstream_vllm.vllm_integration.patches import config as compat
     register()
     compat._BF16_WARNED = False
     EngineArgs(model=str(smollm2_dir), dtype="bfloat16", enforce_eager=True,
