@@ -74,8 +74,6 @@ def run_demo(model: str | None = None, streams: str | None = None, gamma: int = 
     same = sum(a["outputs"] == b["outputs"] for a, b in zip(base["batches"], ours["batches"]))
     report = {"model": model, "streams": streams, "gamma": gamma, "dtype": dtype,
               "dtype_reason": dtype_reason, "device": cpu,
-              "dtype_reason": dtype_reason, "device": cpu,
-              "dtype_reason": dtype_reason, "device": cpu,
               "prompts": len(prompts), "max_tokens": max_tokens,
               "baseline_tokens_per_s": round(base_rate, 2),
               "specstream_tokens_per_s": round(ours_rate, 2),
