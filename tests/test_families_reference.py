@@ -253,8 +253,8 @@ def test_family_trainer_writes_a_checkpoint_the_reference_decodes_losslessly(arc
     from specstream_vllm.training.data import Example
     from specstream_vllm.training.evaluate import acceptance_on, stream_drafter
     records: list[tuple[int, int]] = []
-    orig = dec.AcceptanceStats.record
-    monkeypatch.setattr(dec.AcceptanceStats, "record",
+    orig = dec.ReferenceAcceptance.record
+    monkeypatch.setattr(dec.ReferenceAcceptance, "record",
                         lambda self, g, a: (records.append((g, a)), orig(self, g, a))[1])
     prompt = ids[0].tolist()
     _, _ = speculative_generate(model, params, ids, 20, 3)

@@ -233,13 +233,13 @@ def test_eval_matches_reference_speculative_decoder(tmp_path, tiny_model, monkey
     params = StreamParams.from_checkpoint(model.config, cfg, tensors)
     assert (params.draft_vocab is not None) == (vocab == "data")
     records: list[tuple[int, int]] = []
-    orig = dec.AcceptanceStats.record
+    orig = dec.ReferenceAcceptance.record
 
     def rec(self, gamma, accepted):
         records.append((gamma, accepted))
         return orig(self, gamma, accepted)
 
-    monkeypatch.setattr(dec.AcceptanceStats, "record", rec)
+    monkeypatch.setattr(dec.ReferenceAcceptance, "record", rec)
     for prompt in ([5, 9, 7, 7, 7], [100, 3, 7]):
         records.clear()
         out, _ = dec.speculative_generate(model, params, torch.tensor([prompt]), 40, gamma=3)

@@ -15,8 +15,9 @@ from .streams import StreamParams, main_pass, stream_logits
 
 
 @dataclass
-class AcceptanceStats:
-    """Counters in vLLM's terms: a draft is one proposal of γ tokens for one step."""
+class ReferenceAcceptance:
+    """The reference decoder's counters in vLLM's terms: a draft is one proposal of γ tokens
+    for one step (an engine's are api.results.AcceptanceStats)."""
 
     num_drafts: int = 0
     num_draft_tokens: int = 0
@@ -31,15 +32,6 @@ class AcceptanceStats:
         self.num_accepted += accepted
         for i in range(accepted):
             self.accepted_per_position[i] += 1
-
-    def merge(self, other: "AcceptanceStats") -> None:
-        n = max(len(self.accepted_per_position), len(other.accepted_per_position))
-        a = self.accepted_per_position + [0] * (n - len(self.accepted_per_position))
-        b = other.accepted_per_position + [0] * (n - len(other.accepted_per_position))
-        self.accepted_per_position = [x + y for x, y in zip(a, b)]
-        self.num_drafts += other.num_drafts
-        self.num_draft_tokens += other.num_draft_tokens
-        self.num_accepted += other.num_accepted
 
     @property
     def mean_acceptance_length(self) -> float:
@@ -89,12 +81,12 @@ def draft_tokens(model, params: StreamParams, input_ids: torch.Tensor, anchor: i
 @torch.no_grad()
 def speculative_generate(model, params: StreamParams, input_ids: torch.Tensor,
                          max_new_tokens: int, gamma: int,
-                         eos_token_id: int | None = None) -> tuple[list[int], AcceptanceStats]:
+                         eos_token_id: int | None = None) -> tuple[list[int], ReferenceAcceptance]:
     """Greedy speculative decoding; returns the new tokens and acceptance counters."""
     assert input_ids.shape[0] == 1, "the reference decoder runs one sequence"
     if gamma > params.num_streams:
         raise ValueError(f"gamma={gamma} exceeds the {params.num_streams} trained streams")
-    stats = AcceptanceStats()
+    stats = ReferenceAcceptance()
     seq = input_ids[0].tolist()
     out: list[int] = []
     draft: list[int] = []
@@ -126,7 +118,7 @@ def speculative_generate(model, params: StreamParams, input_ids: torch.Tensor,
 
 
 def simulate_chain_acceptance(stream_preds: torch.Tensor, tokens: list[int], prompt_len: int,
-                              gamma: int, stats: AcceptanceStats | None = None) -> AcceptanceStats:
+                              gamma: int, stats: ReferenceAcceptance | None = None) -> ReferenceAcceptance:
     """Replay greedy chain decoding over a known greedy continuation.
 
     ``stream_preds[t, j-1]`` is stream j's top-1 at anchor t of ``tokens`` (prompt plus the
@@ -134,7 +126,7 @@ def simulate_chain_acceptance(stream_preds: torch.Tensor, tokens: list[int], pro
     accepted length of every step is fixed by these predictions alone, so one forward
     over the whole sequence measures acceptance exactly as step-by-step decoding would.
     """
-    stats = stats or AcceptanceStats()
+    stats = stats or ReferenceAcceptance()
     n = len(tokens)
     t = prompt_len - 1  # the prefill's output gives tokens[prompt_len]; streams at t draft the rest
     while t + 1 + gamma < n:

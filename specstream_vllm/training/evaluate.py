@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import torch
 
 from ..checkpoint import load_checkpoint
-from ..reference.decoder import AcceptanceStats, simulate_chain_acceptance
+from ..reference.decoder import ReferenceAcceptance, simulate_chain_acceptance
 from ..reference.streams import (MainPass, StreamParams, main_pass, stream_logits, teacher_tokens,
                                  unwrap_causal_lm)
 from .data import Example, build_sets
@@ -58,7 +58,7 @@ def acceptance_on(model, examples: list[Example], drafters: dict[str, tuple[Draf
     forward's own argmax agrees with the cached (vLLM) answer tokens."""
     from tqdm.auto import tqdm
 
-    stats = {name: {g: AcceptanceStats() for g in gammas if g <= gmax}
+    stats = {name: {g: ReferenceAcceptance() for g in gammas if g <= gmax}
              for name, (_, gmax) in drafters.items()}
     agree = total = 0
     head = unwrap_causal_lm(model).lm_head
