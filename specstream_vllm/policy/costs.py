@@ -202,6 +202,7 @@ class StepCosts:
         self.draft = CostModel(2, cfg.cost_decay, slope_prior=[0.8], skip_first=3)
         self.cells = CellCost(stale_after=cfg.refresh_every)
         self._curve_memo: tuple[tuple, torch.Tensor] | None = None      # see curve()
+        self._tau_memo: tuple[tuple[int, int], float] | None = None      # see threshold()
 
     def observe(self, num_tokens: int, num_draft_tokens: int, seconds: float, draft_seconds: float,
                 draft_stream_tokens: int, draft_passes: int, step: int) -> None:
@@ -268,6 +269,20 @@ class StepCosts:
             memo = self._curve_memo = (key, self.verify_cost(
                 reqs, torch.arange(max(n, 4 * self.cfg.gamma) + 1, dtype=torch.float64)))
         return memo[1][:n + 1]
+
+    def threshold(self, reqs: int, step: int) -> float:
+        """Expected accepted tokens a drafted token must bring to pay for its verification:
+        its marginal verification seconds x tokens per second without speculation. Kept for
+        ``recheck_every`` policy steps (``step``) per batch size: it is asked every step a
+        match exists, and re-solving the costs each time is most of what speculation costs
+        while it is off."""
+        if not self.ready or reqs <= 0:
+            return 0.0
+        key = (reqs, step // self.cfg.recheck_every)
+        if self._tau_memo is None or self._tau_memo[0] != key:
+            per_token = self.cfg.cost_scale * float(self.token_cost())
+            self._tau_memo = (key, per_token * reqs / float(self.verify_cost(reqs, 0.0)))
+        return self._tau_memo[1]
 
     def draft_cost(self, reqs: int, depth: int) -> float:
         """Seconds of the draft pass(es) over ``depth`` streams of ``reqs`` requests."""

@@ -48,7 +48,6 @@ class DraftPolicy:
         # mean chain product per position over requests (from passes): the "running
         # acceptance" that decides whether a pass is worth running at all
         self.profile = torch.full((cfg.gamma,), float("nan"), dtype=torch.float64)
-        self._tau_memo: tuple[tuple[int, int], float] | None = None   # see _threshold
         self._match_paid_at: dict[int, int] = {}     # batch size -> last step a match could pay
 
     # the proposer's reports read these
@@ -104,19 +103,6 @@ class DraftPolicy:
         return self.calibration.expected(cands)
 
     # ---------------------------------------------------------------- pricing
-    def _threshold(self, reqs: int) -> float:
-        """Expected accepted tokens a drafted token must bring to pay for its verification:
-        its marginal verification seconds x tokens per second without speculation. Kept for
-        ``recheck_every`` steps per batch size: it is asked every step a match exists, and
-        re-solving the costs each time is most of what speculation costs while it is off."""
-        if not self.costs.ready or reqs <= 0:
-            return 0.0
-        key = (reqs, self.stats.steps // self.cfg.recheck_every)
-        if self._tau_memo is None or self._tau_memo[0] != key:
-            per_token = self.cfg.cost_scale * float(self.costs.token_cost())
-            self._tau_memo = (key, per_token * reqs / float(self.costs.verify_cost(reqs, 0.0)))
-        return self._tau_memo[1]
-
     def _best(self, reqs: int, gains_sorted: torch.Tensor, draft_costs: torch.Tensor | float,
               min_gain: float) -> tuple[int, float, float]:
         """:func:`selection.best_count` on this batch size's measured costs. ``min_gain``:
@@ -147,7 +133,7 @@ class DraftPolicy:
         if sched.anchor_due(num_reqs, self.costs.cells.last_sample(num_reqs, num_reqs)):
             return sched.refresh_anchor(num_reqs)
         use_cands = candidates is not None and candidates.numel() > 0 and bool(
-            (candidates[:, 0] > self._threshold(num_reqs)).any())
+            (candidates[:, 0] > self.costs.threshold(num_reqs, self.stats.steps)).any())
         if use_cands:
             self._match_paid_at[num_reqs] = self.stats.steps
         # a candidate whose first token cannot pay for its verification is worth nothing
@@ -197,7 +183,7 @@ class DraftPolicy:
                 return Plan(True, depth)
             sched.remember_off(num_reqs)
             return sched.skip()
-        tau = self._threshold(num_reqs)
+        tau = self.costs.threshold(num_reqs, self.stats.steps)
         streams_win = (cand - tau).clamp(min=0.0).sum(1) < (prof - tau).clamp(min=0.0).sum()
         n_streams = int(streams_win.sum())
         with_pass = torch.cat([prof.repeat(n_streams), cand[~streams_win].reshape(-1)])
@@ -290,7 +276,7 @@ class DraftPolicy:
             take, best_chain = None, chain
             have = torch.full((R,), g, dtype=torch.int64)
         else:
-            tau = self._threshold(reqs)
+            tau = self.costs.threshold(reqs, self.stats.steps)
             worth = lambda c: (c - tau).clamp(min=0.0).sum(1)  # noqa: E731
             own = worth(chain) if ran else torch.full((R,), -1.0, dtype=torch.float64)
             take = worth(cand_chain) > own
