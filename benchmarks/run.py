@@ -52,8 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-prompts", type=int, help="use the first N prompts of each workload")
     p.add_argument("--max-tokens", type=int, default=96)
     p.add_argument("--max-model-len", type=int, default=2048)
-    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on CPUs with AMX bf16, else "
-                   "float32), bfloat16 or float32 (token-identical greedy outputs)")
+    p.add_argument("--dtype", default="auto", help="auto (specstream_vllm.dtype_choice), bfloat16 "
+                   "or float32 (token-identical greedy outputs)")
     p.add_argument("--enforce-eager", action="store_true", help="skip torch.compile (fast start)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kv-cache-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE per engine")
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         from specstream_vllm.default_model import default_model_dir
         args.model = str(default_model_dir())
     from specstream_vllm.dtype_choice import resolve_dtype
-    args.dtype = resolve_dtype(args.dtype)
+    args.dtype = resolve_dtype(args.dtype, enforce_eager=args.enforce_eager)
 
     workloads = [f"prompts file {Path(args.prompts).name}"] if args.prompts else \
         [w.strip() for w in args.workloads.split(",") if w.strip()]
