@@ -5,8 +5,10 @@ concurrency level this module only adds what that client does not: a warm-up at 
 concurrency on unrelated prompts (vLLM's warm-up repeats the first measured prompt, which a
 suffix cache would then have seen) and the spec-decode counters from ``/metrics`` before and
 after, which include specstream's own (steps without drafts, drafts per source).
-The prompts are rendered with the chat template here and sent as text to ``/v1/completions``
-(``--skip-chat-template``), so multi-turn prompts reach the model as the offline mode sends them.
+The prompts are rendered with the chat template here and handed to vLLM's client as a
+ShareGPT-format file (its ``custom`` format needs pandas), which sends them as text to
+``/v1/completions``: multi-turn prompts reach the model as the offline mode sends them. That
+client skips prompts over 1024 tokens; they are left out here, so every level runs what it says.
 """
 from __future__ import annotations
 
@@ -77,25 +79,33 @@ def bench_cmd(job: dict[str, Any], port: int, dataset: Path, num_prompts: int, c
     initial test request: it would send the first prompt once more)."""
     return vllm_cli() + [
         "bench", "serve", "--backend", "vllm", "--base-url", f"http://127.0.0.1:{port}",
-        "--model", SERVED_NAME, "--tokenizer", job["model"], "--dataset-name", "custom",
-        "--dataset-path", str(dataset), "--skip-chat-template", "--disable-shuffle",
-        "--custom-output-len", str(max_tokens), "--num-prompts", str(num_prompts),
+        "--model", SERVED_NAME, "--tokenizer", job["model"], "--dataset-name", "sharegpt",
+        "--dataset-path", str(dataset), "--disable-shuffle", "--no-oversample",
+        "--sharegpt-output-len", str(max_tokens), "--num-prompts", str(num_prompts),
         "--max-concurrency", str(concurrency), "--temperature", "0", "--seed", str(job["seed"]),
         "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90",
         "--ready-check-timeout-sec", "0", "--disable-tqdm", "--save-result", "--result-dir", str(result.parent),
         "--result-filename", result.name]
 
 
-def write_dataset(path: Path, model: str, conversations: list[list[dict[str, str]]]) -> Path:
-    """The conversations rendered with the model's chat template, one JSONL ``prompt`` each."""
+#: vLLM's ShareGPT loader skips longer prompts (benchmarks/datasets: is_valid_sequence)
+CLIENT_MAX_PROMPT_TOKENS = 1024
+
+
+def write_dataset(path: Path, model: str, conversations: list[list[dict[str, str]]]) -> int:
+    """The conversations rendered with the model's chat template, as ShareGPT records (prompt,
+    empty answer) that vLLM's client accepts; returns how many were written."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model)
-    with path.open("w") as fh:
-        for msgs in conversations:
-            text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-            fh.write(json.dumps({"prompt": text}) + "\n")
-    return path
+    records = []
+    for msgs in conversations:
+        text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        if len(tok(text).input_ids) <= CLIENT_MAX_PROMPT_TOKENS:
+            records.append({"conversations": [{"from": "human", "value": text},
+                                              {"from": "gpt", "value": ""}]})
+    path.write_text(json.dumps(records))
+    return len(records)
 
 
 def level_summary(concurrency: int, bench: dict[str, Any]) -> dict[str, Any]:
@@ -159,15 +169,17 @@ def _bench(cmd: list[str], log, timeout: float) -> None:
 def drive(job: dict[str, Any], port: int, workdir: Path, tag: str, log, timeout: float) -> list[dict]:
     """Every concurrency level: warm-up, counters, ``vllm bench serve``, counters."""
     base = f"http://127.0.0.1:{port}"
-    data = write_dataset(workdir / f"{tag}.prompts.jsonl", job["model"], job["conversations"])
-    warm = write_dataset(workdir / f"{tag}.warmup.jsonl", job["model"], WARMUP_CONVERSATIONS)
+    data, warm = workdir / f"{tag}.prompts.json", workdir / f"{tag}.warmup.json"
+    available = write_dataset(data, job["model"], job["conversations"])
+    write_dataset(warm, job["model"], WARMUP_CONVERSATIONS)
     levels = []
     for conc in job["concurrencies"]:
-        n = len(job["conversations"]) if not job.get("requests_per_level") else \
-            min(len(job["conversations"]), max(job["requests_per_level"], conc))
+        n = available if not job.get("requests_per_level") else \
+            min(available, max(job["requests_per_level"], conc))
         res = workdir / f"{tag}-c{conc}.bench.json"
         _bench(bench_cmd(job, port, warm, min(conc, len(WARMUP_CONVERSATIONS)), conc,
-                         min(48, job["max_tokens"]), workdir / f"{tag}-c{conc}.warmup.json"), log, timeout)
+                         min(48, job["max_tokens"]), workdir / f"{tag}-c{conc}.warmup-result.json"),
+               log, timeout)
         before = _scrape(base)
         _bench(bench_cmd(job, port, data, n, conc, job["max_tokens"], res), log, timeout)
         spec = _scrape(base) - before

@@ -144,9 +144,9 @@ def test_online_commands_and_level_summary() -> None:
     i = bench.index("bench")
     assert bench[i:i + 2] == ["bench", "serve"]
     for flag, value in (("--max-concurrency", "4"), ("--num-prompts", "8"), ("--temperature", "0"),
-                        ("--ready-check-timeout-sec", "0"), ("--custom-output-len", "32")):
+                        ("--ready-check-timeout-sec", "0"), ("--sharegpt-output-len", "32")):
         assert bench[bench.index(flag) + 1] == value
-    assert "--skip-chat-template" in bench and "--disable-shuffle" in bench
+    assert "--no-oversample" in bench and "--disable-shuffle" in bench
     bench_result = {"completed": 7, "failed": 1, "total_output_tokens": 200, "duration": 10.0,
                     "output_throughput": 20.0, "median_ttft_ms": 50.0, "p90_ttft_ms": 90.0,
                     "median_tpot_ms": 5.0, "p90_tpot_ms": 9.0, "median_e2el_ms": 500.0,
