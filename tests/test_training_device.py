@@ -90,7 +90,8 @@ def test_cli_device_flag_sets_the_recipe():
     ap = argparse.ArgumentParser()
     add_train_parser(ap.add_subparsers(dest="cmd"))
     assert cli_recipe(ap.parse_args(["train", "--recipe", str(TINY), "--device", "cpu"])).device == "cpu"
-    assert cli_recipe(ap.parse_args(["train", "--recipe", str(TINY)])).device == "auto"
+    assert cli_recipe(ap.parse_args(["train", "--recipe", str(TINY), "--device", "auto"])).device == "auto"
+    assert load_recipe(None).device == "auto" and load_recipe(TINY).device == "cpu"
 
 
 def test_weights_are_counted_from_the_file_headers(tiny_model):

@@ -75,8 +75,7 @@ def wrap(forward: StreamForward, ranks: Ranks, device: torch.device) -> nn.Modul
     if not ranks.distributed:
         return forward
     from torch.nn.parallel import DistributedDataParallel as DDP
-    return DDP(forward, device_ids=[device.index] if device.type == "cuda" else None,
-               broadcast_buffers=False)
+    return DDP(forward, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def any_rank(flag: bool, ranks: Ranks, device: torch.device) -> bool:
