@@ -5,7 +5,7 @@ the stream pass and to choose the drafts. The objective is tokens per second of 
 step, from measured step costs and calibrated acceptance; speculation is off where it
 cannot pay.
 
-Modules, one job each (imports only go down this list):
+Modules, one job each (each imports only modules listed above it):
 
 * ``config``      PolicyConfig: the proposer's settings and the tuned constants.
 * ``decisions``   Candidates, Plan, Choice, STREAMS: what proposer and policy exchange.
