@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -51,6 +52,32 @@ def test_readme_shell_blocks_parse() -> None:
     for body in blocks:
         r = subprocess.run(["bash", "-n"], input=body, text=True, capture_output=True)
         assert r.returncode == 0, f"README shell block does not parse: {r.stderr}\n{body}"
+
+
+def _specstream_commands(text: str) -> list[list[str]]:
+    """Every ``specstream ...`` command line of the README's shell blocks, as argv."""
+    out = []
+    for body in _blocks(text, "bash", "sh", "shell"):
+        for line in body.replace("\\\n", " ").splitlines():
+            line = line.split(" #")[0].strip()
+            if line.startswith("specstream "):
+                line = re.sub(r'"?\$\{?(\w+)\}?"?', r"/placeholder/\1", line)
+                out.append(shlex.split(line)[1:])
+    return out
+
+
+def test_readme_specstream_commands_match_the_cli(capsys) -> None:
+    """Flags the README shows must be flags the CLI takes (parsed, not run)."""
+    from specstream_vllm.cli import build_parser
+
+    commands = _specstream_commands(README.read_text())
+    assert len(commands) >= 3, "expected the README's train/data/eval commands"
+    for argv in commands:
+        try:
+            build_parser().parse_args(argv)
+        except SystemExit:
+            pytest.fail(f"`specstream {' '.join(argv)}` is refused by the CLI: "
+                        f"{capsys.readouterr().err.strip()}")
 
 
 @pytest.mark.slow
