@@ -162,3 +162,29 @@ def test_no_import_cycles():
     for n in sorted(graph):
         if n not in state:
             visit(n)
+
+
+def test_patches_wait_for_their_module_and_share_it(tmp_path, monkeypatch):
+    """Two patches on classes of one module not yet imported: both apply at its import."""
+    (tmp_path / "late_module_for_patch_test.py").write_text(
+        "class A:\n    def f(self):\n        return 'a'\n\n"
+        "class B:\n    def g(self):\n        return 'b'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    class PA(Patch):
+        target_name = "late_module_for_patch_test:A"
+
+        def f(self):
+            return "patched " + PA.original("f")(self)
+
+    class PB(Patch):
+        target_name = "late_module_for_patch_test:B"
+
+        def g(self):
+            return "patched " + PB.original("g")(self)
+
+    PA.apply_when_imported()
+    PB.apply_when_imported()
+    assert not PA._applied and not PB._applied
+    import late_module_for_patch_test as late
+    assert (late.A().f(), late.B().g()) == ("patched a", "patched b")

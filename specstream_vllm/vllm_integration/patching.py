@@ -107,10 +107,11 @@ class Patch:
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):
-    """Run a callback right after one module is first imported."""
+    """Run callbacks right after one module is first imported."""
 
-    def __init__(self, name: str, callback: Callable[[], None]):
-        self.name, self.callback = name, callback
+    def __init__(self, name: str):
+        self.name = name
+        self.callbacks: list[Callable[[], None]] = []
 
     def find_spec(self, fullname, path, target=None):
         if fullname != self.name:
@@ -119,7 +120,7 @@ class _AfterImport(importlib.abc.MetaPathFinder):
         spec = importlib.util.find_spec(fullname)
         if spec is None or spec.loader is None:
             return spec
-        loader, callback = spec.loader, self.callback
+        loader, callbacks = spec.loader, self.callbacks
 
         class _Loader(importlib.abc.Loader):
             def create_module(self, spec):
@@ -127,7 +128,8 @@ class _AfterImport(importlib.abc.MetaPathFinder):
 
             def exec_module(self, module):
                 loader.exec_module(module)
-                callback()
+                for callback in callbacks:
+                    callback()
 
         spec.loader = _Loader()
         return spec
@@ -135,8 +137,14 @@ class _AfterImport(importlib.abc.MetaPathFinder):
 
 def when_imported(module: str, callback: Callable[[], None]) -> None:
     """Call ``callback`` now if ``module`` is loaded, else right after its first import
-    (at most one pending hook per module)."""
+    (callbacks on one module run in the order they were registered)."""
     if module in sys.modules:
         callback()
-    elif not any(isinstance(f, _AfterImport) and f.name == module for f in sys.meta_path):
-        sys.meta_path.insert(0, _AfterImport(module, callback))
+        return
+    finder = next((f for f in sys.meta_path if isinstance(f, _AfterImport) and f.name == module),
+                  None)
+    if finder is None:
+        finder = _AfterImport(module)
+        sys.meta_path.insert(0, finder)
+    if callback not in finder.callbacks:
+        finder.callbacks.append(callback)
