@@ -1,7 +1,7 @@
 """Every ``SPECSTREAM_*`` environment variable, in one registry.
 
 Read at call time (``envs.get("SPECSTREAM_MATCH")``), never at import time, so a value
-set by a test or by ``SpeculativeEngine`` before an engine starts is the one its workers
+set before an engine starts (by a test, a benchmark or a shell) is the one its processes
 see. ``USER`` variables are documented in the README's configuration reference (generated
 from this table); ``DEBUG`` ones are switches for measurement and diagnosis.
 """
@@ -49,8 +49,8 @@ _VARS = (
     EnvVar("SPECSTREAM_DRAFT_POLICY", "user",
            "Overrides the speculative config's `draft_policy` (`auto` or `fixed`)."),
     EnvVar("SPECSTREAM_MIN_DRAFT_PROB", "user",
-           "Overrides the checkpoint's `min_draft_prob` in [0, 1); set alone it also selects "
-           "the `fixed` policy.", _probability),
+           "Overrides `min_draft_prob` (speculative-config key, else the checkpoint's) with a "
+           "value in [0, 1); with no `draft_policy` named it also selects the `fixed` policy.", _probability),
     EnvVar("SPECSTREAM_DRAFT_PRECISION", "user",
            "Overrides the speculative config's `draft_precision` (`auto`, `exact`, `bfloat16`)."),
     EnvVar("SPECSTREAM_CACHE", "user",
