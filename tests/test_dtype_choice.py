@@ -104,14 +104,14 @@ def test_probe_verdict_needs_the_same_leading_tokens_and_the_answer(monkeypatch)
     def run(ids, seconds):
         warm = {"outputs": [[0]], "seconds": 9.0}
         return {"batches": [warm, {"outputs": [list(ids)], "seconds": seconds}]}
-    ok = dtype_choice.judge("m", {"float32": run((1, 2, 3), 1.0), "bfloat16": run((1, 2, 3), 0.5)})
+    ok = dtype_choice.judge("m", {"float32": run((1, 2, 3), 1.0), "bfloat16": run((1, 2, 3), 0.5)}, warmup=1)
     assert ok["bf16_correct"] and ok["bf16_faster"] and ok["bfloat16_tok_s"] == 6.0
-    bad = dtype_choice.judge("m", {"float32": run((1, 2, 3), 1.0), "bfloat16": run((7, 7, 7), 0.5)})
+    bad = dtype_choice.judge("m", {"float32": run((1, 2, 3), 1.0), "bfloat16": run((7, 7, 7), 0.5)}, warmup=1)
     assert not bad["bf16_correct"] and not bad["bf16_faster"]
-    drift = dtype_choice.judge("m", {"float32": run((1, 2, 3), 1.0), "bfloat16": run((1, 2, 9), 0.5)})
+    drift = dtype_choice.judge("m", {"float32": run((1, 2, 3), 1.0), "bfloat16": run((1, 2, 9), 0.5)}, warmup=1)
     assert not drift["bf16_correct"]            # "Paris" alone is not agreement
     with pytest.raises(RuntimeError, match="float32 reference"):
-        dtype_choice.judge("m", {"float32": run((7, 7, 7), 1.0), "bfloat16": run((1, 2, 3), 1.0)})
+        dtype_choice.judge("m", {"float32": run((7, 7, 7), 1.0), "bfloat16": run((1, 2, 3), 1.0)}, warmup=1)
 
 
 # ------------------------------------------------------------ SpeculativeEngine and vLLM
