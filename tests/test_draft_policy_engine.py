@@ -93,7 +93,7 @@ def test_speculation_off_where_it_cannot_pay(policy_runs):
     assert pol["mode"] == "auto" and pol["verify_cost_s"]["per_token"] > 0
     assert pol["skipped_passes"] > 0            # the stream pass itself was skipped
     # the steps that drafted were checked against the steps without drafts (the runner's
-    # step records paired with their outputs: realized_guard.py)
+    # step records paired with their outputs: policy/guard.py)
     assert sum(r["steps"] for r in pol["realized"]) > 0, pol["realized"]
 
 

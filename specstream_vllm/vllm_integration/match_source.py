@@ -3,7 +3,7 @@
 On repetitive text (code to copy, lists, a small model's own loops) a continuation found
 in the request's own context beats any learned head; on new text there is none and the
 streams draft. This module only finds the match; which draft a request proposes (and how
-long) is the draft policy's choice (draft_policy.py), made by the proposer. No vLLM
+long) is the draft policy's choice (specstream_vllm/policy), made by the proposer. No vLLM
 here: the proposer hands in a :class:`TokenView` of the runner's batch and, for ``ngram``,
 vLLM's own n-gram kernel.
 

@@ -9,7 +9,7 @@ attention over that cache, stream j then sees main positions <= t and streams
 The next verification overwrites the stream slots, as it does for EAGLE.
 
 How many of the drafts each request proposes is the draft policy's choice
-(draft_policy.py, ``"draft_policy": "auto" | "fixed"``): the proposer feeds it the
+(specstream_vllm/policy, ``"draft_policy": "auto" | "fixed"``): the proposer feeds it the
 measured step times (from the runner's step clock, step_clock.py), each stream's top-1 probability and
 the acceptance of the previous step's drafts, and asks it whether to run the stream
 pass at all and how long each request's chain is.
