@@ -1,4 +1,4 @@
-"""The match source beside the streams (issue 11): drafts from the request's own text.
+"""The match source beside the streams: drafts from the request's own text.
 
 Unit tests (no engine): the suffix and n-gram sources on a fake batch (drafts, state of
 finished / preempted / reused requests), the draft policy's choice between a matched

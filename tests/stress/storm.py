@@ -82,10 +82,10 @@ def metrics(base: str) -> dict[str, float]:
 
 # ---------------------------------------------------------------- one request
 
-async def send(session: aiohttp.ClientSession, base: str, req: Req) -> Outcome:
+async def send(client: aiohttp.ClientSession, base: str, req: Req) -> Outcome:
     out = Outcome(req.id, req.kind)
     try:
-        async with session.post(base + req.path, json=req.body) as resp:
+        async with client.post(base + req.path, json=req.body) as resp:
             out.status = resp.status
             if resp.status != 200:
                 if req.kind not in ("edge", "refused"):
@@ -132,10 +132,10 @@ async def drive(base: str, plan: list[Req], concurrency: int, timeout_s: float) 
     sem = asyncio.Semaphore(concurrency)
     conn = aiohttp.TCPConnector(limit=concurrency + 4)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s),
-                                     connector=conn) as session:
+                                     connector=conn) as client:
         async def bounded(r: Req) -> Outcome:
             async with sem:
-                return await send(session, base, r)
+                return await send(client, base, r)
         return list(await asyncio.gather(*(bounded(r) for r in plan)))
 
 
