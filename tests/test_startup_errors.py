@@ -63,9 +63,12 @@ def test_other_methods_untouched(tiny_llama_dir):
 
 
 def test_missing_checkpoint(tiny_llama_dir, tmp_path):
-    with pytest.raises(ValueError, match="does not exist"):
+    """What ``vllm serve`` and ``LLM()`` show: our one-line error, not pydantic's dump."""
+    from specstream_vllm.errors import SpecStreamError
+    with pytest.raises(SpecStreamError, match="does not exist") as err:
         engine_config(tiny_llama_dir, {"method": "specstream", "model": str(tmp_path / "x"),
                                        "num_speculative_tokens": 2})
+    assert "\n" not in str(err.value) and "validation error" not in str(err.value)
 
 
 def test_malformed_checkpoint(tiny_llama_dir, streams, tmp_path):
@@ -231,9 +234,11 @@ def test_missing_match_package_is_one_line_before_any_worker(without_arctic):
 
 def test_missing_match_package_refused_by_the_engine_config(tiny_llama_dir, streams, without_arctic,
                                                             monkeypatch):
+    from specstream_vllm.errors import ConfigError
     base = {"method": "specstream", "model": str(streams)}
-    with pytest.raises(ValueError, match="pip install arctic-inference"):
+    with pytest.raises(ConfigError, match="pip install arctic-inference") as err:
         engine_config(tiny_llama_dir, base)
+    assert "\n" not in str(err.value)
     cfg = engine_config(tiny_llama_dir, dict(base, match="ngram"))
     assert cfg.model_config.hf_config.specstream_policy["match"]["source"] == "ngram"
     monkeypatch.setenv("SPECSTREAM_MATCH", "none")  # the environment's override counts too

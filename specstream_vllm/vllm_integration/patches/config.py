@@ -18,8 +18,11 @@ from __future__ import annotations
 import hashlib
 from typing import Literal, get_args
 
+from pydantic import ValidationError
+
 from ... import envs
 from ...checkpoint import load_checkpoint_config
+from ...errors import SpecStreamError
 from ..config import (METHOD, POLICY_KEYS, resolve_match, resolve_options, resolve_policy,
                       resolve_settings)
 from ..patching import Patch
@@ -110,9 +113,21 @@ class EngineArgsPatch(Patch):
         _CURRENT_POLICY_KEYS.append(extra)
         try:
             return orig(self, target_model_config, target_parallel_config)
+        except ValidationError as exc:
+            raise _our_error(exc) from None
         finally:
             _CURRENT_POLICY_KEYS.pop()
             self.speculative_config = dict(self.speculative_config, **extra)
+
+
+def _our_error(exc: ValidationError) -> Exception:
+    """Our own start-up error out of pydantic's wrapper, so that ``vllm serve`` and ``LLM()``
+    show the one-line message (what is wrong, how to fix it) rather than a validation dump."""
+    for err in exc.errors():
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, SpecStreamError):
+            return cause
+    return exc
 
 
 class SpeculativeConfigPatch(Patch):
