@@ -5,7 +5,6 @@ from __future__ import annotations
 import ast
 import json
 import os
-import random
 import subprocess
 import sys
 import time
@@ -16,36 +15,12 @@ import torch
 
 from specstream_vllm.checkpoint import load_checkpoint
 from specstream_vllm.errors import ConfigError
-from specstream_vllm.training.data import Example
 from specstream_vllm.training.recipe import load_recipe
+from tests.test_training import _examples, tiny_model  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "train_tiny_test.yaml"
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=True, initializer_range=0.2)
-    cfg.architectures = ["LlamaForCausalLM"]
-    d = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(cfg).save_pretrained(str(d), safe_serialization=True)
-    return d
-
-
-def _examples(n: int = 16, seed: int = 0) -> list[Example]:
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        p = [rng.randrange(200) for _ in range(rng.randrange(4, 10))]
-        r = [7 if rng.random() < 0.9 else rng.randrange(200) for _ in range(rng.randrange(30, 50))]
-        out.append(Example(f"c{i}", p, r, "length"))
-    return out
 
 
 def _recipe(tmp_path: Path, model_dir: Path, **over):
@@ -148,8 +123,8 @@ def test_training_modules_import_each_other_without_circles():
 _DDP_SCRIPT = """
 import json, os, sys, torch
 from pathlib import Path
-from specstream_vllm.training.data import Example
 from specstream_vllm.training.recipe import load_recipe
+from tests.test_training import _examples, tiny_model  # noqa: F401 (a fixture)
 from specstream_vllm.training.trainer import train
 model, out, tiny = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
 exs = [Example.from_json(l) for l in (out.parent / "examples.jsonl").read_text().splitlines()]
