@@ -123,8 +123,8 @@ def test_training_modules_import_each_other_without_circles():
 _DDP_SCRIPT = """
 import json, os, sys, torch
 from pathlib import Path
+from specstream_vllm.training.data import Example
 from specstream_vllm.training.recipe import load_recipe
-from tests.test_training import _examples, tiny_model  # noqa: F401 (a fixture)
 from specstream_vllm.training.trainer import train
 model, out, tiny = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
 exs = [Example.from_json(l) for l in (out.parent / "examples.jsonl").read_text().splitlines()]
