@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -13,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.soak import stop_server
 from tests.test_vllm_integration import streams_for_smollm2
 
 pytestmark = pytest.mark.vllm
@@ -55,11 +54,7 @@ def server(smollm2_dir, shipped_streams, tmp_path_factory):
             raise AssertionError("server did not become healthy in 600 s")
         yield base
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_server(proc)
         log.close()
 
 

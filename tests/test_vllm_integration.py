@@ -16,20 +16,12 @@ import torch
 from specstream_vllm.checkpoint import LoraSpec
 from specstream_vllm.reference.init import init_checkpoint
 from tests.conftest import make_tiny_llama
+from tests.stress.storm_plan import PROMPTS as CHAT_PROMPTS
 
 pytestmark = pytest.mark.vllm
 ROOT = Path(__file__).resolve().parents[1]
 
-PROMPTS = [
-    "What is the capital of France?",
-    "Write a haiku about autumn leaves.",
-    "Explain what a binary search does, briefly.",
-    "List three uses of a paperclip.",
-    "Why is the sky blue? Answer in two sentences.",
-    "Translate 'good morning' into Spanish and French.",
-    "Give me a short tip for learning to cook.",
-    "What does HTTP stand for?",
-]
+PROMPTS = CHAT_PROMPTS[:8]   # the stress test's chat questions, the first eight
 MAX_TOKENS = [48, 20, 64, 33, 40, 17, 56, 25]
 
 
