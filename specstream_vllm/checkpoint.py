@@ -17,6 +17,11 @@ and ``model.safetensors`` holding
   RMS normalisation (see :func:`next_token_features`). ``next_token``: every stream
   reads g(x_{t+1}); ``chain``: stream j reads g(x_{t+j}), the token at its own position
   (for j >= 2 the previous stream's draft, so the streams are drafted one at a time).
+* ``stream_input: "anchor"`` carries the same tensors as ``"paper"`` (h_t + e_j, no token
+  map) but its streams attend to the main keys/values at positions <= t only: not to
+  each other, not to themselves. A stream row is then a query-only row that needs only
+  keys the main rows of the same layer have written, so the draft can be computed inside
+  the verification forward or in a separate pass after it, with the same result.
 
 A fine-tuned model directory carries its streams in a ``specstream/`` subfolder.
 The base model is identified by a fingerprint of its config and a few weight
@@ -123,11 +128,12 @@ class StreamCheckpointConfig(BaseModel):
     base_model: BaseModelRef
     torch_dtype: str = "float32"
     draft_vocab_size: Optional[int] = Field(None, ge=1)
-    stream_input: Literal["paper", "next_token", "chain"] = Field(
+    stream_input: Literal["paper", "next_token", "chain", "anchor"] = Field(
         "paper", description='"paper": stream j gets h_t + e_j (Bhendawade et al.); "next_token": '
                              "h_t + e_j + g(x_{t+1}), x_{t+1} the token sampled at the anchor; "
                              '"chain": h_t + e_j + g(x_{t+j}), x_{t+j} for j >= 2 the draft of '
-                             "stream j-1 (drafted one stream at a time)")
+                             'stream j-1 (drafted one stream at a time); "anchor": h_t + e_j, '
+                             "attending to the main keys <= t only (no stream-stream attention)")
     token_map_rank: Optional[int] = Field(None, ge=1, description="rank r of g (next_token and "
                                                                   "chain forms)")
     speculators_config: SpeculatorsInfo = Field(default_factory=SpeculatorsInfo)
@@ -396,6 +402,12 @@ def validate_against_base(cfg: StreamCheckpointConfig, base_model_dir: str | Pat
 def reads_tokens(stream_input: str) -> bool:
     """Whether a stream form reads tokens through the map g (and carries ``token_map.*``)."""
     return stream_input in ("next_token", "chain")
+
+
+def attends_streams(stream_input: str) -> bool:
+    """Whether a form's streams attend to streams (themselves and lower streams of the same
+    anchor) besides the main keys <= t; the ``anchor`` form's do not."""
+    return stream_input != "anchor"
 
 
 def next_token_features(embeddings: torch.Tensor) -> torch.Tensor:

@@ -51,12 +51,14 @@ def _add_init(sub) -> None:
     p.add_argument("--output", required=True)
     p.add_argument("--num-streams", type=int, default=4)
     p.add_argument("--num-stream-layers", type=int, default=4)
+    p.add_argument("--stream-input", default="paper",
+                   choices=["paper", "next_token", "chain", "anchor"])
 
     def run(a):
         from .default_model import default_model_dir
         from .reference.init import init_checkpoint
         print(init_checkpoint(a.model or default_model_dir(), a.output, num_streams=a.num_streams,
-                              num_stream_layers=a.num_stream_layers))
+                              num_stream_layers=a.num_stream_layers, stream_input=a.stream_input))
         return 0
     p.set_defaults(func=run)
 

@@ -250,3 +250,18 @@ def test_paper_form_is_the_default_for_older_checkpoints(ckpt):
     (ckpt / "config.json").write_text(json.dumps(raw))
     cfg, _ = load_checkpoint(ckpt)
     assert cfg.stream_input == "paper"
+
+
+def test_anchor_checkpoint_has_no_token_map(tiny_llama_dir, tmp_path):
+    """The anchor form carries the paper form's tensors; a token map is refused."""
+    from specstream_vllm.checkpoint import attends_streams, reads_tokens
+    ck = init_checkpoint(tiny_llama_dir, tmp_path / "anchor", num_streams=3, num_stream_layers=2,
+                         lora=LoraSpec(rank=2), stream_input="anchor")
+    cfg, tensors = load_checkpoint(ck, base_model_dir=tiny_llama_dir)
+    assert cfg.stream_input == "anchor" and cfg.token_map_rank is None
+    assert not any(k.startswith("token_map") for k in tensors)
+    assert not reads_tokens("anchor") and not attends_streams("anchor")
+    assert all(attends_streams(f) for f in ("paper", "next_token", "chain"))
+    _edit_config(ck, token_map_rank=4)
+    with pytest.raises(CheckpointError, match="token_map_rank must be set"):
+        load_checkpoint(ck)

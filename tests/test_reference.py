@@ -249,3 +249,101 @@ def test_reference_decoder_is_lossless_smollm2(smollm2_fp32):
         out, _ = speculative_generate(model, params, ids, 16, 4, eos_token_id=tok.eos_token_id)
         assert out == _generate(model, ids, 16, eos=tok.eos_token_id)[: len(out)]
         assert len(out) == 16 or out[-1] == tok.eos_token_id
+
+
+_ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def hf_anchor_stream_logits(model, params, ids, t, g):
+    """The anchor form computed by HF's own decoder layers: the main rows 0..t and g stream
+    rows h_t + e_j (positions t+1..t+g) run the top layers as one sequence under a 4-D mask
+    that lets a stream row see the main rows only (not itself, not other streams); forward
+    hooks add the stream LoRA to the stream rows. ``model`` must use sdpa attention (eager
+    softmaxes in float32 even for a float64 model)."""
+    h = model(ids[:, :t + 1], output_hidden_states=True).hidden_states[params.first_layer]
+    x = torch.cat([h[0], h[0, t] + params.stream_embeddings[:g]])[None]
+    S = t + 1 + g
+    pos = torch.arange(S)[None]
+    allowed = torch.tril(torch.ones(S, S, dtype=torch.bool))
+    allowed[t + 1:, t + 1:] = False
+    mask = torch.zeros(S, S, dtype=x.dtype).masked_fill(~allowed, float("-inf"))[None, None]
+    hooks = []
+    for li in params.layer_ids:
+        layer = model.model.layers[li]
+        for name in (params.lora.target_modules if params.lora else []):
+            mod = getattr(layer.self_attn if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj"))
+                          else layer.mlp, name)
+            a, b = params.lora_A[f"layers_{li}_{name}"], params.lora_B[f"layers_{li}_{name}"]
+
+            def hook(m, inp, out, a=a, b=b):
+                extra = torch.zeros_like(out)
+                extra[:, t + 1:] = inp[0][:, t + 1:] @ a.t() @ b.t() * params.lora.scaling
+                return out + extra
+            hooks.append(mod.register_forward_hook(hook))
+    try:
+        cos_sin = model.model.rotary_emb(x, pos)
+        for li in params.layer_ids:
+            x = model.model.layers[li](x, attention_mask=mask, position_ids=pos,
+                                       position_embeddings=cos_sin)
+            x = x[0] if isinstance(x, tuple) else x
+    finally:
+        for hk in hooks:
+            hk.remove()
+    return model.lm_head(model.model.norm(x[0, t + 1:]))
+
+
+def _anchor_streams(tiny_llama_dir, g, ns, seed=6):
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float64,
+                                                 attn_implementation="sdpa").eval()
+    torch.manual_seed(seed)
+    params = StreamParams(model.config, g, ns, LoraSpec(rank=3, target_modules=_ALL_TARGETS),
+                          init_std=0.5, stream_input="anchor").double()
+    with torch.no_grad():
+        for b in params.lora_B.values():
+            b.normal_(0, 0.1)
+    return model, params
+
+
+@pytest.mark.parametrize("g,ns", [(1, 1), (4, 3)])
+def test_anchor_streams_match_hf_layers_under_a_main_only_mask(tiny_llama_dir, g, ns):
+    """Anchor form: h_t + e_j at position t+j attending to the main keys <= t only."""
+    model, params = _anchor_streams(tiny_llama_dir, g, ns)
+    with torch.no_grad():
+        ids = torch.randint(3, 256, (2, 12))
+        anchors = torch.tensor([[0, 5, 11], [2, 3, 7]])
+        fast = stream_logits(model, params, main_pass(model, ids, params.layer_ids), anchors)
+        for b in range(2):
+            for a, t in enumerate(anchors[b].tolist()):
+                slow = hf_anchor_stream_logits(model, params, ids[b:b + 1], t, g)
+                torch.testing.assert_close(fast[b, a], slow, rtol=1e-9, atol=1e-9)
+
+
+def test_anchor_streams_do_not_see_each_other(tiny_llama_dir):
+    """A stream's output depends on its own input only: changing e_1 leaves streams 2..g
+    as they were, and asking for fewer streams leaves the first ones unchanged; the paper
+    form on the same tensors (stream-stream attention) differs."""
+    model, params = _anchor_streams(tiny_llama_dir, 4, 2)
+    with torch.no_grad():
+        ids = torch.randint(3, 256, (1, 10))
+        anchors = torch.tensor([[3, 8]])
+        main = main_pass(model, ids, params.layer_ids)
+        full = stream_logits(model, params, main, anchors)
+        torch.testing.assert_close(stream_logits(model, params, main, anchors, 2), full[:, :, :2])
+        params.stream_embeddings[0] += 1.0
+        moved = stream_logits(model, params, main, anchors)
+        torch.testing.assert_close(moved[:, :, 1:], full[:, :, 1:])
+        assert not torch.allclose(moved[:, :, 0], full[:, :, 0])
+        params.stream_input = "paper"
+        paper = stream_logits(model, params, main, anchors)
+        assert not torch.allclose(paper[:, :, 1:], moved[:, :, 1:])
+
+
+@pytest.mark.parametrize("gamma", [1, 4])
+def test_reference_decoder_is_lossless_anchor_form(tiny_llama_dir, gamma):
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32).eval()
+    torch.manual_seed(gamma + 20)
+    params = StreamParams(model.config, 4, 2, LoraSpec(rank=2), init_std=0.3, stream_input="anchor")
+    ids = torch.randint(3, 256, (1, 7), generator=torch.Generator().manual_seed(3))
+    out, stats = speculative_generate(model, params, ids, 30, gamma)
+    assert out == _generate(model, ids, 30)
+    assert stats.num_drafts > 0

@@ -10,7 +10,9 @@ by the parity tests of the vLLM proposer:
 * it sits at position ``t + j`` (rotary angle or ALiBi key position; families with learned
   absolute positions add them at the input only, so the streams inherit the anchor's
   through ``h_t``) and attends to the main stream's keys/values of the same layer at
-  positions ``<= t`` and to streams ``1..j`` of the same ``t``.
+  positions ``<= t`` and to streams ``1..j`` of the same ``t`` -- except in the ``anchor``
+  form, whose streams attend to the main keys/values ``<= t`` only (a query-only row: no
+  stream keys at all, so it can ride inside the verification forward).
 
 Module access per family is in ``hf_layers.py``; the attention is written once here.
 
@@ -29,8 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..checkpoint import (DRAFT_VOCAB_KEY, EMBEDDINGS_KEY, TOKEN_MAP_A_KEY, TOKEN_MAP_B_KEY,
-                          LoraSpec, StreamCheckpointConfig, lora_module_shapes, next_token_features,
-                          reads_tokens)
+                          LoraSpec, StreamCheckpointConfig, attends_streams, lora_module_shapes,
+                          next_token_features, reads_tokens)
 from ..families import family_of
 from .hf_layers import hf_layers
 
@@ -116,6 +118,11 @@ class StreamParams(nn.Module):
     def next_token_aware(self) -> bool:
         """The streams read tokens through g (the ``next_token`` and ``chain`` forms)."""
         return reads_tokens(self.stream_input)
+
+    @property
+    def attends_streams(self) -> bool:
+        """Stream rows attend to stream rows too (all forms but ``anchor``: main keys only)."""
+        return attends_streams(self.stream_input)
 
     @property
     def chain(self) -> bool:
@@ -300,6 +307,8 @@ def stream_logits(model: nn.Module, params: StreamParams, main: MainPass,
     streams also need ``next_tokens`` ([B, A]): x_{t+1}, the token sampled at each anchor;
     chain streams need ``[B, A, γ]``: x_{t+1..t+γ} (teacher-forced, or drafted so far; the
     attention among streams is causal, so stream j's output depends on tokens 1..j only).
+    ``anchor`` streams attend to the main keys <= t only: their stream part of the softmax
+    is dropped, so each stream's output depends on its own input alone.
     """
     cm = unwrap_causal_lm(model)
     fam = hf_layers(cm)
@@ -325,7 +334,7 @@ def stream_logits(model: nn.Module, params: StreamParams, main: MainPass,
     if positions == "rope":
         s_cos, s_sin = fam.rotary(x, spos)
         m_cos, m_sin = fam.rotary(x, main.position_ids)
-    # masks: stream (t, j) sees main t' <= t, and stream j' <= j of the same t
+    # masks: stream (t, j) sees main t' <= t, and stream j' <= j of the same t (anchor: none)
     main_ok = main.position_ids[:, None, :] <= anchors.reshape(B, A, 1).repeat_interleave(g, 1)  # [B, A*g, T]
     tri = torch.tril(torch.ones(g, g, dtype=torch.bool, device=x.device))  # [g, g]
     acc = torch.promote_types(x.dtype, torch.float32)  # softmax in >= fp32
@@ -357,17 +366,22 @@ def stream_logits(model: nn.Module, params: StreamParams, main: MainPass,
             km = _apply_rope(km, m_cos, m_sin)
             q, ks = _apply_rope(q, s_cos, s_sin), _apply_rope(ks, s_cos, s_sin)
         km_, vm_ = km.repeat_interleave(rep, 1), vm.repeat_interleave(rep, 1)
-        ks_ = ks.repeat_interleave(rep, 1).view(B, H, A, g, hd)
-        vs_ = vs.repeat_interleave(rep, 1).view(B, H, A, g, hd)
         s_main = (q @ km_.transpose(-1, -2)).to(acc) * scale  # [B, H, A*g, T]
-        qa = q.view(B, H, A, g, hd)
-        s_str = (qa @ ks_.transpose(-1, -2)).to(acc) * scale  # [B, H, A, g, g]
         if positions == "alibi":
-            s_main, s_str = s_main + bias_main, s_str + bias_str
+            s_main = s_main + bias_main
         s_main = s_main.masked_fill(~main_ok[:, None], float("-inf"))
-        s_str = s_str.masked_fill(~tri, float("-inf")).view(B, H, A * g, g)
-        p = torch.softmax(torch.cat([s_main, s_str], dim=-1), dim=-1).to(q.dtype)
-        out = p[..., :T] @ vm_ + (p[..., T:].view(B, H, A, g, g) @ vs_).view(B, H, A * g, hd)
+        if params.attends_streams:
+            qa = q.view(B, H, A, g, hd)
+            ks_ = ks.repeat_interleave(rep, 1).view(B, H, A, g, hd)
+            vs_ = vs.repeat_interleave(rep, 1).view(B, H, A, g, hd)
+            s_str = (qa @ ks_.transpose(-1, -2)).to(acc) * scale  # [B, H, A, g, g]
+            if positions == "alibi":
+                s_str = s_str + bias_str
+            s_str = s_str.masked_fill(~tri, float("-inf")).view(B, H, A * g, g)
+            p = torch.softmax(torch.cat([s_main, s_str], dim=-1), dim=-1).to(q.dtype)
+            out = p[..., :T] @ vm_ + (p[..., T:].view(B, H, A, g, g) @ vs_).view(B, H, A * g, hd)
+        else:
+            out = torch.softmax(s_main, dim=-1).to(q.dtype) @ vm_
         out = out.transpose(1, 2).reshape(B, A * g, H * hd)
         if fam.parallel_block:  # x + attn(n(x)) + mlp(n(x))
             x = x + fam.out_proj(layer, out, lin) + fam.mlp(layer, hs, lin)

@@ -96,11 +96,13 @@ class Recipe(_Strict):
                            "are the base model's own greedy tokens (the only case in which its draft "
                            "is verified); elsewhere its target depends on tokens it cannot see")
     distill: bool = Field(False, description="KL to the base model's softmax at t+j, not the hard token")
-    stream_input: Literal["paper", "next_token", "chain"] = Field(
+    stream_input: Literal["paper", "next_token", "chain", "anchor"] = Field(
         "paper", description='"paper": stream j gets h_t + e_j; "next_token": also g(x_{t+1}), '
                              "a learned map of the token sampled at the anchor (DESIGN.md); "
                              '"chain": g(x_{t+j}), the token at the stream\'s own position '
-                             "(teacher-forced in training, the previous draft when serving)")
+                             "(teacher-forced in training, the previous draft when serving); "
+                             '"anchor": h_t + e_j attending to the main keys <= t only (no '
+                             "stream-stream attention: the draft fits in the verification pass)")
     token_map_rank: int = Field(128, ge=1, description="rank of g in the next_token and chain forms")
     token_map_lr: Optional[float] = Field(None, gt=0, description="learning rate of g (null = lr)")
     token_map_fit_conversations: int = Field(

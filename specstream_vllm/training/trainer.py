@@ -20,6 +20,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..checkpoint import reads_tokens
 from ..families import check_lora_targets, family_of
 from ..reference.streams import StreamParams
 from .checkpoint_io import STATE_NAME, export, init_params, snapshot
@@ -114,7 +115,7 @@ def _load_models(recipe: Recipe, base_dir: Path, out_dir: Path, resume: bool, de
             r=recipe.lora.rank, lora_alpha=recipe.lora.alpha,
             target_modules=sorted({names[t] for t in recipe.lora.target_modules}),
             lora_dropout=0.0, bias="none"))
-    token_map_rank = recipe.token_map_rank if recipe.stream_input in ("next_token", "chain") else None
+    token_map_rank = recipe.token_map_rank if reads_tokens(recipe.stream_input) else None
     params = StreamParams(cfg, recipe.num_streams, recipe.num_stream_layers,
                           None if finetuned else recipe.lora, init_std=recipe.embedding_init_std,
                           stream_input=recipe.stream_input, token_map_rank=token_map_rank)
