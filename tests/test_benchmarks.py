@@ -329,3 +329,85 @@ def test_online_smoke(tmp_path: Path) -> None:
         assert level["requests"] == 2 and level["failed"] == 0 and level["tokens_per_s"] > 0
         assert level["ttft"]["median_ms"] > 0
     assert runs["specstream"]["levels"][0]["spec"]["drafts"] > 0
+
+
+# ------------------------------------------------------------------ kernel costs
+
+def test_kernel_cost_smoke_writes_costs_rows_and_projection(tmp_path: Path) -> None:
+    from benchmarks import kernel_cost
+
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 4,
+                               "num_key_value_heads": 2, "intermediate_size": 64, "vocab_size": 128}))
+    out = tmp_path / "costs.json"
+    doc = kernel_cost.main(["--config", str(cfg), "--batch", "1,2", "--iters", "1", "--warmup", "0",
+                            "--stream-layers", "2", "--context", "8", "--draft-vocab", "32",
+                            "--layers", "1", "--threads", "1", "--acceptance", "1.5,2", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved == doc and saved["machine"]["cpu_model"] and saved["settings"]["device"] == "cpu"
+    st = saved["settings"]
+    assert st["scaled"] is True and st["measured_layers"] == 1 and st["shape"]["layers"] == 4
+    assert st["rows_per_sequence"] == {"decode": {"layers": 1}, "verify": {"layers": 5},
+                                       "separate": {"top": 4}, "fused": {"bottom": 5, "top": 5 + 5 * 4}}
+    assert [r["batch"] for r in saved["results"]] == [1, 2]
+    assert all(r["ms"][f] > 0 for r in saved["results"] for f in kernel_cost.FORMS)
+    assert [(p["acceptance"], p["batch"]) for p in saved["projection"]] == [(1.5, 1), (1.5, 2), (2, 1), (2, 2)]
+    unscaled = kernel_cost.main(["--config", str(cfg), "--batch", "1", "--iters", "1", "--warmup", "0",
+                                 "--stream-layers", "4", "--context", "8", "--draft-vocab", "32"])
+    assert unscaled["settings"]["scaled"] is False and "bottom" not in unscaled["settings"]["rows_per_sequence"]["fused"]
+    # scaled: each stage's measured layers count for the stage's real layers, the head once
+    setup = kernel_cost.Setup(kernel_cost.shape_from_config(cfg), 4, 1, 32, 8, measured_layers=2)
+    scales = {f: [scale for _, scale in segs] for f, segs in kernel_cost.build_steps(setup, 1).items()}
+    assert scales == {"decode": [2.0, 1.0], "verify": [2.0, 1.0], "separate": [1.0, 1.0],
+                      "fused": [1.5, 1.0, 1.0]}
+    setup = kernel_cost.Setup(setup.shape, 4, 1, 32, 8)
+    assert all(len(segs) == 1 for segs in kernel_cost.build_steps(setup, 1).values())
+
+
+def test_kernel_cost_projection_from_costs_and_acceptance_from_results(tmp_path: Path) -> None:
+    from benchmarks import kernel_cost
+
+    costs = tmp_path / "costs.json"
+    costs.write_text(json.dumps({"results": [{"model": "m", "batch": 1, "ms": {
+        "decode": 10.0, "verify": 12.0, "separate": 3.0, "fused": 14.0}}]}))
+    doc = kernel_cost.main(["--from-costs", str(costs), "--acceptance", "2"])
+    assert doc["projection"] == [{"model": "m", "batch": 1, "acceptance": 2.0, "ratio_separate": 1.333,
+                                  "ratio_fused": 1.429, "better": "fused"}]
+    # offline rounds and online runs are both read; the online aggregate is not counted twice
+    offline = DOCS / "2026-12-01-peers-batch1-16" / "results.json"
+    total = SpecCounters()
+    for level in json.loads(offline.read_text())["levels"]:
+        for rnd in level["rounds"]:
+            total = total + SpecCounters.from_json(rnd["specstream"]["spec"])
+    assert kernel_cost.spec_totals(offline) == total
+    online = DOCS / "2026-12-01-online-concurrency1-32" / "results.json"
+    runs = json.loads(online.read_text())["online"]["runs"]
+    total = sum((SpecCounters.from_json(lv["spec"]) for r in runs if r["method"] == "specstream"
+                 for lv in r["levels"]), SpecCounters())
+    assert kernel_cost.spec_totals(online) == total
+    with pytest.raises(SystemExit, match="no drafts of method 'nope'"):
+        kernel_cost.spec_totals(online, "nope")
+
+
+def test_kernel_cost_stream_rows_leave_the_verified_rows_alone() -> None:
+    """In the one-pass form a stream row sees the context up to its anchor and writes no KV: the
+    verified rows come out as in verification alone, and a stream row as if run by itself."""
+    from benchmarks import kernel_cost as kc
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    s, g, c = kc.Shape(32, 1, 4, 2, 64, 128), 2, 6
+    lay, dev = kc._Layer(s, 1, c + g + 1, torch.device("cpu"), torch.float32), torch.device("cpu")
+    verified = kc._rows(list(range(c, c + g + 1)), list(range(g + 1)), g + 1, c, s.hd, dev, torch.float32)
+    pos = list(range(c, c + g + 1)) + [c + i + 1 + j for i in range(g + 1) for j in range(g)]
+    anchors = list(range(g + 1)) + [i for i in range(g + 1) for _ in range(g)]
+    ride = kc._rows(pos, anchors, g + 1, c, s.hd, dev, torch.float32)
+    x = torch.randn(1, len(pos), s.hidden)
+    both = kc._layer(lay, s, x, ride, c)
+    alone = kc._layer(lay, s, x[:, :g + 1], verified, c)
+    torch.testing.assert_close(both[:, :g + 1], alone)
+    for anchor in range(g + 1):  # its stream 1 sees the cache and verified rows 0..anchor
+        r = g + 1 + anchor * g + 1
+        one = kc._rows([pos[r]], [0], 0, c + anchor + 1, s.hd, dev, torch.float32)
+        torch.testing.assert_close(both[:, r:r + 1],
+                                   kc._layer(lay, s, x[:, r:r + 1], one, c + anchor + 1))
