@@ -100,8 +100,9 @@ class _Rows:
 
 
 def _rows(positions: list[int], anchors: list[int], writes: int, context: int, hd: int,
-          dev: torch.device, dtype: torch.dtype) -> _Rows:
-    """Row r sits at ``positions[r]`` and sees the cache plus new rows 0..``anchors[r]``."""
+          dev: torch.device, dtype: torch.dtype, group: int = 1) -> _Rows:
+    """Row r sits at ``positions[r]`` and sees the cache plus new rows 0..``anchors[r]``; the
+    mask repeats for the ``group`` query heads that share a KV head (they attend as extra rows)."""
     inv = 1.0 / (10000.0 ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
     ang = torch.tensor(positions, dtype=torch.float32)[:, None] * inv[None, :]
     ang = torch.cat([ang, ang], dim=-1)
@@ -109,7 +110,7 @@ def _rows(positions: list[int], anchors: list[int], writes: int, context: int, h
     mask = None
     if any(a < writes - 1 for a in anchors):
         mask = torch.arange(keys)[None, :] <= context + torch.tensor(anchors)[:, None]
-        mask = mask.to(dev)
+        mask = mask.repeat(group, 1).to(dev)
     return _Rows(ang.cos().to(dev, dtype), ang.sin().to(dev, dtype), writes, keys, mask)
 
 
@@ -132,9 +133,11 @@ def _layer(L: _Layer, s: Shape, x: torch.Tensor, r: _Rows, context: int) -> torc
     v = v.view(B, R, s.kv_heads, s.hd).transpose(1, 2)
     L.k[:, :, context:r.keys] = k[:, :, :r.writes]
     L.v[:, :, context:r.keys] = v[:, :, :r.writes]
-    o = F.scaled_dot_product_attention(q, L.k[:, :, :r.keys], L.v[:, :, :r.keys], attn_mask=r.mask,
-                                       enable_gqa=s.kv_heads != s.heads)
-    x = x + F.linear(o.transpose(1, 2).reshape(B, R, s.heads * s.hd), L.o)
+    # GQA: the query heads of one KV head attend as one longer block of rows, so every backend
+    # (masked ones included) reads each cached key once per KV head
+    q = q.reshape(B, s.kv_heads, s.heads // s.kv_heads * R, s.hd)
+    o = F.scaled_dot_product_attention(q, L.k[:, :, :r.keys], L.v[:, :, :r.keys], attn_mask=r.mask)
+    x = x + F.linear(o.view(B, s.heads, R, s.hd).transpose(1, 2).reshape(B, R, s.heads * s.hd), L.o)
     g, u = F.linear(_rms(x, L.ln2), L.gate_up).chunk(2, dim=-1)
     return x + F.linear(F.silu(g) * u, L.down)
 
@@ -189,6 +192,8 @@ def build_steps(st: Setup, batch: int) -> dict[str, list[tuple[Callable[[], Any]
         raise SystemExit(f"--stream-layers {st.stream_layers}: must be in 1..{s.layers} (the model's layers)")
     if st.gamma < 1 or st.context < 1:
         raise SystemExit("--gamma and --context must be at least 1")
+    if s.heads % s.kv_heads:
+        raise SystemExit(f"{s.heads} attention heads are not a multiple of {s.kv_heads} KV heads")
     scaled = 0 < st.measured_layers < s.layers
     n_alloc = st.measured_layers if scaled else s.layers
     layers = [_Layer(s, batch, st.context + st.gamma + 1, dev, dtype) for _ in range(n_alloc)]
@@ -218,8 +223,9 @@ def build_steps(st: Setup, batch: int) -> dict[str, list[tuple[Callable[[], Any]
             first = s.layers - n if name == "top" and not scaled else 0
             use = layers[first:first + min(n, n_alloc)]
             n_in = 1 if entry == "streams" else g + 1 if entry == "ride" else len(pos)
-            segs.append((torch.randn(batch, n_in, s.hidden, device=dev, dtype=dtype), use,
-                         _rows(pos, anchors, writes, st.context, s.hd, dev, dtype), entry, n / len(use)))
+            rows = _rows(pos, anchors, writes, st.context, s.hd, dev, dtype, s.heads // s.kv_heads)
+            segs.append((torch.randn(batch, n_in, s.hidden, device=dev, dtype=dtype), use, rows,
+                         entry, n / len(use)))
         x_head = torch.randn(batch, len(stages[-1][2]), s.hidden, device=dev, dtype=dtype)
 
         def head(x: torch.Tensor, form: str = form) -> list[torch.Tensor]:
@@ -351,10 +357,19 @@ def markdown(doc: dict[str, Any]) -> str:
         ms = r["ms"]
         lines.append(f"| {_label(r, model)} | {r['batch']} | {ms['decode']:.2f} | {ms['verify']:.2f} | "
                      f"{ms['separate']:.2f} | {ms['fused']:.2f} | {ms['fused'] - ms['verify']:.2f} |")
-    lines += ["", "| model | batch | acceptance | separate | fused | better |", "|---|---:|---:|---:|---:|---|"]
+    accs = sorted({p["acceptance"] for p in doc["projection"]})
+    by_row: dict[tuple[str, int], dict[float, dict[str, Any]]] = {}
     for p in doc["projection"]:
-        lines.append(f"| {_label(p, model)} | {p['batch']} | {p['acceptance']:.2f} | "
-                     f"{p['ratio_separate']:.2f}x | {p['ratio_fused']:.2f}x | {p['better']} |")
+        by_row.setdefault((_label(p, model), p["batch"]), {})[p["acceptance"]] = p
+    lines += ["", "tokens/s against no speculation, separate / one pass (the better in bold), at T tokens per step:", "",
+              "| model | batch | " + " | ".join(f"T = {t:g}" for t in accs) + " |",
+              "|---|---:|" + "---:|" * len(accs)]
+    def cell(p: dict[str, Any]) -> str:
+        sep, fused = f"{p['ratio_separate']:.2f}x", f"{p['ratio_fused']:.2f}x"
+        return f"**{sep}** / {fused}" if p["better"] == "separate" else f"{sep} / **{fused}**"
+
+    for (label, batch), cells in by_row.items():
+        lines.append(f"| {label} | {batch} | " + " | ".join(cell(cells[t]) for t in accs) + " |")
     return "\n".join(lines)
 
 

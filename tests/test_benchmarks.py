@@ -391,23 +391,32 @@ def test_kernel_cost_projection_from_costs_and_acceptance_from_results(tmp_path:
 
 def test_kernel_cost_stream_rows_leave_the_verified_rows_alone() -> None:
     """In the one-pass form a stream row sees the context up to its anchor and writes no KV: the
-    verified rows come out as in verification alone, and a stream row as if run by itself."""
+    verified rows come out as in verification alone, and a stream row as if run by itself; the
+    grouped-query attention equals plain attention over KV heads repeated per query head."""
     from benchmarks import kernel_cost as kc
 
     torch = pytest.importorskip("torch")
     torch.manual_seed(0)
+    cpu, f32 = torch.device("cpu"), torch.float32
     s, g, c = kc.Shape(32, 1, 4, 2, 64, 128), 2, 6
-    lay, dev = kc._Layer(s, 1, c + g + 1, torch.device("cpu"), torch.float32), torch.device("cpu")
-    verified = kc._rows(list(range(c, c + g + 1)), list(range(g + 1)), g + 1, c, s.hd, dev, torch.float32)
+    lay = kc._Layer(s, 1, c + g + 1, cpu, f32)
     pos = list(range(c, c + g + 1)) + [c + i + 1 + j for i in range(g + 1) for j in range(g)]
     anchors = list(range(g + 1)) + [i for i in range(g + 1) for _ in range(g)]
-    ride = kc._rows(pos, anchors, g + 1, c, s.hd, dev, torch.float32)
     x = torch.randn(1, len(pos), s.hidden)
-    both = kc._layer(lay, s, x, ride, c)
+    wide = kc.Shape(32, 1, 4, 4, 64, 128)  # the same layer with every KV head repeated
+    ref = kc._Layer(wide, 1, c + g + 1, cpu, f32)
+    q, k, v = lay.qkv.split([s.heads * s.hd, s.kv_heads * s.hd, s.kv_heads * s.hd])
+    rep = lambda t: t.view(s.kv_heads, s.hd, -1).repeat_interleave(2, 0).flatten(0, 1)  # noqa: E731
+    ref.qkv, ref.o, ref.gate_up, ref.down = torch.cat([q, rep(k), rep(v)]), lay.o, lay.gate_up, lay.down
+    ref.k, ref.v = lay.k.repeat_interleave(2, 1), lay.v.repeat_interleave(2, 1)
+    torch.testing.assert_close(kc._layer(ref, wide, x, kc._rows(pos, anchors, g + 1, c, s.hd, cpu, f32), c),
+                               kc._layer(lay, s, x, kc._rows(pos, anchors, g + 1, c, s.hd, cpu, f32, 2), c))
+    verified = kc._rows(list(range(c, c + g + 1)), list(range(g + 1)), g + 1, c, s.hd, cpu, f32, 2)
+    both = kc._layer(lay, s, x, kc._rows(pos, anchors, g + 1, c, s.hd, cpu, f32, 2), c)
     alone = kc._layer(lay, s, x[:, :g + 1], verified, c)
     torch.testing.assert_close(both[:, :g + 1], alone)
     for anchor in range(g + 1):  # its stream 1 sees the cache and verified rows 0..anchor
         r = g + 1 + anchor * g + 1
-        one = kc._rows([pos[r]], [0], 0, c + anchor + 1, s.hd, dev, torch.float32)
+        one = kc._rows([pos[r]], [0], 0, c + anchor + 1, s.hd, cpu, f32, 2)
         torch.testing.assert_close(both[:, r:r + 1],
                                    kc._layer(lay, s, x[:, r:r + 1], one, c + anchor + 1))
