@@ -96,7 +96,7 @@ class _Rows:
     sin: torch.Tensor
     writes: int             # the first `writes` rows store K/V at context .. context + writes
     keys: int               # keys attended: context + writes
-    mask: torch.Tensor | None  # (rows, keys) bool, True = attend; None: every row sees all keys
+    mask: torch.Tensor | None  # (group * rows, keys) additive: 0 or -inf; None: all keys seen
 
 
 def _rows(positions: list[int], anchors: list[int], writes: int, context: int, hd: int,
@@ -109,8 +109,8 @@ def _rows(positions: list[int], anchors: list[int], writes: int, context: int, h
     keys = context + writes
     mask = None
     if any(a < writes - 1 for a in anchors):
-        mask = torch.arange(keys)[None, :] <= context + torch.tensor(anchors)[:, None]
-        mask = mask.repeat(group, 1).to(dev)
+        seen = torch.arange(keys)[None, :] <= context + torch.tensor(anchors)[:, None]
+        mask = torch.zeros(seen.shape).masked_fill(~seen, -math.inf).repeat(group, 1).to(dev, dtype)
     return _Rows(ang.cos().to(dev, dtype), ang.sin().to(dev, dtype), writes, keys, mask)
 
 
