@@ -254,14 +254,16 @@ def test_reference_decoder_is_lossless_smollm2(smollm2_fp32):
 _ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def hf_anchor_stream_logits(model, params, ids, t, g):
+def hf_anchor_stream_logits(model, params, ids, t, g, h_first=None):
     """The anchor form computed by HF's own decoder layers: the main rows 0..t and g stream
     rows h_t + e_j (positions t+1..t+g) run the top layers as one sequence under a 4-D mask
     that lets a stream row see the main rows only (not itself, not other streams); forward
-    hooks add the stream LoRA to the stream rows. ``model`` must use sdpa attention (eager
-    softmaxes in float32 even for a float64 model)."""
-    h = model(ids[:, :t + 1], output_hidden_states=True).hidden_states[params.first_layer]
-    x = torch.cat([h[0], h[0, t] + params.stream_embeddings[:g]])[None]
+    hooks add the stream LoRA to the stream rows. ``h_first`` [T, d]: the main states
+    entering the first stream layer (default: from ``ids`` [1, T]). ``model`` must use sdpa
+    attention (eager softmaxes in float32 even for a float64 model)."""
+    if h_first is None:
+        h_first = model(ids[:, :t + 1], output_hidden_states=True).hidden_states[params.first_layer][0]
+    x = torch.cat([h_first[:t + 1], h_first[t] + params.stream_embeddings[:g]])[None]
     S = t + 1 + g
     pos = torch.arange(S)[None]
     allowed = torch.tril(torch.ones(S, S, dtype=torch.bool))

@@ -242,14 +242,90 @@ def test_chain_targets_train_and_score_fewer_deep_targets(tiny_chat_model, tmp_p
 
 
 def test_init_from_refuses_a_different_stream_form(tiny_chat_model, tmp_path):
+    """A token-reading form cannot start from streams without a token map."""
     from specstream_vllm.errors import ConfigError
     data = _sharegpt_file(tmp_path / "sg.json")
-    first = train(_tf_recipe(tiny_chat_model, data, tmp_path / "a", max_steps=1), progress=False,
-                  log=lambda s: None)
+    first = train(_tf_recipe(tiny_chat_model, data, tmp_path / "a", max_steps=1, stream_input="paper"),
+                  progress=False, log=lambda s: None)
     with pytest.raises(ConfigError, match="differ"):
-        train(_tf_recipe(tiny_chat_model, data, tmp_path / "b", stream_input="paper",
-                         init_from=str(first.checkpoint_dir)), progress=False, log=lambda s: None)
-    assert load_checkpoint_config(first.checkpoint_dir).stream_input == "next_token"
+        train(_tf_recipe(tiny_chat_model, data, tmp_path / "b", init_from=str(first.checkpoint_dir)),
+              progress=False, log=lambda s: None)
+    assert load_checkpoint_config(first.checkpoint_dir).stream_input == "paper"
+
+
+_ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def test_init_from_a_next_token_checkpoint_continues_as_anchor_streams(tiny_chat_model, tmp_path):
+    """next_token -> anchor: the token map is dropped; embeddings, LoRA, draft vocabulary and
+    the data cursor are kept."""
+    from transformers import AutoConfig
+
+    from specstream_vllm.reference.streams import StreamParams
+    from specstream_vllm.training.checkpoint_io import init_params
+    data = _sharegpt_file(tmp_path / "sg.json")
+    first = train(_tf_recipe(tiny_chat_model, data, tmp_path / "n", max_steps=1), progress=False,
+                  log=lambda s: None)
+    recipe = _tf_recipe(tiny_chat_model, data, tmp_path / "a", max_steps=1, stream_input="anchor",
+                        init_from=str(first.checkpoint_dir))
+    cfg = AutoConfig.from_pretrained(str(tiny_chat_model))
+    params = StreamParams(cfg, 3, 2, recipe.lora, stream_input="anchor")
+    logs: list[str] = []
+    manifest = init_params(params, cfg, recipe, tmp_path / "a", False, logs.append)
+    _, src = load_checkpoint(first.checkpoint_dir)
+    mine = params.state_tensors()
+    assert set(src) - set(mine) == {"token_map.A", "token_map.B"} and set(mine) <= set(src)
+    assert all(torch.equal(mine[k], src[k]) for k in mine)
+    assert any("token map is dropped" in m for m in logs)
+    assert manifest["conversations_consumed"] == read_manifest(first.checkpoint_dir)["conversations_consumed"]
+    # through the trainer: an anchor checkpoint, no token map, the same draft vocabulary
+    res = train(recipe, progress=False, log=lambda s: None)
+    cfg2, tensors = load_checkpoint(res.checkpoint_dir, base_model_dir=tiny_chat_model)
+    assert cfg2.stream_input == "anchor" and cfg2.token_map_rank is None
+    assert not any(k.startswith("token_map") for k in tensors)
+    assert torch.equal(tensors["draft_vocab"], src["draft_vocab"])
+
+
+def test_anchor_training_step_scores_the_anchor_form(tiny_chat_model, tmp_path, monkeypatch):
+    """The stream states a teacher-forced anchor step scores are those of HF's own layers
+    running each stream row beside the main rows <= t, seeing the main rows only."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from specstream_vllm.reference.init import init_checkpoint
+    from specstream_vllm.training import parallel
+    from specstream_vllm.checkpoint import LoraSpec
+    from tests.test_reference import hf_anchor_stream_logits
+    start = init_checkpoint(tiny_chat_model, tmp_path / "start", num_streams=3, num_stream_layers=2,
+                            lora=LoraSpec(rank=4, alpha=8.0, target_modules=_ALL_TARGETS),
+                            init_std=0.5, random_lora_b=True, stream_input="anchor")
+    seen = []
+    real = parallel.StreamForward.forward
+
+    def spy(self, main, anchors, g, next_tokens=None):
+        out = real(self, main, anchors, g, next_tokens)
+        seen.append((copy.deepcopy(self.params), main.layer_inputs[self.params.first_layer].detach().clone(),
+                     anchors.clone(), next_tokens, out.detach().clone()))
+        return out
+    monkeypatch.setattr(parallel.StreamForward, "forward", spy)
+    data = _sharegpt_file(tmp_path / "sg.json")
+    train(_tf_recipe(tiny_chat_model, data, tmp_path / "a", max_steps=1, stream_input="anchor",
+                     init_from=str(start), **{"lora.target_modules": _ALL_TARGETS}),
+          progress=False, log=lambda s: None)
+    assert len(seen) == 1
+    params, h_first, anchors, nxt, hidden = seen[0]
+    assert nxt is None and params.stream_input == "anchor"
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_chat_model), dtype=torch.float64,
+                                                 attn_implementation="sdpa").eval()
+    params = params.double()
+    with torch.no_grad():
+        for b in range(anchors.shape[0]):
+            for a in range(0, anchors.shape[1], 3):
+                t = int(anchors[b, a])
+                slow = hf_anchor_stream_logits(model, params, None, t, 3, h_first=h_first[b].double())
+                fast = model.lm_head(hidden[b, a].double())
+                torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)  # float32 step
 
 
 def test_init_from_switches_between_next_token_and_chain_streams(tiny_chat_model, tmp_path):

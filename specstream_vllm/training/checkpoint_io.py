@@ -8,8 +8,9 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import (DRAFT_VOCAB_KEY, STREAMS_SUBDIR, GreedyProposal, SpeculatorsInfo,
-                          StreamCheckpointConfig, base_model_ref, save_checkpoint)
+from ..checkpoint import (DRAFT_VOCAB_KEY, STREAMS_SUBDIR, TOKEN_MAP_A_KEY, TOKEN_MAP_B_KEY,
+                          GreedyProposal, SpeculatorsInfo, StreamCheckpointConfig, base_model_ref,
+                          reads_tokens, save_checkpoint)
 from ..reference.streams import StreamParams
 from .recipe import Recipe
 
@@ -42,32 +43,58 @@ def init_params(params: StreamParams, model_config, recipe: Recipe, out_dir: Pat
         return None
     cfg, tensors = load_checkpoint(src)
     widen = lora_widening(cfg.lora, params.lora)
-    # next_token <-> chain keeps every tensor and stream 1's function (both read x_{t+1})
-    switch = {cfg.stream_input, params.stream_input} == {"next_token", "chain"}
-    if (params.stream_input if switch else cfg.stream_input, cfg.num_streams, cfg.num_stream_layers) != (
-            params.stream_input, params.num_streams, params.num_stream_layers) or \
-            (cfg.token_map_rank or None) != params.token_map_rank or (cfg.lora != params.lora
-                                                                      and not widen):
+    switch = form_switch(cfg.stream_input, params.stream_input)
+    if switch is None or (cfg.num_streams, cfg.num_stream_layers) != (
+            params.num_streams, params.num_stream_layers) or \
+            (switch == "keep" and (cfg.token_map_rank or None) != params.token_map_rank) or \
+            (cfg.lora != params.lora and not widen):
         from ..errors import ConfigError
         raise ConfigError(f"cannot start from {src}: its streams (input {cfg.stream_input}, "
                           f"{cfg.num_streams} streams, {cfg.num_stream_layers} layers, lora {cfg.lora}) "
                           "differ from the recipe's; use a matching recipe (only a higher LoRA "
-                          "rank on the same targets may differ, and next_token and chain streams "
-                          "may continue in the other of those two forms)")
+                          "rank on the same targets may differ; next_token and chain streams "
+                          "may continue in the other of those two forms, and any form as paper "
+                          "or anchor streams, which drop the token map)")
     if widen:
         tensors = widen_lora(tensors, cfg.lora, params)
         cfg = cfg.model_copy(update={"lora": params.lora})
         log(f"[train] LoRA rank {cfg.lora.rank} from {src}'s rank {widen}: new directions start "
             "at zero, the streams' function is unchanged")
-    if switch:
-        log(f"[train] {src}'s {cfg.stream_input} streams continue as {params.stream_input} streams: "
-            f"stream j now reads {'x_{t+j}' if params.chain else 'x_{t+1}'} (stream 1 unchanged)")
-        cfg = cfg.model_copy(update={"stream_input": params.stream_input})
+    if cfg.stream_input != params.stream_input:
+        if switch == "drop":
+            tensors = {k: v for k, v in tensors.items() if k not in (TOKEN_MAP_A_KEY, TOKEN_MAP_B_KEY)}
+        how = {"keep": f"stream j now reads {'x_{t+j}' if params.chain else 'x_{t+1}'} "
+                       "(stream 1 unchanged)",
+               "drop": "the token map is dropped; stream embeddings, LoRA and draft vocabulary kept",
+               "same": "the same tensors"}[switch]
+        if not params.attends_streams:
+            how += "; they attend to the main keys <= t only"
+        log(f"[train] {src}'s {cfg.stream_input} streams continue as {params.stream_input} "
+            f"streams: {how}")
+        cfg = cfg.model_copy(update={"stream_input": params.stream_input,
+                                     "token_map_rank": params.token_map_rank})
     loaded = StreamParams.from_checkpoint(model_config, cfg, tensors)
     params.load_state_dict(loaded.state_dict(), strict=False)
     params.set_draft_vocab(loaded.draft_vocab)
     log(f"[train] starting from the streams of {src}")
     return read_manifest(resolve_checkpoint_dir(src)) or {}
+
+
+def form_switch(old: str, new: str) -> str | None:
+    """How a checkpoint of form ``old`` continues as ``new``: ``"keep"`` (every tensor, also the
+    token map: the same form, or next_token <-> chain, where stream 1 reads x_{t+1} in both),
+    ``"drop"`` (a token-reading form continued as paper or anchor streams: the token map is
+    dropped, embeddings, LoRA and draft vocabulary kept), ``"same"`` (paper <-> anchor: the
+    same tensors, another attention mask) or None (refused: a form that reads tokens has no
+    map to start from)."""
+    if old == new or {old, new} == {"next_token", "chain"}:
+        return "keep"
+    if reads_tokens(old) and not reads_tokens(new):
+        return "drop"
+    if not reads_tokens(old) and not reads_tokens(new):
+        return "same"
+    return None
+
 
 def lora_widening(old, new) -> int | None:
     """The old rank when ``new`` is ``old`` with a higher rank (same targets), else None."""
