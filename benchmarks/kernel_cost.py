@@ -247,8 +247,10 @@ def build_steps(st: Setup, batch: int) -> dict[str, list[tuple[Callable[[], Any]
 
 # ------------------------------------------------------------------ timing
 
-def _time(fn: Callable[[], Any], dev: torch.device, iters: int, warmup: int, graphs: bool) -> float:
-    """Median ms of one call: perf_counter on CPU, CUDA events around a graph replay on CUDA."""
+def _time(fn: Callable[[], Any], dev: torch.device, iters: int, warmup: int, graphs: bool
+          ) -> tuple[float, float]:
+    """Median and least ms of one call: perf_counter on CPU, CUDA events around a graph replay
+    on CUDA (on a shared machine the least is the cost without the other jobs' share)."""
     if dev.type != "cuda":
         for _ in range(warmup):
             fn()
@@ -257,7 +259,7 @@ def _time(fn: Callable[[], Any], dev: torch.device, iters: int, warmup: int, gra
             t0 = time.perf_counter()
             fn()
             samples.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(samples)
+        return statistics.median(samples), min(samples)
     run = fn
     if graphs:
         side = torch.cuda.Stream()
@@ -281,20 +283,23 @@ def _time(fn: Callable[[], Any], dev: torch.device, iters: int, warmup: int, gra
         b.record()
         b.synchronize()
         samples.append(a.elapsed_time(b))
-    return statistics.median(samples)
+    return statistics.median(samples), min(samples)
 
 
 def measure(st: Setup, batches: list[int], iters: int = 10, warmup: int = 3,
             cuda_graphs: bool = True) -> list[dict[str, Any]]:
-    """ms per step of each form at each batch size."""
+    """ms per step of each form at each batch size (median of ``iters``; and the least)."""
     dev = torch.device(st.device)
     out = []
     with torch.inference_mode():
         for batch in batches:
             steps = build_steps(st, batch)
-            ms = {f: sum(scale * _time(fn, dev, iters, warmup, cuda_graphs) for fn, scale in segs)
-                  for f, segs in steps.items()}
-            out.append({"batch": batch, "ms": {f: round(v, 4) for f, v in ms.items()}})
+            ms: dict[str, list[float]] = {}
+            for form, segs in steps.items():
+                times = [(scale, _time(fn, dev, iters, warmup, cuda_graphs)) for fn, scale in segs]
+                ms[form] = [round(sum(sc * t[i] for sc, t in times), 4) for i in (0, 1)]
+            out.append({"batch": batch, "ms": {f: v[0] for f, v in ms.items()},
+                        "ms_least": {f: v[1] for f, v in ms.items()}})
             del steps
             if dev.type == "cuda":
                 torch.cuda.empty_cache()

@@ -350,7 +350,7 @@ def test_kernel_cost_smoke_writes_costs_rows_and_projection(tmp_path: Path) -> N
     assert st["rows_per_sequence"] == {"decode": {"layers": 1}, "verify": {"layers": 5},
                                        "separate": {"top": 4}, "fused": {"bottom": 5, "top": 5 + 5 * 4}}
     assert [r["batch"] for r in saved["results"]] == [1, 2]
-    assert all(r["ms"][f] > 0 for r in saved["results"] for f in kernel_cost.FORMS)
+    assert all(0 < r["ms_least"][f] <= r["ms"][f] for r in saved["results"] for f in kernel_cost.FORMS)
     assert [(p["acceptance"], p["batch"]) for p in saved["projection"]] == [(1.5, 1), (1.5, 2), (2, 1), (2, 2)]
     unscaled = kernel_cost.main(["--config", str(cfg), "--batch", "1", "--iters", "1", "--warmup", "0",
                                  "--stream-layers", "4", "--context", "8", "--draft-vocab", "32"])
