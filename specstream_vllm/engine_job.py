@@ -84,6 +84,7 @@ def _generate(llm, prompts: list, params: list) -> dict:
     outs = llm.generate(prompts, params, use_tqdm=False)
     return {"seconds": time.perf_counter() - t,
             "outputs": [list(o.outputs[0].token_ids) for o in outs],
+            "finish_reasons": [o.outputs[0].finish_reason or "" for o in outs],
             "metrics": read(llm).to_metrics()}  # cumulative after this call
 
 

@@ -144,9 +144,9 @@ def sample(llm, tok, samples: int, new_tokens: int) -> dict:
 
 
 def spec_counts(llm) -> dict:
-    m = {x.name: (getattr(x, "value", None) if getattr(x, "values", None) is None else x.values)
-         for x in llm.get_metrics() if x.name.startswith("vllm:spec_decode_num")}
-    return {k.split("spec_decode_num_")[1]: v for k, v in m.items()}
+    """The engine's spec-decode counters (drafts, draft_tokens, accepted_tokens, ...)."""
+    from specstream_vllm.spec_counters import read
+    return read(llm).to_json()
 
 
 def run_job(job: dict) -> dict:
@@ -170,24 +170,20 @@ def run_job(job: dict) -> dict:
 
 def run_engine(job: dict, workdir: Path, name: str, timeout: float = 1800,
                module: str = "tests.stat_sampling") -> dict:
-    """``module``'s job (``python -m module --job JOB OUT``) in a fresh interpreter, its
-    engine core in that process; raises with the log's tail when it fails."""
-    import subprocess
-    workdir.mkdir(parents=True, exist_ok=True)
-    jp, op, lp = workdir / f"{name}.job.json", workdir / f"{name}.out.json", workdir / f"{name}.log"
-    if op.exists() and jp.exists() and json.loads(jp.read_text()) == job:
+    """``module.run_job(job)`` as an engine job (:mod:`specstream_vllm.engine_job`), its engine
+    core in the child's own process (so a planted patch reaches it); raises with the log's tail
+    when it fails. A finished job's results are reused when the job is unchanged."""
+    from specstream_vllm.engine_job import run_in_subprocess
+    root = str(Path(__file__).resolve().parents[1])
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+           "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+           **job.get("env", {})}
+    full = dict(job, call=f"{module}:run_job", env=env)
+    jp, op = workdir / f"{name}.job.json", workdir / f"{name}.out.json"
+    if op.exists() and jp.exists() and json.loads(jp.read_text()) == full:
         return json.loads(op.read_text())       # this job's results from an earlier run
-    op.unlink(missing_ok=True)
-    jp.write_text(json.dumps(job))
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", **job.get("env", {}))
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    with open(lp, "w") as log:
-        proc = subprocess.run([sys.executable, "-m", module, "--job", str(jp), str(op)],
-                              env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout,
-                              cwd=Path(__file__).resolve().parents[1])
-    if proc.returncode != 0:
-        raise RuntimeError(f"engine job {name} failed (log: {lp}):\n{lp.read_text()[-4000:]}")
-    return json.loads(op.read_text())
+    path = os.pathsep.join(x for x in (root, os.environ.get("PYTHONPATH")) if x)
+    return run_in_subprocess(full, workdir, name, timeout, env={"PYTHONPATH": path})
 
 
 def jobs(model: str, streams: str, samples: int, new_tokens: int) -> dict[str, dict]:
@@ -242,10 +238,6 @@ def summary(report: dict) -> str:
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "--job":
-        job = json.loads(Path(sys.argv[2]).read_text())
-        Path(sys.argv[3]).write_text(json.dumps(run_job(job)))
-        return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=5000, help="continuations per prompt and setting")
     ap.add_argument("--new-tokens", type=int, default=5)

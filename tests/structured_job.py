@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
-from pathlib import Path
 
 SCHEMA = {
     "type": "object",
@@ -73,7 +71,3 @@ def run_job(job: dict) -> dict:
         }
     return {"cases": out, "spec_decode": spec_counts(llm) if job.get("spec") else None}
 
-
-if __name__ == "__main__":
-    job = json.loads(Path(sys.argv[2]).read_text())
-    Path(sys.argv[3]).write_text(json.dumps(run_job(job)))

@@ -30,7 +30,7 @@ def runs(smollm2_dir, shipped_streams, tmp_path_factory):
     sd = spec["spec_decode"]
     print(f"\nstructured outputs with specstream: {sd['drafts']} drafts, "
           f"{sd['accepted_tokens']}/{sd['draft_tokens']} draft tokens accepted, per position "
-          f"{sd.get('accepted_tokens_per_pos')}")
+          f"{sd.get('accepted_per_pos')}")
     return base, spec
 
 

@@ -1,39 +1,15 @@
 """Medusa heads written by our trainer load and run in a real vLLM engine (slow).
 
-Deselect with ``-m "not vllm"``. The engine is started in a subprocess script with the
-``__main__`` guard that vLLM's spawned workers need.
+Deselect with ``-m "not vllm"``. The engine runs as an engine job in its own process.
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
-
-SCRIPT = textwrap.dedent('''
-    import json, sys
-    if __name__ == "__main__":
-        from vllm import LLM, SamplingParams
-        from vllm.inputs import TokensPrompt
-        base, medusa, out = sys.argv[1:4]
-        llm = LLM(model=base, skip_tokenizer_init=True, enforce_eager=True, dtype="float32",
-                  max_model_len=128, max_num_seqs=4, seed=0, disable_log_stats=False,
-                  speculative_config={"method": "medusa", "model": medusa,
-                                      "num_speculative_tokens": 3})
-        sp = SamplingParams(temperature=0.0, max_tokens=24, detokenize=False)
-        res = llm.generate([TokensPrompt(prompt_token_ids=[5, 9, 7, 7, 7])], sp)
-        ids = list(res[0].outputs[0].token_ids)
-        metrics = {m.name: getattr(m, "value", None) for m in llm.get_metrics()
-                   if "spec_decode" in m.name}
-        json.dump({"ids": ids, "metrics": metrics}, open(out, "w"))
-''')
 
 
 def test_medusa_checkpoint_runs_in_vllm(tmp_path):
@@ -57,19 +33,19 @@ def test_medusa_checkpoint_runs_in_vllm(tmp_path):
                          {"base_model": str(base), "output_dir": str(tmp_path / "run"), "max_steps": 3})
     medusa = train_medusa(recipe, exs, output_dir=tmp_path / "medusa", progress=False,
                           log=lambda s: None)
-    script = tmp_path / "run_vllm.py"
-    script.write_text(SCRIPT)
-    out = tmp_path / "out.json"
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
-    r = subprocess.run([sys.executable, str(script), str(base), str(medusa), str(out)], env=env,
-                       capture_output=True, text=True, timeout=600)
-    (tmp_path / "vllm.log").write_text(r.stdout + r.stderr)
-    errors = [l for l in r.stderr.splitlines() if "Error" in l]
-    assert r.returncode == 0, "\n".join(errors[-10:]) or r.stderr[-4000:]
-    res = json.loads(out.read_text())
-    assert len(res["ids"]) == 24
-    assert (res["metrics"].get("vllm:spec_decode_num_drafts") or 0) > 0  # the heads really drafted
+    from specstream_vllm.engine_job import run_in_subprocess
+    job = {"llm_kwargs": {"model": str(base), "skip_tokenizer_init": True, "enforce_eager": True,
+                          "dtype": "float32", "max_model_len": 128, "max_num_seqs": 4, "seed": 0,
+                          "disable_log_stats": False,
+                          "speculative_config": {"method": "medusa", "model": str(medusa),
+                                                 "num_speculative_tokens": 3}},
+           "prompts": [[5, 9, 7, 7, 7]], "max_tokens": 24, "skip_tokenizer_init": True,
+           "env": {"VLLM_CPU_KVCACHE_SPACE": "1"}}
+    batch = run_in_subprocess(job, tmp_path, "medusa", timeout=600)["batches"][0]
+    ids = batch["outputs"][0]
+    assert len(ids) == 24
+    assert (batch["metrics"].get("vllm:spec_decode_num_drafts") or 0) > 0  # the heads really drafted
     # the same greedy continuation as plain HF greedy decoding of the base model
     model = LlamaForCausalLM.from_pretrained(str(base), dtype=torch.float32)
     ref = model.generate(torch.tensor([[5, 9, 7, 7, 7]]), max_new_tokens=24, do_sample=False)
-    assert res["ids"] == ref[0, 5:].tolist()
+    assert ids == ref[0, 5:].tolist()
