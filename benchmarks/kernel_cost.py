@@ -71,12 +71,16 @@ def shape_from_config(path: str | Path) -> Shape:
 
 # ------------------------------------------------------------------ the model pieces
 
+def _randn(*size: int, dev: torch.device, dtype: torch.dtype, std: float = 1.0) -> torch.Tensor:
+    return torch.empty(*size, device=dev, dtype=dtype).normal_(std=std)  # no float32 temporary
+
+
 class _Layer:
     """One decoder layer's weights and its KV cache (batch, kv heads, context + new rows, hd)."""
 
     def __init__(self, s: Shape, batch: int, slots: int, dev: torch.device, dtype: torch.dtype):
         def w(*size: int) -> torch.Tensor:
-            return torch.randn(*size, device=dev, dtype=dtype) * size[-1] ** -0.5
+            return _randn(*size, dev=dev, dtype=dtype, std=size[-1] ** -0.5)
 
         self.qkv = w((s.heads + 2 * s.kv_heads) * s.hd, s.hidden)
         self.o = w(s.hidden, s.heads * s.hd)
@@ -84,8 +88,26 @@ class _Layer:
         self.down = w(s.hidden, s.intermediate)
         self.ln1 = torch.ones(s.hidden, device=dev, dtype=dtype)
         self.ln2 = torch.ones(s.hidden, device=dev, dtype=dtype)
-        self.k = torch.randn(batch, s.kv_heads, slots, s.hd, device=dev, dtype=dtype)
-        self.v = torch.randn(batch, s.kv_heads, slots, s.hd, device=dev, dtype=dtype)
+        self.cache(s, batch, slots)
+
+    def cache(self, s: Shape, batch: int, slots: int) -> None:
+        dev, dtype = self.qkv.device, self.qkv.dtype
+        self.k = self.v = None  # the old cache goes before the new one comes
+        self.k = _randn(batch, s.kv_heads, slots, s.hd, dev=dev, dtype=dtype)
+        self.v = _randn(batch, s.kv_heads, slots, s.hd, dev=dev, dtype=dtype)
+
+
+class Weights:
+    """The measured layers, heads and stream embeddings: made once, shared by every batch size."""
+
+    def __init__(self, st: "Setup") -> None:
+        s, dev, dtype = st.shape, torch.device(st.device), getattr(torch, st.dtype)
+        n = st.measured_layers if 0 < st.measured_layers < s.layers else s.layers
+        self.layers = [_Layer(s, 1, 1, dev, dtype) for _ in range(n)]
+        self.lm_head = _randn(s.vocab, s.hidden, dev=dev, dtype=dtype, std=s.hidden ** -0.5)
+        self.draft_head = _randn(st.draft_vocab, s.hidden, dev=dev, dtype=dtype, std=s.hidden ** -0.5)
+        self.emb = _randn(st.gamma, s.hidden, dev=dev, dtype=dtype)
+        self.norm = torch.ones(s.hidden, device=dev, dtype=dtype)
 
 
 @dataclass
@@ -155,6 +177,16 @@ class Setup:
     device: str = "cpu"
     dtype: str = "float32"
 
+    def __post_init__(self) -> None:
+        s = self.shape
+        if not 0 < self.stream_layers <= s.layers:
+            raise SystemExit(f"--stream-layers {self.stream_layers}: must be in 1..{s.layers} "
+                             "(the model's layers)")
+        if self.gamma < 1 or self.context < 1 or self.draft_vocab < 1:
+            raise SystemExit("--gamma, --context and --draft-vocab must be at least 1")
+        if s.heads % s.kv_heads:
+            raise SystemExit(f"{s.heads} attention heads are not a multiple of {s.kv_heads} KV heads")
+
 
 #: a stage: (name, layers, row positions, row anchors, rows writing KV, entry); entry "streams"
 #: turns each sequence's one anchor row into γ stream rows, "ride" appends (γ+1)·γ stream rows
@@ -182,25 +214,19 @@ def rows_per_sequence(st: Setup) -> dict[str, dict[str, int]]:
             for f, stages in _stages(st).items()}
 
 
-def build_steps(st: Setup, batch: int) -> dict[str, list[tuple[Callable[[], Any], float]]]:
+def build_steps(st: Setup, batch: int, weights: Weights | None = None
+                ) -> dict[str, list[tuple[Callable[[], Any], float]]]:
     """Per form, segments ``(run, scale)``: its cost is the sum of ``scale`` times each segment's.
 
     With every layer measured a form is one segment (the whole step); with ``measured_layers`` K
     each stage runs at most K layers, scaled to its real count, and the head is its own segment."""
     s, dev, dtype = st.shape, torch.device(st.device), getattr(torch, st.dtype)
-    if not 0 < st.stream_layers <= s.layers:
-        raise SystemExit(f"--stream-layers {st.stream_layers}: must be in 1..{s.layers} (the model's layers)")
-    if st.gamma < 1 or st.context < 1:
-        raise SystemExit("--gamma and --context must be at least 1")
-    if s.heads % s.kv_heads:
-        raise SystemExit(f"{s.heads} attention heads are not a multiple of {s.kv_heads} KV heads")
     scaled = 0 < st.measured_layers < s.layers
-    n_alloc = st.measured_layers if scaled else s.layers
-    layers = [_Layer(s, batch, st.context + st.gamma + 1, dev, dtype) for _ in range(n_alloc)]
-    lm_head = torch.randn(s.vocab, s.hidden, device=dev, dtype=dtype) * s.hidden ** -0.5
-    draft_head = torch.randn(st.draft_vocab, s.hidden, device=dev, dtype=dtype) * s.hidden ** -0.5
-    emb = torch.randn(st.gamma, s.hidden, device=dev, dtype=dtype)
-    norm = torch.ones(s.hidden, device=dev, dtype=dtype)
+    wt = weights or Weights(st)
+    layers, lm_head, draft_head, emb, norm = wt.layers, wt.lm_head, wt.draft_head, wt.emb, wt.norm
+    n_alloc = len(layers)
+    for lay in layers:
+        lay.cache(s, batch, st.context + st.gamma + 1)
     g = st.gamma
     heads = {"decode": [(lm_head, slice(None))], "verify": [(lm_head, slice(None))],
              "separate": [(draft_head, slice(None))],
@@ -292,8 +318,9 @@ def measure(st: Setup, batches: list[int], iters: int = 10, warmup: int = 3,
     dev = torch.device(st.device)
     out = []
     with torch.inference_mode():
+        weights = Weights(st)
         for batch in batches:
-            steps = build_steps(st, batch)
+            steps = build_steps(st, batch, weights)
             ms: dict[str, list[float]] = {}
             for form, segs in steps.items():
                 times = [(scale, _time(fn, dev, iters, warmup, cuda_graphs)) for fn, scale in segs]
