@@ -383,12 +383,15 @@ def _label(r: dict[str, Any], default: str) -> str:
 
 def markdown(doc: dict[str, Any]) -> str:
     st, model = doc.get("settings", {}), doc.get("settings", {}).get("model", "")
-    lines = [f"| model | batch | decode | verify ({st.get('gamma', 'γ')}+1 rows) | separate | fused |"
+    least = all("ms_least" in r for r in doc["results"])
+    lines = [("ms per step, median (least)" if least else "ms per step") + ":", "",
+             f"| model | batch | decode | verify ({st.get('gamma', 'γ')}+1 rows) | separate | fused |"
              " fused - verify |", "|---|---:|---:|---:|---:|---:|---:|"]
     for r in doc["results"]:
         ms = r["ms"]
-        lines.append(f"| {_label(r, model)} | {r['batch']} | {ms['decode']:.2f} | {ms['verify']:.2f} | "
-                     f"{ms['separate']:.2f} | {ms['fused']:.2f} | {ms['fused'] - ms['verify']:.2f} |")
+        cells = [f"{ms[f]:.2f}" + (f" ({r['ms_least'][f]:.2f})" if least else "") for f in FORMS]
+        lines.append(f"| {_label(r, model)} | {r['batch']} | " + " | ".join(cells)
+                     + f" | {ms['fused'] - ms['verify']:.2f} |")
     accs = sorted({p["acceptance"] for p in doc["projection"]})
     by_row: dict[tuple[str, int], dict[float, dict[str, Any]]] = {}
     for p in doc["projection"]:
