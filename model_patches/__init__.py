@@ -27,3 +27,8 @@ MSA_ARCHITECTURES: dict[str, tuple[str, str]] = {
     "PhiForCausalLM": _entry("PhiForCausalLM", "phi"),
 }
 
+
+#: served architectures whose verification forward can carry the stream rows
+#: (``draft_pass: fused``): vLLM's Llama-family decoder loop (stream_layers.StreamModel)
+FUSED_PASS_ARCHITECTURES = frozenset({"LlamaForCausalLM", "MistralForCausalLM",
+                                      "Qwen2ForCausalLM", "Qwen3ForCausalLM"})

@@ -27,8 +27,8 @@ import torch
 import torch.nn as nn
 
 from specstream_vllm.checkpoint import (DRAFT_VOCAB_KEY, EMBEDDINGS_KEY, TOKEN_MAP_A_KEY,
-                                        TOKEN_MAP_B_KEY, load_checkpoint, next_token_features,
-                                        reads_tokens)
+                                        TOKEN_MAP_B_KEY, attends_streams, load_checkpoint,
+                                        next_token_features, reads_tokens)
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,14 @@ class StreamSettings:
     stream_input: str = "paper"
     token_map_rank: int = 0
     draft_precision: str = "auto"   # see vllm_integration/config.SpecStreamSettings
+    #: ``separate`` | ``fused`` | ``auto`` (vllm_integration/config.SpecStreamSettings)
+    draft_pass: str = "separate"
+
+    @property
+    def query_only(self) -> bool:
+        """Stream rows attend to main keys <= the anchor only (the ``anchor`` form): no
+        cache writes, and they can ride inside the verification forward."""
+        return not attends_streams(self.stream_input)
 
     @property
     def next_token_aware(self) -> bool:

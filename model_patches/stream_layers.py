@@ -26,6 +26,7 @@ import torch.nn as nn
 from specstream_vllm import envs
 
 from .msa import MSAMixin, ShardedLoRA, StreamSettings, _tp
+from .stream_rows import StreamRows
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +96,10 @@ class StreamModel(MSAMixin):
         attn = get(self.stream_layers()[self.stream_settings.first_layer], self.layout.attn)
         if self.layout.qk_norm is None and (hasattr(attn, "q_norm") or hasattr(attn, "k_norm")):
             raise ValueError(f"q/k-norm attention is not supported by {type(self).__name__}")
+        #: query-only stream rows in flight (anchor form, either pass; stream_rows.py)
+        self.stream_rows: StreamRows | None = None
+        if self.stream_settings.draft_pass != "separate":
+            self._ride_top_layers()
         self._compiled_stream_forward = None
         if not vllm_config.model_config.enforce_eager and envs.get("SPECSTREAM_COMPILE_DRAFT"):
             self._compiled_stream_forward = torch.compile(self._stream_forward, dynamic=True)
@@ -184,18 +189,27 @@ class StreamModel(MSAMixin):
             out[f"{layer}_mlp_out"] = _row_parallel(get(lay, L.mlp[2]), r, sc, rank)
         return out
 
-    def _with_lora(self, layer: int, slot: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        delta = self.stream_lora_delta(layer, slot, x)
-        return y if delta is None else y + delta.to(y.dtype)
+    def _with_lora(self, layer: int, slot: str, x: torch.Tensor, y: torch.Tensor,
+                   num_main: int = 0) -> torch.Tensor:
+        """``y`` plus the stream LoRA's correction of the stream rows (rows ``num_main:``;
+        the main rows before them, in the fused pass, keep the base linear's output)."""
+        if num_main == 0:
+            delta = self.stream_lora_delta(layer, slot, x)
+            return y if delta is None else y + delta.to(y.dtype)
+        delta = self.stream_lora_delta(layer, slot, x[num_main:])
+        if delta is not None:
+            y[num_main:] += delta.to(y.dtype)
+        return y
 
     # ---- the stream pass ----
     def _stream_attention(self, li: int, lay: nn.Module, positions: torch.Tensor,
-                          h: torch.Tensor) -> torch.Tensor:
+                          h: torch.Tensor, num_main: int = 0) -> torch.Tensor:
         L = self.layout
         attn = get(lay, L.attn)
         qkv_linear = get(attn, L.qkv)
-        qkv = _linear(qkv_linear, h)
-        qkv = self._with_lora(li, "qkv", h, qkv)
+        exact = num_main > 0  # main rows ride along: the served weights, never a stand-in
+        qkv = _linear(qkv_linear, h, exact)
+        qkv = self._with_lora(li, "qkv", h, qkv, num_main)
         hd = qkv_linear.head_size
         q_size, kv_size = qkv_linear.num_heads * hd, qkv_linear.num_kv_heads * hd
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
@@ -207,24 +221,35 @@ class StreamModel(MSAMixin):
                 k = k_norm(k.view(*k.shape[:-1], k.shape[-1] // hd, hd)).view(k.shape)
         if L.positions == "rope":  # stream j at t+j; ALiBi: the kernel reads the slot's position
             q, k = self._rotary(attn, positions, q, k)
-        o = attn.attn(q, k, v)  # reads the target's cache, writes the stream slots
-        out = _linear(get(attn, L.o_proj), o)
-        return self._with_lora(li, "o", o, out)
+        rows = self.stream_rows
+        if rows is None:
+            o = attn.attn(q, k, v)  # reads the target's cache, writes the stream slots
+        elif num_main == 0:
+            o = rows.attend(attn.attn, q)  # query-only: reads main keys <= the anchor
+        else:  # fused: the main rows write this step's keys, then the stream rows read
+            o = torch.cat([attn.attn(q[:num_main], k[:num_main], v[:num_main]),
+                           rows.attend(attn.attn, q[num_main:])])
+        out = _linear(get(attn, L.o_proj), o, exact)
+        return self._with_lora(li, "o", o, out, num_main)
 
     def _rotary(self, attn: nn.Module, positions: torch.Tensor, q: torch.Tensor,
                 k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return attn.rotary_emb(positions, q, k)
 
-    def _stream_mlp(self, li: int, lay: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    def _stream_mlp(self, li: int, lay: nn.Module, h: torch.Tensor,
+                    num_main: int = 0) -> torch.Tensor:
         lin_in, act_fn, lin_out = (get(lay, p) for p in self.layout.mlp)
-        u = _linear(lin_in, h)
-        u = self._with_lora(li, "mlp_in", h, u)
+        exact = num_main > 0
+        u = _linear(lin_in, h, exact)
+        u = self._with_lora(li, "mlp_in", h, u, num_main)
         a = act_fn(u)
-        down = _linear(lin_out, a)
-        return self._with_lora(li, "mlp_out", a, down)
+        down = _linear(lin_out, a, exact)
+        return self._with_lora(li, "mlp_out", a, down, num_main)
 
     def _stream_layer(self, li: int, positions: torch.Tensor, hidden: torch.Tensor,
-                      residual: torch.Tensor | None):
+                      residual: torch.Tensor | None, num_main: int = 0):
+        """Layer ``li`` for stream rows; in the fused pass the first ``num_main`` rows are
+        the verification forward's own, computed by the same modules as vLLM's layer."""
         lay = self.stream_layers()[li]
         norm1, norm2 = (get(lay, n) for n in self.layout.norms)
         if self.layout.residual == "fused":  # vLLM's add-RMSNorm: residual carried beside
@@ -233,15 +258,16 @@ class StreamModel(MSAMixin):
                 h = norm1(hidden)
             else:
                 h, residual = norm1(hidden, residual)
-            out = self._stream_attention(li, lay, positions, h)
+            out = self._stream_attention(li, lay, positions, h, num_main)
             h, residual = norm2(out, residual)
-            return self._stream_mlp(li, lay, h), residual
+            return self._stream_mlp(li, lay, h, num_main), residual
         if self.layout.residual == "parallel":
             h = norm1(hidden)
-            out = self._stream_attention(li, lay, positions, h) + self._stream_mlp(li, lay, h)
+            out = self._stream_attention(li, lay, positions, h, num_main) + \
+                self._stream_mlp(li, lay, h, num_main)
             return out + hidden, None
-        hidden = hidden + self._stream_attention(li, lay, positions, norm1(hidden))
-        return hidden + self._stream_mlp(li, lay, norm2(hidden)), None
+        hidden = hidden + self._stream_attention(li, lay, positions, norm1(hidden), num_main)
+        return hidden + self._stream_mlp(li, lay, norm2(hidden), num_main), None
 
     def stream_forward(self, stream_inputs: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Run stream tokens (``h_t + e_j``, flattened) through the top N_s layers.
@@ -266,11 +292,96 @@ class StreamModel(MSAMixin):
         hidden, residual = stream_inputs, None
         for li in range(s.first_layer, s.num_layers):
             hidden, residual = self._stream_layer(li, positions, hidden, residual)
+        return self._final_norm(hidden, residual)
+
+    def _final_norm(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         norm = get(self.stream_decoder(), self.layout.final_norm)
         if self.layout.residual == "fused":
             hidden, _ = norm(hidden, residual)
             return hidden
         return hidden if norm is None else norm(hidden)
+
+    # ---- query-only stream rows (anchor form) ----
+    def query_only_forward(self, stream_inputs: torch.Tensor, rows: StreamRows) -> torch.Tensor:
+        """The separate pass of the anchor form: ``rows`` through the top N_s layers, each
+        row attending to its anchor's main keys only, nothing written; final-normed.
+        Eager, and the same operations as the stream rows of the fused pass (a zero
+        residual beside them where the layout carries one), so both drafts agree."""
+        s = self.stream_settings
+        hidden, residual = stream_inputs, self._stream_residual(stream_inputs)
+        self.stream_rows = rows
+        try:
+            for li in range(s.first_layer, s.num_layers):
+                hidden, residual = self._stream_layer(li, rows.positions, hidden, residual)
+        finally:
+            self.stream_rows = None
+        return self._final_norm(hidden, residual)
+
+    def _stream_residual(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The residual beside stream rows entering layer L-N_s: zero where the main rows
+        carry one there (vLLM's add-RMSNorm below the first layer), else none."""
+        if self.layout.residual == "fused" and self.stream_settings.first_layer > 0:
+            return torch.zeros_like(x)
+        return None
+
+    def _ride_top_layers(self) -> None:
+        """The fused pass's hook: each top layer's forward takes the stream rows along while
+        ``stream_rows`` holds a fused batch (set by the proposer before the verification
+        forward); otherwise it is vLLM's own. Layers are called as vLLM's Llama-family
+        decoder calls them, ``layer(positions, hidden, residual)``."""
+        if not self.layout.eagle_aux:
+            raise ValueError(f"draft_pass fused is not supported by {type(self).__name__}; "
+                             "use \"draft_pass\": \"separate\"")
+        s = self.stream_settings
+        for li in range(s.first_layer, s.num_layers):
+            layer = self.stream_layers()[li]
+            layer.forward = self._riding_forward(li, layer.forward)
+
+    def _riding_forward(self, li: int, own_forward):
+        def forward(positions, hidden_states, residual, **kwargs):
+            rows = self.stream_rows
+            if rows is None or not rows.fused:
+                return own_forward(positions, hidden_states, residual, **kwargs)
+            if li == self.stream_settings.first_layer:
+                hidden_states, residual = self._join_stream_rows(rows, positions, hidden_states,
+                                                                 residual)
+            return self._stream_layer(li, rows.joined_positions, hidden_states, residual,
+                                      rows.num_main)
+        return forward
+
+    def _join_stream_rows(self, rows: StreamRows, positions: torch.Tensor,
+                          hidden: torch.Tensor, residual: torch.Tensor | None):
+        """Main rows entering layer L-N_s, then the stream rows ``h_t + e_j`` of every
+        anchor (h_t: the main row's input of that layer, as the aux output computes it)."""
+        rows.num_main = n = hidden.shape[0]
+        h = hidden if residual is None else hidden + residual
+        x = self.stream_inputs(h[rows.anchor_tokens], None, rows.num_streams)
+        rows.joined_positions = torch.cat([positions[:n], rows.positions.to(positions.dtype)])
+        if residual is not None:
+            residual = torch.cat([residual, torch.zeros_like(x)])
+        return torch.cat([hidden, x]), residual
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None,
+                **kwargs):
+        """vLLM's forward; with a fused batch of stream rows set, run eagerly (the rows are
+        not part of the compiled graph), the rows' final hidden states kept in the batch
+        and only the main rows returned."""
+        args = (input_ids, positions, intermediate_tensors, inputs_embeds)
+        rows = self.stream_rows
+        if rows is None or not rows.fused:
+            return super().forward(*args, **kwargs)
+        from vllm.forward_context import get_forward_context
+        ctx = get_forward_context()
+        compiled = ctx.skip_compiled
+        ctx.skip_compiled = True
+        try:
+            hidden, aux = super().forward(*args, **kwargs)
+        finally:
+            ctx.skip_compiled = compiled
+            self.stream_rows = None
+        n = rows.num_main
+        rows.hidden = hidden[n:]
+        return hidden[:n], aux
 
     def stream_attention_layer_names(self) -> list[str]:
         s, L = self.stream_settings, self.layout
@@ -301,10 +412,11 @@ def _out(y):
     return y[0] if isinstance(y, tuple) else y
 
 
-def _linear(linear, x):
+def _linear(linear, x, exact: bool = False):
     """The stream pass's call of a vLLM linear: its bf16 stand-in when draft_precision set
-    one (``StreamModel._set_draft_precision``), else the linear itself."""
-    fast = getattr(linear, "specstream_bf16", None)
+    one (``StreamModel._set_draft_precision``) and ``exact`` is not asked, else the linear
+    itself."""
+    fast = None if exact else getattr(linear, "specstream_bf16", None)
     return fast(x) if fast is not None else _out(linear(x))
 
 

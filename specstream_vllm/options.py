@@ -69,6 +69,16 @@ class SpecStreamOptions(BaseModel):
                     "the bytes a pass reads; drafts may differ in near-ties, the output never) "
                     "or `auto` (bfloat16 when float32 is served on a CPU with native bf16 dot "
                     "products, else exact).")
+    draft_pass: Literal["separate", "fused", "auto"] = Field(
+        "auto",
+        description="Where the streams run, for checkpoints of the `anchor` form (their "
+                    "streams attend to the main keys up to the anchor only): `separate` (a "
+                    "pass over the top N_s layers after each verification), `fused` (stream "
+                    "rows for every verified position ride inside the verification forward, "
+                    "the layers' weights read once; that forward runs eagerly, Llama family "
+                    "only, served weights whatever `draft_precision`) or `auto` (per "
+                    "batch-size bucket, the pass measured cheaper). Other forms always run "
+                    "`separate`; `fused` with them is a start-up error.")
 
     def speculative_keys(self) -> dict:
         """Our keys as they go into a speculative config: the ones given, nothing else."""

@@ -61,7 +61,7 @@ class SpeculativeEngine:
             one (instruct models answer instead of continuing the text); ``False`` sends
             strings as raw completion prompts. Chat messages always use the template.
         lazy: start the engine on first use instead of in the constructor.
-        min_draft_prob, draft_policy, match, match_tokens, draft_precision: the
+        min_draft_prob, draft_policy, match, match_tokens, draft_precision, draft_pass: the
             speculative config's keys of the same names (specstream_vllm.options.
             SpecStreamOptions; README "Configuration reference"); ``None`` = the key's
             default. A match source whose package is missing (``"suffix"``, the default,
@@ -81,7 +81,7 @@ class SpeculativeEngine:
                  lazy: bool = False, min_draft_prob: Optional[float] = None,
                  draft_policy: Optional[str] = None, match: Optional[str] = None,
                  match_tokens: Optional[int] = None, draft_precision: Optional[str] = None,
-                 tree_depth: Optional[int] = None, tree_width: Optional[int] = None,
+                 draft_pass: Optional[str] = None, tree_depth: Optional[int] = None, tree_width: Optional[int] = None,
                  early_exit: Optional[bool] = None, **engine_kwargs: Any):
         reject_tree_parameters({"tree_depth": tree_depth, "tree_width": tree_width,
                                 "early_exit": early_exit, **engine_kwargs}, "SpeculativeEngine")
@@ -94,7 +94,8 @@ class SpeculativeEngine:
         self.dtype = check_dtype(dtype)
         check_device(device, probe_vllm=False)  # cheap checks first, before touching files
         given = {"min_draft_prob": min_draft_prob, "draft_policy": draft_policy, "match": match,
-                 "match_tokens": match_tokens, "draft_precision": draft_precision}
+                 "match_tokens": match_tokens, "draft_precision": draft_precision,
+                 "draft_pass": draft_pass}
         self.options: SpecStreamOptions = parse_options(
             {k: v for k, v in given.items() if v is not None},
             lambda key, value: f"SpeculativeEngine({key}={value!r})")

@@ -19,11 +19,15 @@ Modules, one job each (each imports only modules listed above it):
 * ``budget``      MatchBudget: pauses match lookups where they cost more than they saved.
 * ``selection``   the step's arithmetic: likeliest slots first, best draft count.
 * ``schedule``    PassSchedule: when the stream pass runs, probes while it does not.
+* ``passes``      PassChooser: fused or separate stream pass per batch-size bucket
+                  (``draft_pass: auto``), the cheaper one measured.
 * ``policy``      DraftPolicy: composes the above; ``plan`` before the pass, ``decide``
                   after it, ``continue_chain`` between chain passes, ``observe_*``.
 """
 from .config import MODES, PolicyConfig
 from .decisions import STREAMS, Candidates, Choice, Plan
+from .passes import PassChooser
 from .policy import DraftPolicy
 
-__all__ = ["MODES", "PolicyConfig", "STREAMS", "Candidates", "Choice", "Plan", "DraftPolicy"]
+__all__ = ["MODES", "PolicyConfig", "STREAMS", "Candidates", "Choice", "Plan", "DraftPolicy",
+           "PassChooser"]

@@ -12,13 +12,14 @@ from typing import Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .. import envs
-from ..checkpoint import STREAMS_SUBDIR, load_checkpoint, load_checkpoint_config, resolve_checkpoint_dir
+from ..checkpoint import (STREAMS_SUBDIR, attends_streams, load_checkpoint, load_checkpoint_config,
+                          reads_tokens, resolve_checkpoint_dir)
 from ..errors import CheckpointError, ConfigError, UnsupportedArchitectureError
 from ..families import check_variant
 # METHOD, DEFAULT_MATCH and resolve_options are read from here by the patches and benchmarks
 from ..options import (DEFAULT_MATCH, METHOD, OPTION_KEYS, SpecStreamOptions, VllmSpeculativeKeys,
                        match_source, resolve_options)
-from specstream_vllm.model_patches import MSA_ARCHITECTURES
+from specstream_vllm.model_patches import FUSED_PASS_ARCHITECTURES, MSA_ARCHITECTURES
 
 #: speculative-config keys of ours that vLLM's SpeculativeConfig does not know
 POLICY_KEYS = OPTION_KEYS
@@ -46,6 +47,10 @@ class SpecStreamSettings(BaseModel):
     #: a float32 model is served on a CPU with native bf16 dot products, else exact; the
     #: worker decides, model_patches/stream_layers.py)
     draft_precision: Literal["auto", "exact", "bfloat16"] = "auto"
+    #: where the streams run: ``separate`` (after verification), ``fused`` (inside the
+    #: verification forward) or ``auto`` (per batch-size bucket, measured); only the
+    #: ``anchor`` form (query-only streams) can be fused, so other forms get ``separate``
+    draft_pass: Literal["separate", "fused", "auto"] = "separate"
 
 
 def resolve_settings(streams_path: str | None, base_model: str, base_architecture: str,
@@ -99,8 +104,29 @@ def resolve_settings(streams_path: str | None, base_model: str, base_architectur
         stream_input=cfg.stream_input,
         token_map_rank=cfg.token_map_rank or 0,
         draft_precision=options.draft_precision,
+        draft_pass=resolve_draft_pass(options.draft_pass, cfg.stream_input, ckpt_dir,
+                                      base_architecture),
     )
     return settings, num_speculative_tokens, MSA_ARCHITECTURES[base_architecture][0]
+
+
+def resolve_draft_pass(draft_pass: str, stream_input: str, ckpt_dir, architecture: str) -> str:
+    """The draft pass in effect: ``auto`` is ``separate`` for forms whose streams attend
+    to streams (they cannot ride in the verification forward); ``fused`` with such a form,
+    or with a family the fused pass does not cover, is a start-up error."""
+    if not attends_streams(stream_input):
+        if draft_pass == "fused" and architecture not in FUSED_PASS_ARCHITECTURES:
+            raise ConfigError(
+                f"\"draft_pass\": \"fused\" is not supported for {architecture} (fused: "
+                f"{', '.join(sorted(FUSED_PASS_ARCHITECTURES))}); use \"draft_pass\": \"separate\"")
+        return draft_pass if architecture in FUSED_PASS_ARCHITECTURES else "separate"
+    if draft_pass == "fused":
+        raise ConfigError(
+            f"\"draft_pass\": \"fused\" needs a stream checkpoint of the anchor form; "
+            f"{ckpt_dir} is of the {stream_input} form (its streams "
+            f"{'read the token sampled after verification' if reads_tokens(stream_input) else 'attend to each other'}"
+            f"): use an anchor checkpoint, or \"draft_pass\": \"separate\"")
+    return "separate"
 
 
 class MatchSettings(BaseModel):

@@ -13,9 +13,12 @@ import torch
 
 def draft_common_metadata(*, query_start_loc_cpu: torch.Tensor, seq_lens_cpu: torch.Tensor,
                           positions: torch.Tensor, slot_mapping: torch.Tensor,
-                          block_table: torch.Tensor, query_len: int, device: torch.device):
+                          block_table: torch.Tensor, query_len: int, device: torch.device,
+                          causal: bool = True):
     """A ``CommonAttentionMetadata`` for ``query_len`` stream tokens per request, causal
-    over each request's cache (context, then the streams before it)."""
+    over each request's cache (context, then the streams before it); ``causal=False``:
+    every query sees all ``seq_lens`` keys (query-only rows of the anchor form, whose
+    pseudo-request's keys are the anchor's main keys 0..t)."""
     from vllm.v1.attention.backend import CommonAttentionMetadata
     num_reqs = seq_lens_cpu.shape[0]
     return CommonAttentionMetadata(
@@ -29,7 +32,7 @@ def draft_common_metadata(*, query_start_loc_cpu: torch.Tensor, seq_lens_cpu: to
         max_seq_len=int(seq_lens_cpu.max()),
         block_table_tensor=block_table,
         slot_mapping=slot_mapping,
-        causal=True,
+        causal=causal,
         positions=positions,
     )
 

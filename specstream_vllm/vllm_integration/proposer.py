@@ -22,6 +22,13 @@ the proposer composes them and counts, per source, the drafts taken and their ac
 tokens (log line, policy dump; the runner patch carries the per-request source to the
 scheduler for ``/metrics``).
 
+Streams of the ``anchor`` form attend to the main keys <= t only and write nothing
+(anchor_rows.py). They run after verification like the others (``draft_pass:
+separate``), or ride inside the verification forward itself (``fused``: the runner patch
+wraps the target's forward in :meth:`SpecStreamProposer.riding`, which hands the model
+rows for every potential anchor; after rejection sampling the accepted anchors' rows
+are taken, with no second pass over the layers).
+
 The runner's state is read only through :class:`~.runner_view.RunnerView`; attention
 metadata for the stream tokens is built in draft_attention.py.
 """
@@ -31,13 +38,15 @@ import json
 import logging
 import os
 import time
+from contextlib import contextmanager
 
 import torch
 
 from .. import envs
 from . import state_sizes, vllm_ops
 from .draft_attention import draft_common_metadata, forward_context, layer_metadata
-from ..policy import STREAMS, Candidates, DraftPolicy, PolicyConfig
+from ..policy import STREAMS, Candidates, DraftPolicy, PassChooser, PolicyConfig
+from .anchor_rows import AnchorRows
 from .match_source import make_match_source
 from .runner_view import RunnerView
 
@@ -73,6 +82,11 @@ class SpecStreamProposer:
         self._layer_names: list[str] = []
         self._groups = None
         self._kv_gid = 0
+        self._anchor_rows: AnchorRows | None = None
+        self.draft_pass = "separate"
+        self.passes: PassChooser | None = None     # draft_pass auto: per batch-size bucket
+        #: stream drafting steps per pass (policy dump: tests check which pass ran)
+        self.pass_counts = {"fused": 0, "separate": 0}
         self.policy: DraftPolicy | None = None
         self._policy_settings = policy_settings(vllm_config)
         match = dict(self._policy_settings.get("match") or {})
@@ -105,6 +119,8 @@ class SpecStreamProposer:
         st = model.stream_settings
         self.num_streams = min(st.num_streams, self.num_speculative_tokens)
         self._stream_offsets = torch.arange(1, self.num_streams + 1, dtype=torch.int64)
+        self.draft_pass = st.draft_pass if st.query_only else "separate"
+        self.passes = PassChooser() if self.draft_pass == "auto" else None
         ps = self._policy_settings
         self.policy = DraftPolicy(PolicyConfig(
             gamma=self.num_streams, mode=ps.get("mode", "auto"),
@@ -122,6 +138,42 @@ class SpecStreamProposer:
         if self._groups is None:
             self._kv_gid, self._groups = self.runner.attention_groups(self._layer_names)
             self._block_size = self.runner.block_size(self._kv_gid)
+            if self.model.stream_settings.query_only:
+                self._anchor_rows = AnchorRows(self._groups, self.device, self.num_streams)
+
+    @contextmanager
+    def riding(self, scheduler_output, common_attn_metadata):
+        """Around the verification forward (runner patch): with the fused pass, the model
+        gets query-only stream rows for every potential anchor of this step."""
+        rows = None
+        draft_pass = self.draft_pass
+        if draft_pass == "auto" and common_attn_metadata is not None:
+            # each rank measures its own steps: rank 0's choice, or the collectives differ
+            draft_pass = self.passes.choose(common_attn_metadata.num_reqs)
+            draft_pass = "fused" if vllm_ops.tp_agree([int(draft_pass == "fused")])[0] else "separate"
+            clock = self.runner.step_clock()
+            if clock is not None and clock.current is not None:
+                clock.current.draft_pass = draft_pass
+        if draft_pass != "fused" and self._anchor_rows is not None:
+            self._anchor_rows.forget()
+        if draft_pass == "fused" and common_attn_metadata is not None:
+            try:
+                self._ensure_groups()
+                rows = self._anchor_rows.fused(common_attn_metadata, scheduler_output,
+                                               self.runner)
+            except Exception:
+                if self._raise_errors or vllm_ops.tp_world_size() > 1:
+                    raise
+                self.errors += 1
+                logger.exception("specstream: preparing the fused stream rows failed; this "
+                                 "step's drafts run as a separate pass")
+                self._anchor_rows.forget()
+                rows = None
+        self.model.stream_rows = rows
+        try:
+            yield
+        finally:
+            self.model.stream_rows = None
 
     def propose(self, **kwargs) -> torch.Tensor:
         try:
@@ -257,6 +309,8 @@ class SpecStreamProposer:
             clock.current.matched = any(src != STREAMS for src, _ in self._pending.values())
         if rec is not None:
             self._last_period = rec.period
+            if self.passes is not None:
+                self.passes.observe(rec.num_reqs, rec.draft_pass, rec.period)
             self.policy.observe_step(rec.num_tokens, rec.num_draft_tokens, rec.period,
                                      rec.draft_seconds, rec.draft_stream_tokens, rec.draft_passes)
             if rec.num_draft_tokens > 0 and rec.produced > 0:
@@ -305,6 +359,12 @@ class SpecStreamProposer:
         next_ids = torch.tensor([sampled_token_ids[i][-1] for i in active.tolist()],
                                 dtype=torch.int64, device=self.device)
         block_table = cm.block_table_tensor[active.to(cm.block_table_tensor.device)]
+        if self._anchor_rows is not None:
+            res = self._anchor_streams(h, anchor_tok, anchor_pos, block_table, g)
+            if res is None:
+                return None
+            return res[0], res[1], anchor_pos, next_ids
+        self.pass_counts["separate"] += 1
         if not self.model.stream_settings.chain:
             res = self._run_streams(cm, h, next_ids, anchor_pos, block_table, 0, g)
             if res is None:
@@ -330,6 +390,21 @@ class SpecStreamProposer:
         if not ids_cols:
             return None
         return torch.stack(ids_cols, 1), torch.stack(prob_cols, 1), anchor_pos, next_ids
+
+    def _anchor_streams(self, h, anchor_tok, anchor_pos, block_table, g: int):
+        """Streams 1..g of the anchor form: the fused forward's rows of these anchors, or a
+        separate query-only pass over the top layers; as :meth:`_run_streams`."""
+        R = anchor_pos.numel()
+        hidden = self._anchor_rows.fused_hidden(anchor_tok, g)
+        self.pass_counts["fused" if hidden is not None else "separate"] += 1
+        if hidden is None:
+            rows = self._anchor_rows.separate(anchor_pos, block_table, g)
+            hidden = self.model.query_only_forward(self.model.stream_inputs(h, None, g), rows)
+        res = self.model.draft_token_ids(hidden)
+        if res is None:
+            return None
+        ids, prob = res
+        return ids.view(R, g).to("cpu"), prob.view(R, g).to("cpu", torch.float32)
 
     def _run_streams(self, cm, h, tokens, anchor_pos, block_table, first: int, g: int):
         """Streams first+1..first+g of every active request in one pass over the top layers,
@@ -370,6 +445,9 @@ class SpecStreamProposer:
         out["match"] = self.match.state() if self.match is not None else None
         out["draft_precision"] = "bfloat16" if getattr(self.model, "draft_bf16", False) else "exact"
         out["errors"] = self.errors
+        out["draft_passes"] = dict(self.pass_counts)
+        out["draft_pass"] = {"setting": self.draft_pass,
+                             "buckets": self.passes.table() if self.passes is not None else None}
         return out
 
     def _maybe_report(self, force: bool = False) -> None:

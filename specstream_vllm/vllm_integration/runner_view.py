@@ -37,6 +37,10 @@ class RunnerView:
                          num_prompt_tokens=batch.num_prompt_tokens,
                          max_model_len=int(self._runner.max_model_len))
 
+    def num_prompt_tokens(self, num_reqs: int):
+        """Prompt length of each of the first ``num_reqs`` rows (a numpy view)."""
+        return self._runner.input_batch.num_prompt_tokens[:num_reqs]
+
     def request_maps(self) -> dict[str, dict]:
         """The runner's per-request maps (vLLM's ``requests``, the runner patch's draft
         sources), for the state-size log; read, never changed."""

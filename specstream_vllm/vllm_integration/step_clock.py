@@ -27,6 +27,7 @@ class StepRecord:
     draft_passes: int = 1              # chain streams: one pass per stream
     produced: int = 0                  # tokens the step emitted (set when its output arrives)
     matched: bool = False              # some of its drafts came from the match source
+    draft_pass: str = ""               # anchor form: the pass its drafts rode ("fused", "separate")
 
 
 class StepClock:

@@ -6,11 +6,14 @@ proposer.
   hidden state (the input of layer L-N_s) is requested from the target's forward, and a
   step clock is attached. ``SPECSTREAM_PROFILE`` is read here, once per runner.
 * ``execute_model``: starts each step's clock record (the draft policy's measured cost).
+* ``_build_attention_metadata`` / ``_model_forward``: the step's common attention metadata
+  is kept for the proposer, which wraps the target's forward (the fused draft pass:
+  stream rows ride inside it).
 * ``propose_draft_token_ids``: routes to the proposer and keeps each request's draft
   source beside its drafts.
 * ``_sample``: a step without any draft skips the rejection sampler (see below).
 * ``take_draft_token_ids``: hands the sources to the engine core with the draft ids.
-* ``_model_forward`` / ``sample_tokens``: timing spans only (with ``SPECSTREAM_PROFILE``).
+* ``sample_tokens``: a timing span only (with ``SPECSTREAM_PROFILE``).
 """
 from __future__ import annotations
 
@@ -29,6 +32,8 @@ VLLM_SYMBOLS = (
 )
 
 _TIMER = "_specstream_timer"
+#: during execute_model: (the scheduler output, the step's common attention metadata)
+_STEP = "_specstream_step"
 
 
 @contextmanager
@@ -74,15 +79,34 @@ class GPUModelRunnerPatch(Patch):
 
     def execute_model(self, scheduler_output, *args, **kwargs):
         clock = self.__dict__.get(CLOCK_ATTR)
-        if clock is not None:
-            clock.start(scheduler_output)
-            self.__dict__[_SOURCES] = {}   # this step's drafts get theirs in propose
-        return _timed(self, "execute_model", GPUModelRunnerPatch.original("execute_model"),
-                      scheduler_output, *args, **kwargs)
+        if clock is None:
+            return _timed(self, "execute_model", GPUModelRunnerPatch.original("execute_model"),
+                          scheduler_output, *args, **kwargs)
+        clock.start(scheduler_output)
+        self.__dict__[_SOURCES] = {}   # this step's drafts get theirs in propose
+        self.__dict__[_STEP] = [scheduler_output, None]
+        try:
+            return _timed(self, "execute_model", GPUModelRunnerPatch.original("execute_model"),
+                          scheduler_output, *args, **kwargs)
+        finally:
+            self.__dict__.pop(_STEP, None)
+
+    def _build_attention_metadata(self, *args, **kwargs):
+        out = GPUModelRunnerPatch.original("_build_attention_metadata")(self, *args, **kwargs)
+        step = self.__dict__.get(_STEP)
+        if step is not None:
+            step[1] = out[1]
+        return out
 
     def _model_forward(self, *args, **kwargs):
-        return _timed(self, "target_forward", GPUModelRunnerPatch.original("_model_forward"),
-                      *args, **kwargs)
+        step = self.__dict__.get(_STEP)
+        riding = getattr(self.__dict__.get("drafter"), "riding", None)
+        if step is None or riding is None:
+            return _timed(self, "target_forward", GPUModelRunnerPatch.original("_model_forward"),
+                          *args, **kwargs)
+        with riding(*step):
+            return _timed(self, "target_forward", GPUModelRunnerPatch.original("_model_forward"),
+                          *args, **kwargs)
 
     def sample_tokens(self, *args, **kwargs):
         out = _timed(self, "sample_tokens", GPUModelRunnerPatch.original("sample_tokens"),
