@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.soak import stop_server
+from tests.stress.soak import stop_server
 from tests.test_vllm_integration import streams_for_smollm2
 
 pytestmark = pytest.mark.vllm

@@ -4,7 +4,7 @@ back to their idle size and the ones keyed by batch size stay within the batch l
 
 One engine (specstream, default draft policy and match source) logs its structure sizes
 (``SPECSTREAM_STATE_LOG``, state_sizes.py); a lone request before the burst gives the idle
-sizes, a lone request after it must log the same. ``benchmarks/soak.py`` is the long
+sizes, a lone request after it must log the same. ``tests/stress/soak.py`` is the long
 version through a server."""
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ structures (``SPECSTREAM_STATE_LOG``, written by the engine process: suffix tree
 policy's records and calibration tables, vLLM's per-request maps), latency percentiles,
 5xx responses and wrong greedy answers. Writes ``soak.json`` and ``soak.png`` to ``--out``.
 
-    python -m benchmarks.soak --minutes 30 --out soak_out
+    python -m tests.stress.soak --minutes 30 --out soak_out
 """
 from __future__ import annotations
 
