@@ -7,7 +7,7 @@ process's resident memory and the length of every container held by the proposer
 draft policy (and the policy's parts) and its match source, found by walking their
 attributes (a structure added later is measured without changes here), plus the suffix
 cache's request counts and vLLM's own per-request maps in the runner.
-``benchmarks/soak.py`` and ``tests/test_soak_short.py`` read it.
+``tests/stress/soak.py`` and ``tests/test_soak_short.py`` read it.
 """
 from __future__ import annotations
 
