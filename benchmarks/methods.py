@@ -24,6 +24,9 @@ ABLATIONS = {"noguard": {"SPECSTREAM_POLICY_REALIZED_GUARD": "0"},
              # never drafts, never probes: what a speculative engine costs with nothing drafted
              "off": {"SPECSTREAM_POLICY_FORCE_OFF_STEPS": str(10**9)}}
 
+#: "<specstream method>@<draft pass>" sets the speculative config's ``draft_pass``
+DRAFT_PASSES = ("separate", "fused", "auto")
+
 
 @dataclass
 class Method:
@@ -114,6 +117,18 @@ def build_methods(names: list[str], medusa: str | None = None, streams: str | No
             m = build_methods([base], medusa, streams, specstream_k, medusa_k, suffix_k,
                               alt_streams)[0]
             m.name, m.env = name, dict(ABLATIONS[ablation])
+            out.append(m)
+            continue
+        base, at, draft_pass = name.partition("@")
+        if at:      # "specstream-streams@fused": the same method with that draft pass
+            if draft_pass not in DRAFT_PASSES or not base.startswith("specstream"):
+                raise ValueError(f"unknown draft pass {name!r}: use <specstream method>@"
+                                 f"{{{','.join(DRAFT_PASSES)}}}")
+            m = build_methods([base], medusa, streams, specstream_k, medusa_k, suffix_k,
+                              alt_streams)[0]
+            m.name = name
+            if m.speculative_config is not None:
+                m.speculative_config["draft_pass"] = draft_pass
             out.append(m)
             continue
         if name.startswith("specstream") and name.endswith("-alt"):

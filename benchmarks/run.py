@@ -38,6 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", help="local HF model dir (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--methods", default="baseline,specstream,ngram,suffix",
                    help=f"comma list from {','.join(ALL_METHODS)}; `<specstream method>+<ablation>`; "
+                        "`<specstream method>@<draft pass>` (separate, fused, auto); "
                         "`-alt` for the --alt-streams checkpoint")
     p.add_argument("--streams", help="specstream checkpoint (default with the default model: shipped)")
     p.add_argument("--alt-streams", help="a second checkpoint: methods specstream-alt, ...-streams-alt")

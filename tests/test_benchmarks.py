@@ -285,6 +285,11 @@ def test_methods_and_rotation(tmp_path: Path) -> None:
     ablated = build_methods(["specstream+off"], streams=str(tmp_path))[0]
     assert ablated.env == {"SPECSTREAM_POLICY_FORCE_OFF_STEPS": str(10**9)}
     assert "--alt-streams" in build_methods(["specstream-alt"], streams=str(tmp_path))[0].skip_reason
+    fused = build_methods(["specstream-streams@fused"], streams=str(tmp_path))[0]
+    assert fused.name == "specstream-streams@fused"
+    assert fused.speculative_config["draft_pass"] == "fused" and fused.speculative_config["match"] == "none"
+    with pytest.raises(ValueError, match="draft pass"):
+        build_methods(["ngram@fused"])
     assert offline.rotated([1, 2, 3], 1) == [2, 3, 1] and offline.rotated([1, 2, 3], 3) == [1, 2, 3]
 
 
