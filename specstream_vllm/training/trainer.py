@@ -72,14 +72,14 @@ class Run:
 
     @property
     def elapsed(self) -> float:
-        return self.elapsed_before + time.time() - self.t_loop
+        return self.elapsed_before + time.monotonic() - self.t_loop
 
     def record(self) -> dict:
         """Where and on how much the streams were trained (the checkpoint's training record)."""
         t = self.trainee
         return {"device": describe(t.device), "world_size": t.ranks.world_size,
                 "base_dtype": str(t.model.dtype).replace("torch.", ""), "tokens": self.tokens,
-                "seconds": round(self.elapsed, 1),
+                "seconds": round(self.elapsed, 3),
                 "tokens_per_second": round(self.tokens / max(self.elapsed, 1e-9), 1),
                 "peak_memory_gib": round(peak_memory_bytes(t.device) / 2 ** 30, 3)}
 
@@ -271,7 +271,7 @@ def _save_state(run: Run) -> None:
     """The resumable trainer state (and the source's files), rank 0 only."""
     if not run.trainee.ranks.is_main:
         return
-    run.source.on_save(run.out_dir, run.step, time.time() - run.t_loop)
+    run.source.on_save(run.out_dir, run.step, time.monotonic() - run.t_loop)
     st = {"step": run.step, "params": run.trainee.params.state_dict(), "opt": run.opt.state_dict(),
           "sched": run.sched.state_dict(), "elapsed": run.elapsed, "history": run.history,
           "data": run.source.state(), "tokens": run.tokens}
@@ -384,7 +384,7 @@ def train(recipe: Recipe, examples: list[Example] | None = None, *, resume: bool
         torch.cuda.reset_peak_memory_stats(device)
     bar = tqdm(total=run.total, initial=run.step, disable=not progress, dynamic_ncols=True, desc="train")
     slog = StepLog(out_dir / "train_log.jsonl" if ranks.is_main else None, recipe.num_streams)
-    run.t_loop = time.time()
+    run.t_loop = time.monotonic()
     try:
         _train_loop(run, slog, bar, n_stream)
     finally:
