@@ -27,6 +27,18 @@ def _lin(params, li, name, mod, x):
     return y
 
 
+def _assert_batched_equals_per_anchor(model, params, slow_fn, g: int) -> None:
+    """The batched reference (every anchor of two sequences at once) equals ``slow_fn`` run
+    on one sequence and one anchor at a time."""
+    ids = torch.randint(3, 256, (2, 12))
+    anchors = torch.tensor([[0, 5, 11], [2, 3, 7]])
+    fast = stream_logits(model, params, main_pass(model, ids, params.layer_ids), anchors)
+    for b in range(2):
+        for a, t in enumerate(anchors[b].tolist()):
+            slow = slow_fn(model, params, ids[b:b + 1], t, g)
+            torch.testing.assert_close(fast[b, a], slow, rtol=1e-9, atol=1e-9)
+
+
 def naive_stream_logits(model, params, ids, t, g, next_token=None):
     """Build each stream's context by hand: main keys <= t, then streams 1..j. In the
     next-token-aware form the input also gets B A (E[x] / rms(E[x])) of ``next_token``; in
@@ -87,13 +99,7 @@ def test_stream_attention_matches_naive_loop(tiny_llama_dir, g, ns, lora):
     with torch.no_grad():
         for b in params.lora_B.values():
             b.normal_(0, 0.1)
-        ids = torch.randint(3, 256, (2, 12))
-        anchors = torch.tensor([[0, 5, 11], [2, 3, 7]])
-        fast = stream_logits(model, params, main_pass(model, ids, params.layer_ids), anchors)
-        for b in range(2):
-            for a, t in enumerate(anchors[b].tolist()):
-                slow = naive_stream_logits(model, params, ids[b:b + 1], t, g)
-                torch.testing.assert_close(fast[b, a], slow, rtol=1e-9, atol=1e-9)
+        _assert_batched_equals_per_anchor(model, params, naive_stream_logits, g)
 
 
 def _sharp_token_streams(tiny_llama_dir, g, ns, form, seed):
@@ -311,13 +317,7 @@ def test_anchor_streams_match_hf_layers_under_a_main_only_mask(tiny_llama_dir, g
     """Anchor form: h_t + e_j at position t+j attending to the main keys <= t only."""
     model, params = _anchor_streams(tiny_llama_dir, g, ns)
     with torch.no_grad():
-        ids = torch.randint(3, 256, (2, 12))
-        anchors = torch.tensor([[0, 5, 11], [2, 3, 7]])
-        fast = stream_logits(model, params, main_pass(model, ids, params.layer_ids), anchors)
-        for b in range(2):
-            for a, t in enumerate(anchors[b].tolist()):
-                slow = hf_anchor_stream_logits(model, params, ids[b:b + 1], t, g)
-                torch.testing.assert_close(fast[b, a], slow, rtol=1e-9, atol=1e-9)
+        _assert_batched_equals_per_anchor(model, params, hf_anchor_stream_logits, g)
 
 
 def test_anchor_streams_do_not_see_each_other(tiny_llama_dir):
