@@ -26,6 +26,9 @@ ABLATIONS = {"noguard": {"SPECSTREAM_POLICY_REALIZED_GUARD": "0"},
 
 #: "<specstream method>@<draft pass>" sets the speculative config's ``draft_pass``
 DRAFT_PASSES = ("separate", "fused", "auto")
+#: "<method>%<dtype>" runs that method in this dtype instead of the run's ``--dtype``, so one
+#: run can hold the automatic dtype's default beside every method in bfloat16
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -109,6 +112,15 @@ def build_methods(names: list[str], medusa: str | None = None, streams: str | No
     the same method on the ``alt_streams`` checkpoint: two checkpoints in one run."""
     out: list[Method] = []
     for name in names:
+        base, pct, dtype = name.partition("%")
+        if pct:
+            if dtype not in DTYPES:
+                raise ValueError(f"unknown dtype in {name!r}: use <method>%{{{','.join(DTYPES)}}}")
+            m = build_methods([base], medusa, streams, specstream_k, medusa_k, suffix_k,
+                              alt_streams)[0]
+            m.name, m.engine_args = name, {**m.engine_args, "dtype": dtype}
+            out.append(m)
+            continue
         base, plus, ablation = name.partition("+")
         if plus:
             if ablation not in ABLATIONS or not base.startswith("specstream"):

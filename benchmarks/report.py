@@ -54,6 +54,13 @@ def _acceptance_cols(spec: SpecCounters) -> list[str]:
 
 # ------------------------------------------------------------------ offline (rotation)
 
+def _equality_reference(name: str) -> str:
+    """Greedy output is compared within one dtype: ``X%bfloat16`` against ``baseline%bfloat16``
+    (other dtypes give other text); speed ratios are always against the run's ``baseline``."""
+    _, pct, dtype = name.partition("%")
+    return f"baseline%{dtype}" if pct else "baseline"
+
+
 def offline_tables(levels: list[dict[str, Any]]) -> list[str]:
     """One table per workload: tok/s per round, ratio to no speculation (median of rounds),
     greedy equality, tokens per target step, then acceptance; and rounds whose prompts the
@@ -72,8 +79,9 @@ def offline_tables(levels: list[dict[str, Any]]) -> list[str]:
             for lv in mine:
                 rnds = [r for r in lv["rounds"] if name in r]
                 ratios = [r[name]["tok_s"] / r["baseline"]["tok_s"] for r in rnds if "baseline" in r]
-                same = [a == b for r in rnds if "baseline" in r
-                        for a, b in zip(r[name]["token_ids"], r["baseline"]["token_ids"])]
+                ref = _equality_reference(name)
+                same = [a == b for r in rnds if ref in r
+                        for a, b in zip(r[name]["token_ids"], r[ref]["token_ids"])]
                 spec = SpecCounters()
                 for r in rnds:
                     spec = spec + SpecCounters.from_json(r[name]["spec"])
@@ -178,7 +186,8 @@ def render(results: dict[str, Any], title: str, level: int = 1) -> str:
         out += ["", f"{h}# Offline (`vllm.LLM`): engines up together, methods take turns per round",
                 "", "tok/s = output tokens / wall time of the generate calls; the ratio is to no "
                 "speculation in the same round; '= baseline': greedy token ids equal to the "
-                "baseline's; mean acceptance length counts the bonus token (vLLM's convention).", "",
+                "baseline's (a '%dtype' method: to 'baseline%dtype'); mean acceptance length "
+                "counts the bonus token (vLLM's convention).", "",
                 *"\n\n".join(offline_tables(levels)).split("\n")]
         if load is not None:
             out += ["", f"load average (1 min) during the runs: mean {load:.1f}, max "

@@ -38,13 +38,14 @@ def build_llm(job: dict):
 
     if "llm_kwargs" in job:
         return LLM(**job["llm_kwargs"])
-    return LLM(model=job["model"], dtype=job.get("dtype", "float32"),
-               enforce_eager=job.get("enforce_eager", True),
-               max_model_len=job.get("max_model_len", 1024), seed=job.get("seed", 0),
-               disable_log_stats=False, speculative_config=job.get("spec"),
-               tensor_parallel_size=job.get("tp", 1),
-               skip_tokenizer_init=job.get("skip_tokenizer_init", False),
-               max_num_seqs=job.get("max_num_seqs", 16), **job.get("engine_args", {}))
+    kwargs = dict(model=job["model"], dtype=job.get("dtype", "float32"),
+                  enforce_eager=job.get("enforce_eager", True),
+                  max_model_len=job.get("max_model_len", 1024), seed=job.get("seed", 0),
+                  disable_log_stats=False, speculative_config=job.get("spec"),
+                  tensor_parallel_size=job.get("tp", 1),
+                  skip_tokenizer_init=job.get("skip_tokenizer_init", False),
+                  max_num_seqs=job.get("max_num_seqs", 16))
+    return LLM(**{**kwargs, **job.get("engine_args", {})})   # engine_args win (e.g. dtype)
 
 
 def _token_prompts(llm, prompts: list, skip_tokenizer: bool) -> list:

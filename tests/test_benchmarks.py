@@ -133,6 +133,18 @@ def test_offline_rotation_same_prompts_per_round_and_flags_repeats(monkeypatch, 
     assert res["engines"]["ngram"]["peak_rss_mib"] == 100.0
 
 
+def test_offline_dtype_methods_compare_text_within_their_dtype(monkeypatch, tmp_path) -> None:
+    monkeypatch.setattr(offline, "_Engine", _FakeEngine)
+    args = run.parse_args(["--batch-sizes", "1", "--rounds", "1", "--per-level", "2"])
+    methods = build_methods(["baseline", "baseline%bfloat16", "ngram%bfloat16"])
+    convs = [[{"role": "user", "content": f"q{i}"}] for i in range(4)]
+    res = offline.run_offline(methods, {"w": convs}, args, tmp_path, lambda _: None)
+    md = "\n".join(report.offline_tables(res["levels"]))
+    # speed against the run's baseline, text against the baseline in its own dtype
+    assert "| ngram%bfloat16 | 1 | 15.0 | 1.50x (1.50-1.50) | 100% |" in md
+    assert "| baseline%bfloat16 | 1 | 15.0 | 1.50x (1.50-1.50) | 100% |" in md
+
+
 # ------------------------------------------------------------------ online
 
 def test_online_commands_and_level_summary() -> None:
@@ -290,6 +302,12 @@ def test_methods_and_rotation(tmp_path: Path) -> None:
     assert fused.speculative_config["draft_pass"] == "fused" and fused.speculative_config["match"] == "none"
     with pytest.raises(ValueError, match="draft pass"):
         build_methods(["ngram@fused"])
+    bf = build_methods(["specstream-streams@fused%bfloat16", "baseline-sync%bfloat16"],
+                       streams=str(tmp_path))
+    assert bf[0].engine_args == {"dtype": "bfloat16"} and bf[0].speculative_config["draft_pass"] == "fused"
+    assert bf[1].engine_args == {"async_scheduling": False, "dtype": "bfloat16"}
+    with pytest.raises(ValueError, match="dtype"):
+        build_methods(["ngram%bf16"])
     assert offline.rotated([1, 2, 3], 1) == [2, 3, 1] and offline.rotated([1, 2, 3], 3) == [1, 2, 3]
 
 
