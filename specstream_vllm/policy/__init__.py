@@ -21,13 +21,17 @@ Modules, one job each (each imports only modules listed above it):
 * ``schedule``    PassSchedule: when the stream pass runs, probes while it does not.
 * ``passes``      PassChooser: fused or separate stream pass per batch-size bucket
                   (``draft_pass: auto``), the cheaper one measured.
+* ``device_cut``  the per-request cut an accelerator applies to the streams' drafts
+                  without reading them back, from the calibration and costs of past steps.
 * ``policy``      DraftPolicy: composes the above; ``plan`` before the pass, ``decide``
-                  after it, ``continue_chain`` between chain passes, ``observe_*``.
+                  after it (or ``after_device_step`` a step later, when the device cut),
+                  ``continue_chain`` between chain passes, ``observe_*``.
 """
 from .config import MODES, PolicyConfig
 from .decisions import STREAMS, Candidates, Choice, Plan
+from .device_cut import CutInputs, cut_inputs, device_lengths
 from .passes import PassChooser
 from .policy import DraftPolicy
 
 __all__ = ["MODES", "PolicyConfig", "STREAMS", "Candidates", "Choice", "Plan", "DraftPolicy",
-           "PassChooser"]
+           "PassChooser", "CutInputs", "cut_inputs", "device_lengths"]

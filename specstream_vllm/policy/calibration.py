@@ -66,6 +66,15 @@ class Calibrator:
         k = self.prior * pbar.clamp(min=1e-3)
         return (pd * (obs + k) / (pred + k)).clamp(0.0, 1.0)
 
+    def ratio_table(self) -> torch.Tensor:
+        """[gamma, bins] factors with ``calibrate(p) ~= p * ratio[j, bin(p)]``, for a device
+        that applies them without a host round trip (an empty bin uses its centre as the
+        mean raw probability where :meth:`calibrate` uses p itself)."""
+        centre = (torch.arange(self.bins, dtype=torch.float64) + 0.5) / self.bins
+        pbar = torch.where(self.n > 0, self.pred / self.n.clamp(min=1e-9), centre.expand_as(self.n))
+        k = self.prior * pbar.clamp(min=1e-3)
+        return (self.obs + k) / (self.pred + k)
+
     def table(self) -> list[dict]:
         """Undecayed predicted vs observed acceptance per position and bin (for reports)."""
         out = []

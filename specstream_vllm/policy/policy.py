@@ -315,6 +315,57 @@ class DraftPolicy:
             self.schedule.streams_drafted(int(stream_lengths.max()))
         return selection.labelled(lengths, take, candidates.source if candidates else None)
 
+    # ---------------------------------------------------------------- device path
+    def take_candidates(self, reqs: int, cand_chain: torch.Tensor, lengths: torch.Tensor,
+                        with_pass: bool) -> list[int]:
+        """Before a pass whose probabilities stay on the device (``device_cut``): per request,
+        how many of the candidate's tokens it proposes (0: none, the streams draft). A
+        candidate is taken where its calibrated chain beats the verification threshold by
+        more than the streams' running profile does (by anything, without a pass), up to
+        its last token that still clears the threshold."""
+        tau = self.costs.threshold(reqs, self.stats.steps)
+        w = cand_chain.shape[1]
+        inside = torch.arange(w)[None, :] < lengths.to(torch.int64)[:, None]
+        keep = ((cand_chain >= tau) & inside).to(torch.int64).cumprod(1).sum(1)
+        worth = (cand_chain - tau).clamp(min=0.0).sum(1)
+        if with_pass:
+            prof = torch.nan_to_num(self.profile[:w], nan=0.0)
+            taken = worth > (prof - tau).clamp(min=0.0).sum()
+        else:
+            taken = worth > 0
+        return torch.where(taken, keep, 0).tolist()
+
+    def begin_device_pass(self) -> bool:
+        """A pass whose drafts are cut on the device runs this step: whether it is a probe."""
+        return self.schedule.pass_ran()
+
+    def after_device_step(self, reqs: int, probs: torch.Tensor, lengths: torch.Tensor,
+                          probing: bool, others: torch.Tensor | None = None,
+                          other_source: str | None = None) -> Choice:
+        """A device-cut step, read back one step later: ``probs`` [R, g] of the requests the
+        pass ran for and the ``lengths`` [R] the device kept; ``others`` [R'] the lengths of
+        the requests that proposed ``other_source``'s drafts. Updates what :meth:`decide`
+        updates on the host: profile, the pass's judgement, next depth, counters."""
+        R, g = probs.shape
+        drafted = int(lengths.sum())
+        if R and self.cfg.mode == "auto":
+            chain = self.calibration.stream_chain(probs)
+            self._update_profile(chain)
+            earned = True
+            if self.costs.ready:
+                curve = self.costs.curve(reqs, drafted)
+                kept = (chain * (torch.arange(g)[None, :] < lengths[:, None])).sum()
+                rate = (reqs + float(kept)) / (float(curve[drafted]) + self.costs.draft_cost(R, g))
+                earned = rate >= (1.0 + self.cfg.min_gain) * reqs / float(curve[0])
+            self.schedule.judge_pass(drafted > 0, earned, probing)
+        if R:
+            self.schedule.streams_drafted(int(lengths.max()))
+        names = [STREAMS if n else None for n in lengths.tolist()]
+        if others is not None:
+            lengths = torch.cat([lengths, others.to(torch.int64)])
+            names += [other_source if n else None for n in others.tolist()]
+        return self.stats.count(Choice(lengths, names))
+
     def _update_profile(self, chain: torch.Tensor) -> None:
         g = chain.shape[1]
         mean = chain.mean(0)

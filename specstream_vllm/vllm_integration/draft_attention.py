@@ -8,17 +8,31 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
+
+from .sync_audit import host_numpy
+
+
+def host_seq_lens(cm) -> np.ndarray:
+    """The step's sequence lengths from the host copy vLLM keeps (exact outside async
+    speculative decoding, which specstream does not use); reading ``seq_lens`` itself would
+    wait for the device."""
+    host = getattr(cm, "seq_lens_cpu_upper_bound", None)
+    if host is None:
+        host = cm.seq_lens.to("cpu")
+    return host_numpy(host[: cm.num_reqs]).astype(np.int64)
 
 
 def draft_common_metadata(*, query_start_loc_cpu: torch.Tensor, seq_lens_cpu: torch.Tensor,
                           positions: torch.Tensor, slot_mapping: torch.Tensor,
                           block_table: torch.Tensor, query_len: int, device: torch.device,
-                          causal: bool = True):
+                          causal: bool = True, max_seq_len: int | None = None):
     """A ``CommonAttentionMetadata`` for ``query_len`` stream tokens per request, causal
     over each request's cache (context, then the streams before it); ``causal=False``:
     every query sees all ``seq_lens`` keys (query-only rows of the anchor form, whose
-    pseudo-request's keys are the anchor's main keys 0..t)."""
+    pseudo-request's keys are the anchor's main keys 0..t). ``max_seq_len``: the callers
+    know it from their own host arithmetic."""
     from vllm.v1.attention.backend import CommonAttentionMetadata
     num_reqs = seq_lens_cpu.shape[0]
     return CommonAttentionMetadata(
@@ -29,7 +43,7 @@ def draft_common_metadata(*, query_start_loc_cpu: torch.Tensor, seq_lens_cpu: to
         num_reqs=num_reqs,
         num_actual_tokens=num_reqs * query_len,
         max_query_len=query_len,
-        max_seq_len=int(seq_lens_cpu.max()),
+        max_seq_len=int(seq_lens_cpu.max()) if max_seq_len is None else max_seq_len,
         block_table_tensor=block_table,
         slot_mapping=slot_mapping,
         causal=causal,

@@ -29,29 +29,38 @@ wraps the target's forward in :meth:`SpecStreamProposer.riding`, which hands the
 rows for every potential anchor; after rejection sampling the accepted anchors' rows
 are taken, with no second pass over the layers).
 
+On an accelerator the drafts never visit the host inside the proposer
+(device_drafts.py): the proposer returns them as a device tensor, as vLLM's EAGLE
+proposer does, cut per request on the device from the statistics of past steps
+(policy/device_cut.py); vLLM's own copy of the drafts brings them, and the probabilities
+beside them, to the host. On a CPU there is no device to wait for, and the host path
+chooses each request's drafts from this step's probabilities.
+
 The runner's state is read only through :class:`~.runner_view.RunnerView`; attention
-metadata for the stream tokens is built in draft_attention.py.
+metadata for the stream tokens is built in draft_attention.py; the log line, policy dump
+and draft log are proposer_report.py.
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
+import numpy as np
 import torch
 
 from .. import envs
+from . import proposer_report as report
 from . import state_sizes, vllm_ops
-from .draft_attention import draft_common_metadata, forward_context, layer_metadata
+from .draft_attention import draft_common_metadata, forward_context, host_seq_lens, layer_metadata
 from ..policy import STREAMS, Candidates, DraftPolicy, PassChooser, PolicyConfig
 from .anchor_rows import AnchorRows
+from .device_drafts import DevicePath
 from .match_source import make_match_source
 from .runner_view import RunnerView
+from .sync_audit import SyncAudit, host_numpy
 
 logger = logging.getLogger("vllm.specstream")
-_LOG_EVERY_S = 30.0
 
 
 def policy_settings(vllm_config) -> dict:
@@ -74,6 +83,8 @@ class SpecStreamProposer:
         self._policy_dump = envs.get("SPECSTREAM_POLICY_DUMP")
         #: file: one JSON line per decision
         self._policy_trace = envs.get("SPECSTREAM_POLICY_TRACE")
+        audit = envs.get("SPECSTREAM_SYNC_AUDIT")
+        self._audit = SyncAudit(audit) if audit else None
         # vLLM's k: the longest draft of any source (streams: at most their own gamma)
         self.num_speculative_tokens = vllm_config.speculative_config.num_speculative_tokens
         self.num_streams = self.num_speculative_tokens
@@ -87,6 +98,8 @@ class SpecStreamProposer:
         self.passes: PassChooser | None = None     # draft_pass auto: per batch-size bucket
         #: stream drafting steps per pass (policy dump: tests check which pass ran)
         self.pass_counts = {"fused": 0, "separate": 0}
+        #: drafts as a device tensor, cut on the device (accelerators; None: the host path)
+        self.device_path: DevicePath | None = None
         self.policy: DraftPolicy | None = None
         self._policy_settings = policy_settings(vllm_config)
         match = dict(self._policy_settings.get("match") or {})
@@ -118,7 +131,6 @@ class SpecStreamProposer:
         self._layer_names = model.stream_attention_layer_names()
         st = model.stream_settings
         self.num_streams = min(st.num_streams, self.num_speculative_tokens)
-        self._stream_offsets = torch.arange(1, self.num_streams + 1, dtype=torch.int64)
         self.draft_pass = st.draft_pass if st.query_only else "separate"
         self.passes = PassChooser() if self.draft_pass == "auto" else None
         ps = self._policy_settings
@@ -130,9 +142,14 @@ class SpecStreamProposer:
             force_off_from=ps.get("force_off_from", 0),
             realized_guard=ps.get("realized_guard", True),
             match_budget=ps.get("match_budget", True)))
-        logger.info("specstream: draft policy %s (gamma %d), match source %s (up to %d tokens)",
-                    self.policy.cfg.mode, self.num_streams,
-                    self.match.name if self.match else "none", self.match_tokens)
+        # chain streams decide between their passes from each pass's drafts: host only
+        on_device = torch.device(self.device).type != "cpu" or envs.get("SPECSTREAM_DEVICE_DRAFTS")
+        if on_device and not st.chain:
+            self.device_path = DevicePath(self, self.vllm_config.scheduler_config.max_num_seqs)
+        logger.info("specstream: draft policy %s (gamma %d), match source %s (up to %d tokens), "
+                    "drafts cut on the %s", self.policy.cfg.mode, self.num_streams,
+                    self.match.name if self.match else "none", self.match_tokens,
+                    "device" if self.device_path is not None else "host")
 
     def _ensure_groups(self) -> None:
         if self._groups is None:
@@ -141,11 +158,21 @@ class SpecStreamProposer:
             if self.model.stream_settings.query_only:
                 self._anchor_rows = AnchorRows(self._groups, self.device, self.num_streams)
 
+    def _counting(self):
+        return self._audit.counting() if self._audit is not None else nullcontext()
+
     @contextmanager
     def riding(self, scheduler_output, common_attn_metadata):
         """Around the verification forward (runner patch): with the fused pass, the model
         gets query-only stream rows for every potential anchor of this step."""
-        rows = None
+        with self._counting():
+            self.model.stream_rows = self._fused_rows(scheduler_output, common_attn_metadata)
+        try:
+            yield
+        finally:
+            self.model.stream_rows = None
+
+    def _fused_rows(self, scheduler_output, common_attn_metadata):
         draft_pass = self.draft_pass
         if draft_pass == "auto" and common_attn_metadata is not None:
             # each rank measures its own steps: rank 0's choice, or the collectives differ
@@ -156,32 +183,35 @@ class SpecStreamProposer:
                 clock.current.draft_pass = draft_pass
         if draft_pass != "fused" and self._anchor_rows is not None:
             self._anchor_rows.forget()
-        if draft_pass == "fused" and common_attn_metadata is not None:
-            try:
-                self._ensure_groups()
-                rows = self._anchor_rows.fused(common_attn_metadata, scheduler_output,
-                                               self.runner)
-            except Exception:
-                if self._raise_errors or vllm_ops.tp_world_size() > 1:
-                    raise
-                self.errors += 1
-                logger.exception("specstream: preparing the fused stream rows failed; this "
-                                 "step's drafts run as a separate pass")
-                self._anchor_rows.forget()
-                rows = None
-        self.model.stream_rows = rows
+        if draft_pass != "fused" or common_attn_metadata is None:
+            return None
         try:
-            yield
-        finally:
-            self.model.stream_rows = None
+            self._ensure_groups()
+            return self._anchor_rows.fused(common_attn_metadata, scheduler_output, self.runner)
+        except Exception:
+            if self._raise_errors or vllm_ops.tp_world_size() > 1:
+                raise
+            self.errors += 1
+            logger.exception("specstream: preparing the fused stream rows failed; this "
+                             "step's drafts run as a separate pass")
+            self._anchor_rows.forget()
+            return None
 
-    def propose(self, **kwargs) -> torch.Tensor:
+    def propose(self, **kwargs):
+        """This step's drafts: a device tensor ``[num_reqs, width]`` (-1 past a request's
+        drafts; the scheduler patch drops those) on the device path, else per-request lists."""
         try:
-            if self._profile:
-                from .profiling import timer
-                with timer("worker").span("draft"):
-                    return self._propose(**kwargs)
-            return self._propose(**kwargs)
+            with self._counting():
+                if self._profile:
+                    from .profiling import timer
+                    with timer("worker").span("draft"):
+                        out = self._propose(**kwargs)
+                else:
+                    out = self._propose(**kwargs)
+            if self._audit is not None:
+                self._audit.step_done("device" if self.device_path is not None else "host",
+                                      kwargs["common_attn_metadata"].num_reqs)
+            return out
         except Exception:
             # A drafting bug must cost speedup, not the server: without tensor parallelism
             # (no collective to fall out of step with) the step goes on without drafts, which
@@ -193,6 +223,8 @@ class SpecStreamProposer:
                 logger.exception("specstream: drafting failed (%d times so far); this step "
                                  "runs without drafts", self.errors)
             self._pending.clear()
+            if self.device_path is not None:
+                self.device_path.forget()
             n = kwargs["common_attn_metadata"].num_reqs
             self.last_sources = [None] * n
             return [[] for _ in range(n)]
@@ -203,22 +235,19 @@ class SpecStreamProposer:
         state_sizes.maybe_log(self)  # SPECSTREAM_STATE_LOG: structure sizes for long runs
         cm = common_attn_metadata
         k = min(num_speculative_tokens or self.num_speculative_tokens, self.num_speculative_tokens)
-        g = min(k, self.num_streams)
         num_reqs = cm.num_reqs
-        no_drafts: list[list[int]] = [[] for _ in range(num_reqs)]
         self.last_sources = [None] * num_reqs
-        n_sampled = torch.tensor([len(t) for t in sampled_token_ids], dtype=torch.int64)
-        if spec_decode_metadata is not None:
-            n_draft = torch.tensor(spec_decode_metadata.num_draft_tokens, dtype=torch.int64)
-        else:
-            n_draft = torch.zeros(num_reqs, dtype=torch.int64)
+        # host numbers vLLM already holds: tokens sampled per request, drafts it verified
+        n_sampled = [len(t) for t in sampled_token_ids[:num_reqs]]
+        n_draft = (list(spec_decode_metadata.num_draft_tokens) if spec_decode_metadata is not None
+                   else [0] * num_reqs)
+        if self.device_path is not None:
+            self.device_path.settle()       # last step's probabilities, now on the host
         self._observe(num_reqs, n_sampled, n_draft)
-        if k <= 0 or num_reqs == 0:
+        no_drafts: list[list[int]] = [[] for _ in range(num_reqs)]
+        rows = [i for i, n in enumerate(n_sampled) if n > 0]
+        if k <= 0 or not rows:
             return no_drafts
-        active = torch.nonzero(n_sampled[:num_reqs] > 0).flatten()
-        if active.numel() == 0:
-            return no_drafts
-        rows = active.tolist()
         R = len(rows)
         matches = cands = cand_chain = None
         if self.match is not None and self.policy.match_due(R):
@@ -233,33 +262,39 @@ class SpecStreamProposer:
         plan = self.policy.plan(R, cand_chain)
         if not plan.use_candidates:
             cands = None        # none can pay this step: the streams-only decision
+        g = min(k, self.num_streams)
         run, depth, limit = vllm_ops.tp_agree([int(plan.run_pass), min(plan.depth, g), plan.rows])
         if run and 0 < limit < len(rows):      # a probe: a few requests suffice
-            active, rows, cands, matches = active[:limit], rows[:limit], None, None
-        ids = prob = None
-        next_ids = anchor_pos = None
-        if run and depth > 0:
-            t0 = time.perf_counter()
-            res = self._stream_pass(cm, active, sampled_token_ids, aux_hidden_states, n_sampled,
-                                    n_draft, depth)
-            clock = self.runner.step_clock()
+            rows, cands, matches = rows[:limit], None, None
+        step = dict(cm=cm, rows=rows, reqs=R, sampled_token_ids=sampled_token_ids,
+                    aux_hidden_states=aux_hidden_states, n_sampled=n_sampled, n_draft=n_draft,
+                    depth=depth if run else 0, cands=cands, matches=matches, k=k)
+        if self.device_path is not None:
+            return self.device_path.propose(**step)
+        return self._host_choice(**step)
+
+    def _host_choice(self, *, cm, rows, reqs, sampled_token_ids, aux_hidden_states, n_sampled,
+                     n_draft, depth, cands, matches, k):
+        """The host path: this step's probabilities to the host, the policy chooses."""
+        num_reqs = cm.num_reqs
+        drafts: list[list[int]] = [[] for _ in range(num_reqs)]
+        ids = prob = anchor_pos = None
+        if depth > 0:
+            res = self.timed_stream_pass(cm, rows, sampled_token_ids, aux_hidden_states,
+                                         n_sampled, n_draft, depth)
             if res is None:  # a rank without gathered logits; the driver rank's drafts are used
-                return no_drafts
-            ids, prob, anchor_pos, next_ids = res
-            if clock is not None and clock.current is not None:
-                clock.current.draft_seconds = time.perf_counter() - t0
-                clock.current.draft_stream_tokens = len(rows) * ids.shape[1]
-                clock.current.draft_passes = ids.shape[1] if self.model.stream_settings.chain else 1
+                return drafts
+            ids, prob, anchor_pos, _ = res
+            ids, prob = ids.to("cpu"), prob.to("cpu", torch.float32)
         elif cands is None:
-            self._trace(R, 0, [])
-            self._maybe_report()
-            return no_drafts
-        choice = self.policy.decide(prob, R, cands)
+            report.trace(self, reqs, 0, 0)
+            report.maybe_report(self)
+            return drafts
+        choice = self.policy.decide(prob, reqs, cands)
         lengths = choice.lengths.tolist()
         id_rows = ids.tolist() if ids is not None else None
         prob_rows = prob.tolist() if prob is not None else None
         req_ids = self.runner.req_ids()
-        drafts = no_drafts
         for j, (r, n) in enumerate(zip(rows, lengths)):
             if not n:
                 continue
@@ -272,9 +307,10 @@ class SpecStreamProposer:
                 self._pending[req_ids[r]] = (source, matches[j].confidence[:n])
             self.last_sources[r] = source
         if self._draft_log:
-            self._log_drafts(rows, sampled_token_ids, anchor_pos, id_rows, matches, choice, drafts)
-        self._trace(R, depth if ids is not None else 0, lengths)
-        self._maybe_report()
+            report.log_drafts(self, rows, sampled_token_ids, anchor_pos, id_rows, matches,
+                              choice.source, drafts)
+        report.trace(self, reqs, depth if ids is not None else 0, sum(lengths))
+        report.maybe_report(self)
         return drafts
 
     def _candidates(self, matches) -> Candidates:
@@ -287,24 +323,12 @@ class SpecStreamProposer:
         return Candidates(self.match.name, torch.tensor(rows, dtype=torch.float64),
                           torch.tensor(lengths, dtype=torch.int64))
 
-    def _trace(self, reqs: int, depth: int, lengths: list[int]) -> None:
-        if not self._policy_trace:
-            return
-        p = self.policy
-        rec = {"pid": os.getpid(), "step": p.stats.steps, "reqs": reqs, "depth": depth,
-               "drafts": sum(lengths), "last_step_s": self._last_period,
-               "verify_w": p.verify.weights().tolist() if p.verify.ready else None,
-               "draft_w": p.draft.weights().tolist() if p.draft.ready else None,
-               "profile": [None if x != x else round(x, 3) for x in p.profile.tolist()]}
-        with open(self._policy_trace, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-
-    def _observe(self, num_reqs: int, n_sampled: torch.Tensor, n_draft: torch.Tensor) -> None:
+    def _observe(self, num_reqs: int, n_sampled: list[int], n_draft: list[int]) -> None:
         """Feed the policy last step's cost and its drafts' fate."""
         clock = self.runner.step_clock()
         rec = clock.take_finished() if clock is not None else None
         if clock is not None and clock.current is not None:   # this output is the current step's
-            clock.current.produced = int(n_sampled[:num_reqs].sum())
+            clock.current.produced = sum(n_sampled[:num_reqs])
             # the drafts this step verified are the ones proposed last step
             clock.current.matched = any(src != STREAMS for src, _ in self._pending.values())
         if rec is not None:
@@ -320,16 +344,16 @@ class SpecStreamProposer:
         pending, self._pending = self._pending, {}
         req_ids = self.runner.req_ids()
         by_source: dict[str, tuple[list, list, list]] = {}
-        for i in range(min(num_reqs, len(req_ids))):
+        for i in range(min(num_reqs, len(req_ids), len(n_sampled), len(n_draft))):
             entry = pending.get(req_ids[i])
-            d = int(n_draft[i]) if i < n_draft.numel() else 0
-            if entry is None or d == 0 or i >= n_sampled.numel() or int(n_sampled[i]) == 0:
+            d = n_draft[i]
+            if entry is None or d == 0 or n_sampled[i] == 0:
                 continue
             source, p = entry
             probs, drafted, accepted = by_source.setdefault(source, ([], [], []))
             probs.append(p)
             drafted.append(min(d, len(p)))
-            accepted.append(min(int(n_sampled[i]) - 1, d))
+            accepted.append(min(n_sampled[i] - 1, d))
             counts = self.source_counts.setdefault(source, [0, 0, 0])
             counts[0] += 1
             counts[1] += drafted[-1]
@@ -340,45 +364,58 @@ class SpecStreamProposer:
             self.policy.observe_acceptance(torch.tensor(rows, dtype=torch.float64),
                                            torch.tensor(drafted), torch.tensor(accepted), source)
 
-    def _stream_pass(self, cm, active, sampled_token_ids, aux_hidden_states, n_sampled, n_draft,
-                     g: int):
-        """Streams 1..g of every active request: (draft ids [R, k], probabilities [R, k],
-        anchor positions [R], the tokens sampled at the anchors [R]); k = g, or fewer when
-        chain streams stop early (the policy sees nothing left worth a pass)."""
+    def timed_stream_pass(self, cm, rows, sampled_token_ids, aux_hidden_states, n_sampled,
+                          n_draft, g: int):
+        """:meth:`_stream_pass`, its host-side seconds and size on the step clock."""
+        t0 = time.perf_counter()
+        res = self._stream_pass(cm, rows, sampled_token_ids, aux_hidden_states, n_sampled,
+                                n_draft, g)
+        clock = self.runner.step_clock()
+        if res is not None and clock is not None and clock.current is not None:
+            clock.current.draft_seconds = time.perf_counter() - t0
+            clock.current.draft_stream_tokens = len(rows) * res[0].shape[1]
+            clock.current.draft_passes = res[0].shape[1] if self.model.stream_settings.chain else 1
+        return res
+
+    def _stream_pass(self, cm, rows: list[int], sampled_token_ids, aux_hidden_states,
+                     n_sampled: list[int], n_draft: list[int], g: int):
+        """Streams 1..g of the requests ``rows``: (draft ids [R, k], probabilities [R, k],
+        both on the device; anchor positions [R] and the tokens sampled at the anchors [R],
+        numpy); k = g, or fewer when chain streams stop early (the policy sees nothing left
+        worth a pass). Host arithmetic in numpy: nothing here reads the device."""
         self._ensure_groups()
         num_reqs = cm.num_reqs
+        r = np.asarray(rows, dtype=np.int64)
+        ns, nd = np.asarray(n_sampled, dtype=np.int64), np.asarray(n_draft, dtype=np.int64)
         # rejected tokens of each request: the anchor sits that many tokens before the end
-        rejected = (n_draft[:num_reqs] - (n_sampled[:num_reqs] - 1)).clamp(min=0)
-        qsl = cm.query_start_loc_cpu[: num_reqs + 1].to(torch.int64)
-        seq_lens = cm.seq_lens.to("cpu", torch.int64)[:num_reqs]
-        anchor_tok = (qsl[1:] - 1 - rejected)[active]
-        anchor_pos = (seq_lens - 1 - rejected)[active]
-        R = active.numel()
-        h = aux_hidden_states[0][anchor_tok.to(self.device)]  # [R, d]
+        rejected = np.maximum(nd[:num_reqs] - (ns[:num_reqs] - 1), 0)
+        qsl = host_numpy(cm.query_start_loc_cpu)[: num_reqs + 1].astype(np.int64)
+        seq_lens = host_seq_lens(cm)[:num_reqs]
+        anchor_tok = (qsl[1:] - 1 - rejected)[r]
+        anchor_pos = (seq_lens - 1 - rejected)[r]
+        h = aux_hidden_states[0][torch.from_numpy(anchor_tok).to(self.device)]  # [R, d]
         # x_{t+1}: the token just sampled at the anchor (next-token-aware streams read it)
-        next_ids = torch.tensor([sampled_token_ids[i][-1] for i in active.tolist()],
-                                dtype=torch.int64, device=self.device)
-        block_table = cm.block_table_tensor[active.to(cm.block_table_tensor.device)]
+        next_list = [sampled_token_ids[i][-1] for i in rows]
+        next_ids = torch.tensor(next_list, dtype=torch.int64, device=self.device)
+        bt = cm.block_table_tensor
+        block_table = bt[torch.from_numpy(r).to(bt.device)]
         if self._anchor_rows is not None:
             res = self._anchor_streams(h, anchor_tok, anchor_pos, block_table, g)
-            if res is None:
-                return None
-            return res[0], res[1], anchor_pos, next_ids
+            return None if res is None else (res[0], res[1], anchor_pos, next_list)
         self.pass_counts["separate"] += 1
         if not self.model.stream_settings.chain:
-            res = self._run_streams(cm, h, next_ids, anchor_pos, block_table, 0, g)
-            if res is None:
-                return None
-            return res[0], res[1], anchor_pos, next_ids
+            res = self._run_streams(h, next_ids, anchor_pos, block_table, 0, g)
+            return None if res is None else (res[0], res[1], anchor_pos, next_list)
         # chain form: one stream per pass, each reading the previous pass's draft (its keys
         # and values are in the cache at t+j by then, so stream j attends to streams < j)
+        R = len(rows)
         ids_cols, prob_cols = [], []
         tok = next_ids
         for j in range(g):
-            res = self._run_streams(cm, h, tok, anchor_pos, block_table, j, 1)
+            res = self._run_streams(h, tok, anchor_pos, block_table, j, 1)
             if res is not None:
-                ids_cols.append(res[0][:, 0])
-                prob_cols.append(res[1][:, 0])
+                ids_cols.append(res[0][:, 0].to("cpu"))
+                prob_cols.append(res[1][:, 0].to("cpu"))
             more = j + 1 < g and res is not None and self.policy.continue_chain(
                 torch.stack(prob_cols, 1), R)
             # every TP rank runs the same passes on rank 0's drafts
@@ -389,12 +426,13 @@ class SpecStreamProposer:
             tok = torch.tensor(agreed[1:], dtype=torch.int64, device=self.device)
         if not ids_cols:
             return None
-        return torch.stack(ids_cols, 1), torch.stack(prob_cols, 1), anchor_pos, next_ids
+        return torch.stack(ids_cols, 1), torch.stack(prob_cols, 1), anchor_pos, next_list
 
-    def _anchor_streams(self, h, anchor_tok, anchor_pos, block_table, g: int):
+    def _anchor_streams(self, h, anchor_tok: np.ndarray, anchor_pos: np.ndarray, block_table,
+                        g: int):
         """Streams 1..g of the anchor form: the fused forward's rows of these anchors, or a
         separate query-only pass over the top layers; as :meth:`_run_streams`."""
-        R = anchor_pos.numel()
+        R = len(anchor_pos)
         hidden = self._anchor_rows.fused_hidden(anchor_tok, g)
         self.pass_counts["fused" if hidden is not None else "separate"] += 1
         if hidden is None:
@@ -404,23 +442,26 @@ class SpecStreamProposer:
         if res is None:
             return None
         ids, prob = res
-        return ids.view(R, g).to("cpu"), prob.view(R, g).to("cpu", torch.float32)
+        return ids.view(R, g), prob.view(R, g).float()
 
-    def _run_streams(self, cm, h, tokens, anchor_pos, block_table, first: int, g: int):
+    def _run_streams(self, h, tokens, anchor_pos: np.ndarray, block_table, first: int, g: int):
         """Streams first+1..first+g of every active request in one pass over the top layers,
         written to the cache at t+first+1..t+first+g: (draft ids [R, g], probabilities
-        [R, g]), or None on a rank that does not receive the gathered logits."""
-        R = anchor_pos.numel()
+        [R, g]) on the device, or None on a rank that does not receive the gathered logits."""
+        R = len(anchor_pos)
         x = self.model.stream_inputs(h, tokens, g, first=first)
-        pos = (anchor_pos[:, None] + self._stream_offsets[first:first + g]).reshape(-1)
+        pos = (anchor_pos[:, None] + np.arange(first + 1, first + g + 1)).reshape(-1)
         bs = self._block_size
-        req_rows = torch.arange(R).repeat_interleave(g)
-        blocks = block_table.to("cpu")[req_rows, pos // bs].to(torch.int64)
-        slots = blocks * bs + pos % bs
+        dev = block_table.device
+        req_rows = torch.from_numpy(np.repeat(np.arange(R), g)).to(dev)
+        blocks = block_table[req_rows, torch.from_numpy(pos // bs).to(dev)].to(torch.int64)
+        slots = blocks * bs + torch.from_numpy(pos % bs).to(dev)
+        seq = (anchor_pos + 1 + first + g).astype(np.int32)
         draft_cm = draft_common_metadata(
             query_start_loc_cpu=torch.arange(R + 1, dtype=torch.int32) * g,
-            seq_lens_cpu=(anchor_pos + 1 + first + g).to(torch.int32),
-            positions=pos.to(self.device),
+            seq_lens_cpu=torch.from_numpy(seq),
+            max_seq_len=int(seq.max()),
+            positions=torch.from_numpy(pos).to(self.device),
             slot_mapping=slots.to(self.device),
             block_table=block_table,
             query_len=g,
@@ -435,65 +476,10 @@ class SpecStreamProposer:
         if res is None:
             return None
         ids, prob = res
-        return ids.view(R, g).to("cpu"), prob.view(R, g).to("cpu", torch.float32)
+        return ids.view(R, g), prob.view(R, g).float()
 
     def summary(self) -> dict:
-        """The policy's state plus the per-source counters and the match source's state."""
-        out = self.policy.summary()
-        out["sources"] = {name: {"drafts": c[0], "draft_tokens": c[1], "accepted_tokens": c[2]}
-                          for name, c in self.source_counts.items()}
-        out["match"] = self.match.state() if self.match is not None else None
-        out["draft_precision"] = "bfloat16" if getattr(self.model, "draft_bf16", False) else "exact"
-        out["errors"] = self.errors
-        out["draft_passes"] = dict(self.pass_counts)
-        out["draft_pass"] = {"setting": self.draft_pass,
-                             "buckets": self.passes.table() if self.passes is not None else None}
-        return out
-
-    def _maybe_report(self, force: bool = False) -> None:
-        p = self.policy
-        if self._policy_dump and (force or p.stats.steps % 10 == 0):
-            tmp = f"{self._policy_dump}.{os.getpid()}.tmp"
-            with open(tmp, "w") as f:
-                json.dump(self.summary(), f)
-            os.replace(tmp, self._policy_dump)
-        now = time.monotonic()
-        if now - self._last_log >= _LOG_EVERY_S:
-            self._last_log = now
-            s = p.stats.as_dict()
-            cal = ", ".join(f"{c['observed']:.2f}/{c['predicted']:.2f}" for c in p.calib.per_position()
-                            if c["n"])
-            src = "; ".join(f"{name} {c[0]} drafts, {c[2]}/{c[1]} tokens accepted"
-                            for name, c in self.source_counts.items())
-            logger.info("specstream draft policy (%s): %d steps, %d without speculation, "
-                        "%.2f draft tokens per step (%.2f per request), probes %d; "
-                        "acceptance observed/predicted per position: %s; by source: %s",
-                        p.cfg.mode, s["steps"], s["steps_without_speculation"],
-                        s["mean_draft_tokens_per_step"], s["mean_draft_tokens_per_request_step"],
-                        s["probes"], cal or "-", src)
-
-    def _log_drafts(self, rows, sampled_token_ids, anchor_pos, stream_ids, matches, choice,
-                    drafts) -> None:
-        """Debug/test hook, one line per request and step with a candidate: the context up
-        to the anchor (its first "prompt_len" tokens the prompt), the token sampled there (next-token-aware streams read it), the
-        streams' drafts as far as the pass ran ("drafts", [] without a pass: tests replay
-        the reference on them), the match source's draft ("match"), the source taken
-        ("source": "streams", the match source, or null) and the tokens proposed ("sent")."""
-        view = self.runner.token_view(max(rows) + 1)
-        tokens, num_tokens = view.token_ids, view.num_tokens
-        with open(self._draft_log, "a") as f:
-            for j, r in enumerate(rows):
-                sd = stream_ids[j] if stream_ids is not None else []
-                md = matches[j].token_ids if matches is not None and matches[j] is not None else []
-                if not sd and not md:
-                    continue
-                # the anchor: the stream pass's, or the token before the last sampled one
-                anchor = int(anchor_pos[j]) if anchor_pos is not None else int(num_tokens[r]) - 2
-                f.write(json.dumps({"context": tokens[r, : anchor + 1].tolist(),
-                                    "prompt_len": int(view.num_prompt_tokens[r]),
-                                    "next_token": int(sampled_token_ids[r][-1]),
-                                    "drafts": sd, "match": md, "source": choice.source[j],
-                                    "sent": drafts[r]}) + "\n")
+        return report.summary(self)
 
     # The runner may call these for model-based drafters; streams need nothing extra.
     def dummy_run(self, *args, **kwargs) -> None:

@@ -13,11 +13,16 @@ proposer.
   source beside its drafts.
 * ``_sample``: a step without any draft skips the rejection sampler (see below).
 * ``take_draft_token_ids``: hands the sources to the engine core with the draft ids.
+* ``_copy_draft_token_ids_to_cpu``: on a CPU, the proposer's device tensor of drafts is
+  copied without vLLM's CUDA stream (which a CPU build of torch does not have); elsewhere
+  vLLM's own copy runs.
 * ``sample_tokens``: a timing span only (with ``SPECSTREAM_PROFILE``).
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
+
+import torch
 
 from ... import envs
 from ..patching import Patch
@@ -155,6 +160,24 @@ class GPUModelRunnerPatch(Patch):
             return _timed(self, "sample_and_verify", sample)
         return _timed(self, "sample_and_verify", GPUModelRunnerPatch.original("_sample"),
                       logits, spec_decode_metadata)
+
+    def _copy_draft_token_ids_to_cpu(self, scheduler_output, zeros_only: bool = False):
+        drafts = self._draft_token_ids
+        if (self.device.type != "cpu" or not torch.is_tensor(drafts)
+                or not is_specstream(self.speculative_config)):
+            return GPUModelRunnerPatch.original("_copy_draft_token_ids_to_cpu")(
+                self, scheduler_output, zeros_only)
+        self.prev_num_spec_tokens = drafts.shape[1]
+        if self.use_async_scheduling and not (
+                scheduler_output.has_structured_output_requests
+                or self.input_batch.sampling_metadata.output_token_ids):
+            return
+        self._draft_token_req_ids = self.input_batch.req_ids.copy()
+        n, w = drafts.shape
+        if zeros_only:
+            self.draft_token_ids_cpu[:n, :w] = 0
+        else:
+            self.draft_token_ids_cpu[:n, :w].copy_(drafts)
 
     def take_draft_token_ids(self):
         out = GPUModelRunnerPatch.original("take_draft_token_ids")(self)

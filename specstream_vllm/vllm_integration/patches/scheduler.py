@@ -2,8 +2,10 @@
 
 * ``make_stats``: a decode step in which no request had drafts still reports an (empty)
   ``SpecDecodingStats`` (vLLM reports nothing), so steps without speculation are counted.
-* ``update_draft_token_ids`` / ``update_draft_token_ids_in_output``: remember which source
-  (streams or the match source) made each request's drafts (the runner sends them along).
+* ``update_draft_token_ids`` / ``update_draft_token_ids_in_output``: drop the -1 that pads a
+  request's drafts in the proposer's device tensor (a fixed width per step, per-request
+  lengths), and remember which source (streams or the match source) made each request's
+  drafts (the runner sends them along).
 * ``make_spec_decoding_stats``: vLLM's own per-request accounting of verified drafts is
   also added to ``SpecDecodingStats.specstream_sources`` under that source.
 * ``schedule`` / ``update_from_output``: timing spans with ``SPECSTREAM_PROFILE`` (read in
@@ -22,6 +24,17 @@ VLLM_SYMBOLS = (
 _TIMER = "_specstream_timer"
 _DECODE_STEP = "_specstream_decode_step"
 _SOURCES = "_specstream_sources"
+
+
+def _drop_padding(draft_token_ids) -> None:
+    """Per request, its drafts up to the first -1 (the device tensor's padding)."""
+    rows = draft_token_ids.draft_token_ids
+    for i, d in enumerate(rows):
+        if d and d[-1] < 0:
+            cut = len(d)
+            while cut and d[cut - 1] < 0:
+                cut -= 1
+            rows[i] = d[:cut]
 
 
 def _remember_sources(scheduler, draft_token_ids) -> None:
@@ -75,10 +88,12 @@ class SchedulerPatch(Patch):
         return SchedulerPatch.original("make_stats")(self, spec_decoding_stats, *args, **kwargs)
 
     def update_draft_token_ids(self, draft_token_ids):
+        _drop_padding(draft_token_ids)
         _remember_sources(self, draft_token_ids)
         return SchedulerPatch.original("update_draft_token_ids")(self, draft_token_ids)
 
     def update_draft_token_ids_in_output(self, draft_token_ids, scheduler_output):
+        _drop_padding(draft_token_ids)
         _remember_sources(self, draft_token_ids)
         return SchedulerPatch.original("update_draft_token_ids_in_output")(
             self, draft_token_ids, scheduler_output)
