@@ -92,7 +92,7 @@ def offline_tables(levels: list[dict[str, Any]]) -> list[str]:
                 per_step = toks / max(toks - spec.accepted_tokens, 1)
                 rows.append("| " + " | ".join(
                     [name, str(lv["batch_size"]), " / ".join(f"{r[name]['tok_s']:.1f}" for r in rnds),
-                     ratio, f"{100 * sum(same) / max(len(same), 1):.0f}%", f"{per_step:.2f}",
+                     ratio, f"{100 * sum(same) / len(same):.0f}%" if same else "-", f"{per_step:.2f}",
                      *_acceptance_cols(spec)]) + " |")
         out.append("\n".join(x for x in rows if x))
         seen = [f"batch {lv['batch_size']} round {r}: {k}" for lv in mine

@@ -76,9 +76,10 @@ def _add_check_dtype(sub) -> None:
     def run(a):
         from .dtype_choice import choose_dtype, run_probe
         r = run_probe(a.enforce_eager, a.model, a.streams, workdir=a.workdir)
-        print(f"float32 : {r['float32_tok_s']:7.2f} tok/s  {r['float32_answer']!r}")
-        print(f"bfloat16: {r['bfloat16_tok_s']:7.2f} tok/s  {r['bfloat16_answer']!r}")
-        print(f"bfloat16 right: {r['bf16_correct']}, faster: {r['bf16_faster']} ({r['cache']})")
+        print(f"float32 : {r['float32_tok_s']:7.2f} tok/s (median)  {r['float32_answer']!r}")
+        print(f"bfloat16: {r['bfloat16_tok_s']:7.2f} tok/s (median)  {r['bfloat16_answer']!r}")
+        print(f"bfloat16 right: {r['bf16_correct']}, faster: {r['bf16_faster']} (median "
+              f"ratio {r['bf16_speedup']:.2f}x over {r['rounds']} prompts; {r['cache']})")
         print("dtype auto -> " + choose_dtype("auto", platform="cpu",
                                               enforce_eager=a.enforce_eager)[1])
         return 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -23,10 +24,25 @@ logger = logging.getLogger("vllm.specstream")
 CACHE_FILE = "dtype-probe.json"
 PROBE_QUESTION = "What is the capital of France?"
 PROBE_ANSWER = "Paris"
-#: the known question decides correctness; all three prompts time the two dtypes
-PROBE_PROMPTS = [PROBE_QUESTION,
-                 "Give me five tips for writing clean Python code.",
-                 "Describe the water cycle in a few sentences."]
+#: the engines warm up on these (batch-1 shapes, the draft policy's step costs) ...
+PROBE_WARMUP = ["Give me five tips for writing clean Python code.",
+                "Describe the water cycle in a few sentences.",
+                "What are the main causes of inflation?"]
+#: ... and are timed on these, one request at a time, each prompt new to both engines (a
+#: prompt seen before would let the match source replay its answer)
+PROBE_TIMED = ["Explain how a hash table works and when to use one.",
+               "Write a Python function that checks whether a string is a palindrome.",
+               "Summarize the plot of Romeo and Juliet in one paragraph.",
+               "What is the difference between a list and a tuple in Python?",
+               "Give three arguments for and against remote work.",
+               "Write a SQL query that returns the ten most recent orders per customer.",
+               "How do vaccines train the immune system?",
+               "Write a shell command that counts the lines of every .py file in a folder.",
+               "Plan a three-day trip to Rome for a first-time visitor.",
+               "Explain recursion to a ten-year-old."]
+#: bfloat16 is chosen only if it serves this much faster than float32 (median over the
+#: timed prompts): float32's verification is exact, and a smaller lead is within the noise
+BF16_MIN_SPEEDUP = 1.05
 #: leading tokens of the known answer that bf16 must reproduce exactly
 PROBE_AGREE_TOKENS = 8
 CHECK_COMMAND = "specstream check-dtype"
@@ -101,13 +117,14 @@ def choose_dtype(requested: str, *, platform: str, enforce_eager: bool,
     if not probe.get("bf16_correct"):
         return "float32", (f"float32: bfloat16 gave a wrong answer in {mode} mode on this CPU "
                            f"({cpu}; {cache_path()})")
+    speed = (f"{probe.get('bfloat16_tok_s')} vs {probe.get('float32_tok_s')} tok/s float32"
+             + (f", median ratio {probe['bf16_speedup']:.2f}x" if "bf16_speedup" in probe else ""))
     if not probe.get("bf16_faster"):
         return "float32", (f"float32: bfloat16 is right in {mode} mode here but not faster "
-                           f"with speculation ({probe.get('bfloat16_tok_s')} vs "
-                           f"{probe.get('float32_tok_s')} tok/s; {cache_path()})")
+                           f"with speculation (by {BF16_MIN_SPEEDUP:.2f}x or more: {speed}; "
+                           f"{cache_path()})")
     return "bfloat16", (f"bfloat16: right in {mode} mode on this CPU and faster with "
-                        f"speculation ({probe.get('bfloat16_tok_s')} vs "
-                        f"{probe.get('float32_tok_s')} tok/s float32; {cache_path()})")
+                        f"speculation ({speed}; {cache_path()})")
 
 
 def bf16_warning(enforce_eager: bool, probe: Optional[dict] = None,
@@ -158,16 +175,12 @@ def _decode(model: str, token_ids: list[int]) -> str:
     return AutoTokenizer.from_pretrained(model).decode(token_ids, skip_special_tokens=True)
 
 
-def judge(model: str, runs: dict[str, dict], warmup: int = len(PROBE_PROMPTS)) -> dict:
-    """The probe's verdict from one engine run per dtype (engine_job results, the first
-    ``warmup`` batches untimed: compiled mode compiles each new shape on first use): bf16 is correct when float32 answers the known question correctly and bf16
-    reproduces its first PROBE_AGREE_TOKENS tokens and the answer word."""
-    answers, rates = {}, {}
-    for dtype, res in runs.items():
-        batches = res["batches"][warmup:]
-        answers[dtype] = batches[0]["outputs"][0]
-        rates[dtype] = (sum(len(o) for b in batches for o in b["outputs"])
-                        / sum(b["seconds"] for b in batches))
+def judge(model: str, answers: dict[str, list[int]], rounds: list[dict[str, float]]) -> dict:
+    """The probe's verdict from each dtype's answer to the known question (token ids) and
+    its tokens/s on each timed prompt: bf16 is correct when float32 answers the known
+    question correctly and bf16 reproduces its first PROBE_AGREE_TOKENS tokens and the
+    answer word; faster when the median of its per-prompt speed ratio to float32 is at
+    least BF16_MIN_SPEEDUP."""
     f32_text = _decode(model, answers["float32"])
     bf16_text = _decode(model, answers["bfloat16"])
     if PROBE_ANSWER not in f32_text:
@@ -177,20 +190,26 @@ def judge(model: str, runs: dict[str, dict], warmup: int = len(PROBE_PROMPTS)) -
     n = PROBE_AGREE_TOKENS
     correct = (PROBE_ANSWER in bf16_text
                and answers["bfloat16"][:n] == answers["float32"][:n])
-    return {"bf16_correct": correct, "bf16_faster": correct and rates["bfloat16"] > rates["float32"],
-            "float32_tok_s": round(rates["float32"], 2), "bfloat16_tok_s": round(rates["bfloat16"], 2),
+    ratio = statistics.median(r["bfloat16"] / r["float32"] for r in rounds)
+    return {"bf16_correct": correct, "bf16_faster": correct and ratio >= BF16_MIN_SPEEDUP,
+            "bf16_speedup": round(ratio, 3), "rounds": len(rounds),
+            "float32_tok_s": round(statistics.median(r["float32"] for r in rounds), 2),
+            "bfloat16_tok_s": round(statistics.median(r["bfloat16"] for r in rounds), 2),
             "float32_answer": f32_text, "bfloat16_answer": bf16_text,
             "cpu": hardware.cpu_model_name(), "flags": hardware.deciding_flags(),
             "vllm": vllm_version(), "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 def run_probe(enforce_eager: bool, model: Optional[str] = None, streams: Optional[str] = None,
-              gamma: int = 4, max_tokens: int = 48, workdir: Optional[str] = None) -> dict:
-    """Serve the known question in float32 and bfloat16 with specstream, each engine in a
-    child process, in the given mode; store and return the verdict."""
+              gamma: int = 4, max_tokens: int = 64, workdir: Optional[str] = None,
+              timeout: float = 900) -> dict:
+    """Both dtypes served with specstream at once, each engine in a child process, in the
+    given mode: the known question, then the timed prompts in turns (the order alternating
+    per prompt, so neither dtype always runs on a warmer or quieter machine); store and
+    return the verdict."""
     from .assets import shipped_streams_dir
     from .default_model import default_model_dir
-    from .engine_job import run_in_subprocess
+    from .engine_job import EngineProcess
     from .errors import SpecStreamError
 
     model = model or str(default_model_dir())
@@ -198,12 +217,27 @@ def run_probe(enforce_eager: bool, model: Optional[str] = None, streams: Optiona
     if streams is None:
         raise SpecStreamError("no stream checkpoint given and none shipped; pass --streams")
     workdir = Path(workdir or tempfile.mkdtemp(prefix="specstream-dtype-probe-"))
-    job = {"model": model, "prompts": PROBE_PROMPTS, "enforce_eager": enforce_eager,
-           "max_tokens": [max_tokens] * len(PROBE_PROMPTS), "max_model_len": 1024,
-           "batches": [[i] for i in range(len(PROBE_PROMPTS))] * 2,  # warm-up, then timed
+    job = {"model": model, "enforce_eager": enforce_eager, "max_tokens": max_tokens,
+           "max_model_len": 1024, "serve": True, "warmup": PROBE_WARMUP,
+           "warmup_single": len(PROBE_WARMUP),
            "spec": {"method": "specstream", "model": streams, "num_speculative_tokens": gamma}}
-    runs = {dtype: run_in_subprocess(dict(job, dtype=dtype), workdir, dtype)
-            for dtype in ("float32", "bfloat16")}
-    result = judge(model, runs)
+    dtypes = ("float32", "bfloat16")
+    engines = {d: EngineProcess(dict(job, dtype=d), workdir, d) for d in dtypes}
+    try:
+        for e in engines.values():
+            e.wait_ready(timeout)
+        answers = {d: e.request([PROBE_QUESTION], timeout)["outputs"][0]
+                   for d, e in engines.items()}
+        rounds = []
+        for i, prompt in enumerate(PROBE_TIMED):
+            rec = {}
+            for d in (dtypes if i % 2 == 0 else dtypes[::-1]):
+                res = engines[d].request([prompt], timeout)
+                rec[d] = sum(len(o) for o in res["outputs"]) / res["seconds"]
+            rounds.append(rec)
+    finally:
+        for e in engines.values():
+            e.stop()
+    result = judge(model, answers, rounds)
     result["cache"] = str(save_probe(result, enforce_eager))
     return result

@@ -100,18 +100,28 @@ def test_probe_verdict_needs_the_same_leading_tokens_and_the_answer(monkeypatch)
     texts = {(1, 2, 3): "The capital of France is Paris.", (1, 2, 9): "The capital is Paris.",
              (7, 7, 7): "L'Étoile, la Marseillaise"}
     monkeypatch.setattr(dtype_choice, "_decode", lambda model, ids: texts[tuple(ids)])
-
-    def run(ids, seconds):
-        warm = {"outputs": [[0]], "seconds": 9.0}
-        return {"batches": [warm, {"outputs": [list(ids)], "seconds": seconds}]}
-    ok = dtype_choice.judge("m", {"float32": run((1, 2, 3), 1.0), "bfloat16": run((1, 2, 3), 0.5)}, warmup=1)
-    assert ok["bf16_correct"] and ok["bf16_faster"] and ok["bfloat16_tok_s"] == 6.0
-    bad = dtype_choice.judge("m", {"float32": run((1, 2, 3), 1.0), "bfloat16": run((7, 7, 7), 0.5)}, warmup=1)
+    fast = [{"float32": 10.0, "bfloat16": 20.0}] * 3
+    ok = dtype_choice.judge("m", {"float32": [1, 2, 3], "bfloat16": [1, 2, 3]}, fast)
+    assert ok["bf16_correct"] and ok["bf16_faster"] and ok["bf16_speedup"] == 2.0
+    bad = dtype_choice.judge("m", {"float32": [1, 2, 3], "bfloat16": [7, 7, 7]}, fast)
     assert not bad["bf16_correct"] and not bad["bf16_faster"]
-    drift = dtype_choice.judge("m", {"float32": run((1, 2, 3), 1.0), "bfloat16": run((1, 2, 9), 0.5)}, warmup=1)
+    drift = dtype_choice.judge("m", {"float32": [1, 2, 3], "bfloat16": [1, 2, 9]}, fast)
     assert not drift["bf16_correct"]            # "Paris" alone is not agreement
     with pytest.raises(RuntimeError, match="float32 reference"):
-        dtype_choice.judge("m", {"float32": run((7, 7, 7), 1.0), "bfloat16": run((1, 2, 3), 1.0)}, warmup=1)
+        dtype_choice.judge("m", {"float32": [7, 7, 7], "bfloat16": [1, 2, 3]}, fast)
+
+
+def test_probe_speed_is_the_median_per_prompt_ratio(monkeypatch):
+    """One fast outlier does not decide, and a lead under BF16_MIN_SPEEDUP keeps float32."""
+    monkeypatch.setattr(dtype_choice, "_decode", lambda model, ids: "Paris")
+    same = {"float32": [1, 2, 3], "bfloat16": [1, 2, 3]}
+    outlier = [{"float32": 10.0, "bfloat16": 9.0}] * 4 + [{"float32": 10.0, "bfloat16": 90.0}]
+    v = dtype_choice.judge("m", same, outlier)
+    assert not v["bf16_faster"] and v["bf16_speedup"] == 0.9 and v["rounds"] == 5
+    slight = [{"float32": 10.0, "bfloat16": 10.3}] * 3
+    assert not dtype_choice.judge("m", same, slight)["bf16_faster"]
+    clear = [{"float32": 10.0, "bfloat16": 14.0}] * 3
+    assert dtype_choice.judge("m", same, clear)["bf16_faster"]
 
 
 # ------------------------------------------------------------ SpeculativeEngine and vLLM
