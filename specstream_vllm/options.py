@@ -25,6 +25,10 @@ from .errors import ConfigError
 METHOD = "specstream"
 #: the match source when neither the speculative config nor the checkpoint names one
 DEFAULT_MATCH = "suffix"
+#: default longest suffix-match draft when ``match_tokens`` is not given: suffix trees
+#: often hold long continuations, and at batch 1 drafting up to 8 matched tokens (streams
+#: still 4) was ahead of 4 on code and chat in the same run (docs/match-source.md)
+SUFFIX_MATCH_TOKENS = 8
 #: what a match source needs beyond vLLM: (module imported in the workers, pip package)
 MATCH_DEPENDENCIES = {"suffix": ("arctic_inference.suffix_decoding", "arctic-inference")}
 
@@ -59,7 +63,8 @@ class SpecStreamOptions(BaseModel):
                     "earlier responses; `pip install arctic-inference`), `ngram` (vLLM's "
                     "prompt lookup) or `none`.")
     match_tokens: Optional[int] = Field(
-        None, ge=1, le=64, strict=True, json_schema_extra=_shown("`num_speculative_tokens`"),
+        None, ge=1, le=64, strict=True,
+        json_schema_extra=_shown(f"`num_speculative_tokens`; for `suffix` at least {SUFFIX_MATCH_TOKENS}"),
         description="Longest match draft; above `num_speculative_tokens` it widens vLLM's "
                     "verification for match drafts only.")
     draft_precision: Literal["auto", "exact", "bfloat16"] = Field(

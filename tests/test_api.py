@@ -379,7 +379,8 @@ def test_benchmark_greedy_equals_no_speculation(engine, tmp_path):
     assert res.speculative_token_ids == res.baseline_token_ids and res.identical_outputs == 1
     assert res.speculative_tokens_per_second > 0 and res.baseline_tokens_per_second > 0
     assert math.isclose(res.speedup, res.speculative_tokens_per_second / res.baseline_tokens_per_second)
-    assert res.acceptance.num_drafts > 0 and len(res.per_position_acceptance) == 4
+    # streams 4, suffix matches up to 8: vLLM verifies and counts up to 8 positions
+    assert res.acceptance.num_drafts > 0 and len(res.per_position_acceptance) == 8
     m = res.memory
     from safetensors import safe_open
     with safe_open(str(Path(engine.streams) / "model.safetensors"), "pt") as f:

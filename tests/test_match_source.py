@@ -420,7 +420,7 @@ def hybrid_runs(smollm2_dir, shipped_streams, tmp_path_factory):
     log, dump = tmp / "drafts.jsonl", tmp / "policy.json"
     spec = run_engine(dict(job, spec={"method": "specstream", "model": str(streams),
                                       "num_speculative_tokens": 4, "match": "suffix",
-                                      "draft_policy": "fixed"},
+                                      "match_tokens": 4, "draft_policy": "fixed"},
                            env={"SPECSTREAM_DRAFT_LOG": str(log), "SPECSTREAM_DRAFT_PRECISION": "exact", "SPECSTREAM_POLICY_DUMP": str(dump),
                                 "SPECSTREAM_MIN_DRAFT_PROB": "0"}), tmp, "hybrid")
     rows = [json.loads(x) for x in log.read_text().splitlines()]

@@ -45,12 +45,17 @@ def streams(tiny_llama_dir, tmp_path_factory):
 
 
 def test_valid_config_swaps_in_the_msa_model(tiny_llama_dir, streams):
-    cfg = engine_config(tiny_llama_dir, {"method": "specstream", "model": str(streams)})
+    cfg = engine_config(tiny_llama_dir, {"method": "specstream", "model": str(streams),
+                                         "match": "none"})
     spec = cfg.speculative_config
     assert spec.method == "specstream" and spec.num_speculative_tokens == 3
     assert cfg.model_config.hf_config.architectures == ["SpecStreamLlamaForCausalLM"]
     assert cfg.model_config.hf_config.specstream["num_stream_layers"] == 2
     assert cfg.num_lookahead_tokens == 3  # the scheduler reserves the stream slots
+    # the default match source drafts up to 8 matched tokens: vLLM verifies up to 8
+    cfg = engine_config(tiny_llama_dir, {"method": "specstream", "model": str(streams)})
+    assert cfg.speculative_config.num_speculative_tokens == 8 == cfg.num_lookahead_tokens
+    assert cfg.model_config.hf_config.specstream_policy["match"]["max_tokens"] == 8
 
 
 def test_other_methods_untouched(tiny_llama_dir):

@@ -17,7 +17,7 @@ from ..checkpoint import (STREAMS_SUBDIR, attends_streams, load_checkpoint, load
 from ..errors import CheckpointError, ConfigError, UnsupportedArchitectureError
 from ..families import check_variant
 # METHOD, DEFAULT_MATCH and resolve_options are read from here by the patches and benchmarks
-from ..options import (DEFAULT_MATCH, METHOD, OPTION_KEYS, SpecStreamOptions, VllmSpeculativeKeys,
+from ..options import (DEFAULT_MATCH, SUFFIX_MATCH_TOKENS, METHOD, OPTION_KEYS, SpecStreamOptions, VllmSpeculativeKeys,
                        match_source, resolve_options)
 from specstream_vllm.model_patches import FUSED_PASS_ARCHITECTURES, MSA_ARCHITECTURES
 
@@ -136,7 +136,8 @@ class MatchSettings(BaseModel):
     ``source``: ``suffix`` (arctic-inference's suffix trees over the prompt and earlier
     responses, as vLLM's ``suffix`` method uses them), ``ngram`` (vLLM's n-gram lookup in
     the request's context) or ``none``. ``max_tokens``: the longest match draft (the
-    speculative config's ``match_tokens``; default ``num_speculative_tokens``; more than the
+    speculative config's ``match_tokens``; default ``num_speculative_tokens``, for ``suffix``
+    at least SUFFIX_MATCH_TOKENS; more than the
     streams' γ widens vLLM's ``num_speculative_tokens`` for match drafts only). The suffix
     and n-gram knobs are vLLM's own speculative-config fields (``suffix_decoding_*``,
     ``prompt_lookup_min``/``prompt_lookup_max``), read from the same dict."""
@@ -188,7 +189,8 @@ def resolve_match(options: Options, num_speculative_tokens: int, *,
     config (None where the user gave none)."""
     options = resolve_options(options)
     source = match_source(options, checkpoint_match)
-    tokens = options.match_tokens or num_speculative_tokens
+    tokens = options.match_tokens or (max(num_speculative_tokens, SUFFIX_MATCH_TOKENS)
+                                      if source == "suffix" else num_speculative_tokens)
     values = {k: v for k, v in (vllm_fields or {}).items() if v is not None}
     lo, hi = values.pop("ngram_min", None), values.pop("ngram_max", None)
     if lo is not None or hi is not None:  # vLLM's rule: one given sets both
