@@ -74,7 +74,7 @@ class DevicePath:
                                    st.other_source)
 
     def propose(self, *, cm, rows, reqs, sampled_token_ids, aux_hidden_states, n_sampled,
-                n_draft, depth, cands, matches, k):
+                n_draft, depth, cands, matches):
         p = self.p
         num_reqs = cm.num_reqs
         # per row: the match draft's length if that request proposes it, else 0 (streams)
@@ -97,9 +97,7 @@ class DevicePath:
         others = list(chosen.values())
         source = cands.source if cands is not None else None
         if width == 0:
-            p.policy.after_device_step(reqs, torch.zeros((0, 1), dtype=torch.float64),
-                                       torch.zeros(0, dtype=torch.int64), False,
-                                       torch.tensor(others, dtype=torch.int64), source)
+            self._count_without_pass(reqs, others, source)
             report.trace(p, reqs, 0, 0)
             report.maybe_report(p)
             return [[] for _ in range(num_reqs)]
@@ -125,14 +123,18 @@ class DevicePath:
                 p.last_sources[rows[j]] = source
                 p._pending[req_ids[rows[j]]] = (source, matches[j].confidence[:n])
         if ids is None:
-            p.policy.after_device_step(reqs, torch.zeros((0, 1), dtype=torch.float64),
-                                       torch.zeros(0, dtype=torch.int64), False,
-                                       torch.tensor(others, dtype=torch.int64), source)
+            self._count_without_pass(reqs, others, source)
         if p._draft_log:
             self._log(rows, sampled_token_ids, stream_rows, ids, matches, out)
         report.trace(p, reqs, depth if ids is not None else 0, None)
         report.maybe_report(p)
         return out
+
+    def _count_without_pass(self, reqs: int, others: list[int], source: str | None) -> None:
+        """A step with no stream pass: its choice (match drafts only, or none) is known now."""
+        self.p.policy.after_device_step(reqs, torch.zeros((0, 1), dtype=torch.float64),
+                                        torch.zeros(0, dtype=torch.int64), False,
+                                        torch.tensor(others, dtype=torch.int64), source)
 
     def _log(self, rows, sampled_token_ids, stream_rows, ids, matches, out) -> None:
         """The draft log (a debugging switch): reads this step's drafts back."""

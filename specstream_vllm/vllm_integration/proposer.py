@@ -268,13 +268,13 @@ class SpecStreamProposer:
             rows, cands, matches = rows[:limit], None, None
         step = dict(cm=cm, rows=rows, reqs=R, sampled_token_ids=sampled_token_ids,
                     aux_hidden_states=aux_hidden_states, n_sampled=n_sampled, n_draft=n_draft,
-                    depth=depth if run else 0, cands=cands, matches=matches, k=k)
+                    depth=depth if run else 0, cands=cands, matches=matches)
         if self.device_path is not None:
             return self.device_path.propose(**step)
         return self._host_choice(**step)
 
     def _host_choice(self, *, cm, rows, reqs, sampled_token_ids, aux_hidden_states, n_sampled,
-                     n_draft, depth, cands, matches, k):
+                     n_draft, depth, cands, matches):
         """The host path: this step's probabilities to the host, the policy chooses."""
         num_reqs = cm.num_reqs
         drafts: list[list[int]] = [[] for _ in range(num_reqs)]
