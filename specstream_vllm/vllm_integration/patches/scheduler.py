@@ -27,7 +27,7 @@ _SOURCES = "_specstream_sources"
 
 
 def _drop_padding(draft_token_ids) -> None:
-    """Per request, its drafts up to the first -1 (the device tensor's padding)."""
+    """Per request, its drafts without the trailing -1s (the device tensor's padding)."""
     rows = draft_token_ids.draft_token_ids
     for i, d in enumerate(rows):
         if d and d[-1] < 0:
