@@ -76,6 +76,16 @@ def test_suffix_state_follows_the_batch_finished_preempted_reused():
     assert m.state()["restarts"] == 1 and m.propose(v, [0], 3) == [None]
 
 
+def test_departed_requests_leave_without_a_lookup():
+    """The proposer drops departed requests every step; lookups may be paused meanwhile."""
+    m = SuffixMatch()
+    m.sync(view({"a": (PROMPT, [11]), "b": (PROMPT, [11, 12])}))
+    m.drop_departed(["b", None])                             # a finished; an empty row
+    assert set(m.cache.active_requests) == {"b"} and "a" in m.cache.cached_requests
+    m.drop_departed([])
+    assert not m.cache.active_requests and m.state()["stopped"] == 2
+
+
 def test_suffix_prefill_and_max_model_len():
     m = SuffixMatch()
     v = view({"a": (PROMPT, [])})                            # prefill: nothing sampled yet

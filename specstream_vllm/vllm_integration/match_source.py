@@ -87,6 +87,8 @@ class MatchSource(Protocol):
 
     def sync(self, view: TokenView) -> None: ...
 
+    def drop_departed(self, req_ids: list[str | None]) -> None: ...
+
     def propose(self, view: TokenView, rows: list[int], max_tokens: int) -> list[MatchDraft | None]: ...
 
     def state(self) -> dict: ...
@@ -114,9 +116,7 @@ class SuffixMatch:
 
     def sync(self, view: TokenView) -> None:
         """Bring the cache in line with the batch: new tokens in, departed requests out."""
-        live = set(view.req_ids)
-        for req_id in [r for r in self._fed if r not in live]:
-            self._stop(req_id)
+        self.drop_departed(view.req_ids)
         for i, req_id in enumerate(view.req_ids):
             n = int(view.num_tokens[i])
             p = int(view.num_prompt_tokens[i])
@@ -128,6 +128,16 @@ class SuffixMatch:
             elif n > fed:
                 self.cache.add_active_response(req_id, view.token_ids[i, fed:n])
                 self._fed[req_id] = (p, n)
+
+    def drop_departed(self, req_ids: list[str | None]) -> None:
+        """Stop the requests no longer in the batch. Run every step, not only when lookups
+        are due: where they pause, finished and aborted requests would otherwise stay
+        active in the cache (and out of its peers) until the next lookup."""
+        if not self._fed:
+            return
+        live = set(req_ids)
+        for req_id in [r for r in self._fed if r not in live]:
+            self._stop(req_id)
 
     def _start(self, req_id: str, view: TokenView, i: int, p: int, n: int) -> None:
         if req_id in self._fed:
@@ -188,6 +198,9 @@ class NgramMatch:
         kernel(np.arange(8, dtype=np.int32) % 3, min_n, max_n, 64, 2)
 
     def sync(self, view: TokenView) -> None:  # stateless: reads the batch's tokens
+        return None
+
+    def drop_departed(self, req_ids: list[str | None]) -> None:
         return None
 
     def propose(self, view: TokenView, rows: list[int], max_tokens: int) -> list[MatchDraft | None]:

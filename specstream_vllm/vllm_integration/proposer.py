@@ -244,6 +244,8 @@ class SpecStreamProposer:
         if self.device_path is not None:
             self.device_path.settle()       # last step's probabilities, now on the host
         self._observe(num_reqs, n_sampled, n_draft)
+        if self.match is not None:
+            self.match.drop_departed(self.runner.req_ids()[:num_reqs])
         no_drafts: list[list[int]] = [[] for _ in range(num_reqs)]
         rows = [i for i, n in enumerate(n_sampled) if n > 0]
         if k <= 0 or not rows:
