@@ -135,6 +135,12 @@ class ShardedLoRA(nn.Module):
             self.B = b.to(dev, torch.float32).contiguous()
         self.present = True
 
+    def merged_delta(self) -> torch.Tensor | None:
+        """``scaling * B @ A`` as a change of the local weight shard ``[out, in]``: what a
+        copy of the linear with the LoRA merged in adds (row parallel: this rank's input
+        columns; the all-reduce of the linear's output sums them)."""
+        return (self.B @ self.A) * self.scaling if self.present else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # float32: rank-r products are tiny, and CPU bf16 GEMMs this small are ~10x slower
         h = x.to(self.A.dtype) @ self.A.t()
@@ -237,9 +243,9 @@ class MSAMixin:
         """``hidden -> logits`` over the LM head's rows of the draft vocabulary (and those
         rows' bias, if any), built once: copying 8,192 x d rows every step cost about as
         much as the matmul, and multiplying by the rows' transposed view is ~2.5x slower
-        than by a contiguous ``[d, V']`` on CPU (1.5 vs 0.6 ms for SmolLM2 at batch 1). With
-        bf16 stream layers (``draft_bf16``) the rows are a bf16 oneDNN copy too (half the
-        bytes again). Rebuilt if the head's weights were replaced or written in place."""
+        than by a contiguous ``[d, V']`` on CPU (1.5 vs 0.6 ms for SmolLM2 at batch 1). Where
+        the stream layers have their own copies (``draft_dtype``, a CPU) the rows are a
+        oneDNN copy in that dtype too (bf16: 119 vs 466 us through torch.matmul). Rebuilt if the head's weights were replaced or written in place."""
         w = self.lm_head.weight
         bias = getattr(self.lm_head, "bias", None)
         try:
@@ -250,9 +256,9 @@ class MSAMixin:
         if getattr(self, "_draft_head_cache", (None, None))[0] != key:
             rows = w.index_select(0, vocab)
             head = None
-            if getattr(self, "draft_bf16", False):
-                from specstream_vllm.vllm_integration.patches.kernels import bf16_matmul
-                head = bf16_matmul(rows)
+            if getattr(self, "draft_dtype", None) is not None:
+                from specstream_vllm.vllm_integration.patches.kernels import onednn_matmul
+                head = onednn_matmul(rows, self.draft_dtype)
             if head is None:
                 w_t = rows.t().contiguous()
                 head = lambda h, w_t=w_t: h.to(w_t.dtype) @ w_t  # noqa: E731

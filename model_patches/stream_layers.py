@@ -125,30 +125,47 @@ class StreamModel(MSAMixin):
         return loaded
 
     def _set_draft_precision(self) -> None:
-        """``draft_precision`` bfloat16 (or auto on a CPU with native bf16, float32 served):
-        each stream-layer linear gets a bf16 stand-in (patches.kernels.bf16_linear) and the draft
-        head a bf16 copy of its rows. At batch 1 a pass is bound by reading its layers'
-        weights (SmolLM2: 4 layers, 57 MB in float32: ~4 ms of a ~6 ms pass on one EPYC
-        core), so half the bytes is most of the pass. Here, in ``load_weights``, because
-        vLLM-CPU drops the float32 weights right after it."""
+        """On a CPU (``draft_precision`` auto or bfloat16) each stream-layer linear gets its
+        own oneDNN copy with the stream LoRA merged in (patches.kernels.draft_linear), in
+        bf16 where the CPU has native bf16 dot products or bf16 is served or asked, else
+        in the served dtype; the draft head's rows likewise. At batch 1 a pass is bound by
+        reading its layers' weights and, in eager mode, by the number of small operations:
+        the unmerged LoRA added 96 matmuls and 300 casts to SmolLM2's 12-layer pass (about
+        a third of its 8.4 ms in bf16), and bf16 halves a float32 model's bytes. The copies
+        cost the stream layers' weights once more in memory, which is why accelerators
+        (CUDA graphs fuse the small operations, memory is dear) and ``exact`` keep the served
+        weights with the LoRA beside them. Here, in ``load_weights``, because vLLM-CPU
+        drops the weights right after it."""
+        from vllm.platforms import current_platform
+
         from specstream_vllm.vllm_integration.patches import kernels
         want = self.stream_settings.draft_precision
-        served_fp32 = self.stream_embeddings.dtype == torch.float32
-        use = want == "bfloat16" or (want == "auto" and served_fp32 and kernels.native_bf16_cpu())
-        self.draft_bf16 = False
+        served = self.stream_embeddings.dtype
+        self.draft_dtype = None
+        self._draft_head_cache = (None, None)
+        if want == "exact" or not current_platform.is_cpu():
+            if want == "bfloat16":
+                logger.warning("specstream: draft_precision bfloat16 is a CPU setting; the "
+                               "stream pass runs in the served dtype (%s) here", served)
+            return
+        dtype = torch.bfloat16 if want == "bfloat16" or kernels.native_bf16_cpu() else served
         L = self.layout
+        made = 0
         for li in range(self.stream_settings.first_layer, self.stream_settings.num_layers):
             lay = self.stream_layers()[li]
             attn = get(lay, L.attn)
-            for lin in (get(attn, L.qkv), get(attn, L.o_proj), get(lay, L.mlp[0]), get(lay, L.mlp[2])):
-                # None for anything but an unquantized float32 linear (bf16_linear decides)
-                lin.specstream_bf16 = kernels.bf16_linear(lin) if use else None
-                self.draft_bf16 = self.draft_bf16 or lin.specstream_bf16 is not None
-        self._draft_head_cache = (None, None)
-        if use and not self.draft_bf16:
-            logger.warning("specstream: draft_precision %s: no bf16 stream layers here (served "
-                           "dtype %s); the stream pass runs in the served dtype", want,
-                           self.stream_embeddings.dtype)
+            for slot, lin in (("qkv", get(attn, L.qkv)), ("o", get(attn, L.o_proj)),
+                              ("mlp_in", get(lay, L.mlp[0])), ("mlp_out", get(lay, L.mlp[2]))):
+                lora = self.stream_lora[f"{li}_{slot}"] if f"{li}_{slot}" in self.stream_lora else None
+                delta = lora.merged_delta() if lora is not None else None
+                lin.specstream_draft = kernels.draft_linear(lin, delta, dtype)
+                made += lin.specstream_draft is not None
+        if made:
+            self.draft_dtype = dtype
+        else:
+            logger.warning("specstream: draft_precision %s: no oneDNN copies of the stream "
+                           "layers here; the stream pass runs vLLM's linears (%s) with the "
+                           "stream LoRA beside them", want, served)
 
     # ---- stream LoRA: one ShardedLoRA per vLLM linear, shaped by that linear ----
     def _lora_key(self, layer: int, name: str) -> str:
@@ -189,6 +206,17 @@ class StreamModel(MSAMixin):
             out[f"{layer}_mlp_out"] = _row_parallel(get(lay, L.mlp[2]), r, sc, rank)
         return out
 
+    def _stream_linear(self, li: int, slot: str, linear, x: torch.Tensor,
+                       num_main: int = 0) -> torch.Tensor:
+        """One stream-layer linear with its stream LoRA: the CPU copy with the LoRA merged in
+        for a pass of stream rows alone; in the fused pass (main rows ride along) the
+        served linear, the LoRA beside it for the stream rows."""
+        if num_main == 0:
+            own = getattr(linear, "specstream_draft", None)
+            if own is not None:
+                return own(x)
+        return self._with_lora(li, slot, x, _out(linear(x)), num_main)
+
     def _with_lora(self, layer: int, slot: str, x: torch.Tensor, y: torch.Tensor,
                    num_main: int = 0) -> torch.Tensor:
         """``y`` plus the stream LoRA's correction of the stream rows (rows ``num_main:``;
@@ -207,9 +235,7 @@ class StreamModel(MSAMixin):
         L = self.layout
         attn = get(lay, L.attn)
         qkv_linear = get(attn, L.qkv)
-        exact = num_main > 0  # main rows ride along: the served weights, never a stand-in
-        qkv = _linear(qkv_linear, h, exact)
-        qkv = self._with_lora(li, "qkv", h, qkv, num_main)
+        qkv = self._stream_linear(li, "qkv", qkv_linear, h, num_main)
         hd = qkv_linear.head_size
         q_size, kv_size = qkv_linear.num_heads * hd, qkv_linear.num_kv_heads * hd
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
@@ -229,8 +255,7 @@ class StreamModel(MSAMixin):
         else:  # fused: the main rows write this step's keys, then the stream rows read
             o = torch.cat([attn.attn(q[:num_main], k[:num_main], v[:num_main]),
                            rows.attend(attn.attn, q[num_main:])])
-        out = _linear(get(attn, L.o_proj), o, exact)
-        return self._with_lora(li, "o", o, out, num_main)
+        return self._stream_linear(li, "o", get(attn, L.o_proj), o, num_main)
 
     def _rotary(self, attn: nn.Module, positions: torch.Tensor, q: torch.Tensor,
                 k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -239,12 +264,8 @@ class StreamModel(MSAMixin):
     def _stream_mlp(self, li: int, lay: nn.Module, h: torch.Tensor,
                     num_main: int = 0) -> torch.Tensor:
         lin_in, act_fn, lin_out = (get(lay, p) for p in self.layout.mlp)
-        exact = num_main > 0
-        u = _linear(lin_in, h, exact)
-        u = self._with_lora(li, "mlp_in", h, u, num_main)
-        a = act_fn(u)
-        down = _linear(lin_out, a, exact)
-        return self._with_lora(li, "mlp_out", a, down, num_main)
+        a = act_fn(self._stream_linear(li, "mlp_in", lin_in, h, num_main))
+        return self._stream_linear(li, "mlp_out", lin_out, a, num_main)
 
     def _stream_layer(self, li: int, positions: torch.Tensor, hidden: torch.Tensor,
                       residual: torch.Tensor | None, num_main: int = 0):
@@ -410,14 +431,6 @@ def _out(y):
     """A vLLM linear's output: ``(out, bias)`` from native models, the tensor alone from
     the Transformers backend's (``return_bias=False``)."""
     return y[0] if isinstance(y, tuple) else y
-
-
-def _linear(linear, x, exact: bool = False):
-    """The stream pass's call of a vLLM linear: its bf16 stand-in when draft_precision set
-    one (``StreamModel._set_draft_precision``) and ``exact`` is not asked, else the linear
-    itself."""
-    fast = None if exact else getattr(linear, "specstream_bf16", None)
-    return fast(x) if fast is not None else _out(linear(x))
 
 
 def _row_parallel(linear, r: int, scaling: float, rank: int) -> ShardedLoRA:

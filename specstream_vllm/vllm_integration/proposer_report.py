@@ -20,7 +20,8 @@ def summary(p) -> dict:
     out["sources"] = {name: {"drafts": c[0], "draft_tokens": c[1], "accepted_tokens": c[2]}
                       for name, c in p.source_counts.items()}
     out["match"] = p.match.state() if p.match is not None else None
-    out["draft_precision"] = "bfloat16" if getattr(p.model, "draft_bf16", False) else "exact"
+    own = getattr(p.model, "draft_dtype", None)   # the stream layers' own copies, if any
+    out["draft_precision"] = "exact" if own is None else str(own).removeprefix("torch.")
     out["errors"] = p.errors
     out["draft_passes"] = dict(p.pass_counts)
     out["draft_pass"] = {"setting": p.draft_pass,
