@@ -69,11 +69,13 @@ class SpecStreamOptions(BaseModel):
                     "verification for match drafts only.")
     draft_precision: Literal["auto", "exact", "bfloat16"] = Field(
         "auto",
-        description="Weights of the stream pass: `exact` (the served model's own), "
-                    "`bfloat16` (a bf16 copy of the stream layers and draft head, about half "
-                    "the bytes a pass reads; drafts may differ in near-ties, the output never) "
-                    "or `auto` (bfloat16 when float32 is served on a CPU with native bf16 dot "
-                    "products, else exact).")
+        description="Weights of the stream pass: `exact` (the served model's own, the stream "
+                    "LoRA beside them), `auto` (on a CPU, a oneDNN copy of each stream-layer "
+                    "linear and of the draft head with the LoRA merged in: bf16 where the "
+                    "CPU has native bf16 dot products or bf16 is served, else the served "
+                    "dtype; costs the stream layers' weights once more in memory; exact "
+                    "elsewhere) or `bfloat16` (those copies in bf16 on any CPU). Copies may "
+                    "change drafts in near-ties, never the output.")
     draft_pass: Literal["separate", "fused", "auto"] = Field(
         "auto",
         description="Where the streams run, for checkpoints of the `anchor` form (their "
