@@ -150,18 +150,30 @@ class StreamModel(MSAMixin):
             return
         dtype = torch.bfloat16 if want == "bfloat16" or kernels.native_bf16_cpu() else served
         L = self.layout
-        made = 0
+        linears = []
         for li in range(self.stream_settings.first_layer, self.stream_settings.num_layers):
             lay = self.stream_layers()[li]
             attn = get(lay, L.attn)
-            for slot, lin in (("qkv", get(attn, L.qkv)), ("o", get(attn, L.o_proj)),
-                              ("mlp_in", get(lay, L.mlp[0])), ("mlp_out", get(lay, L.mlp[2]))):
-                lora = self.stream_lora[f"{li}_{slot}"] if f"{li}_{slot}" in self.stream_lora else None
-                delta = lora.merged_delta() if lora is not None else None
-                lin.specstream_draft = kernels.draft_linear(lin, delta, dtype)
-                made += lin.specstream_draft is not None
+            linears += [(li, "qkv", get(attn, L.qkv)), (li, "o", get(attn, L.o_proj)),
+                        (li, "mlp_in", get(lay, L.mlp[0])), (li, "mlp_out", get(lay, L.mlp[2]))]
+        nbytes = sum(getattr(lin, "weight", torch.empty(0)).numel() for _, _, lin in linears) \
+            * dtype.itemsize
+        if not kernels.copies_fit(nbytes):
+            logger.warning("specstream: no copies of the stream layers (%.0f MB in %s would "
+                           "take more than a quarter of the memory available); the stream "
+                           "pass runs vLLM's linears with the stream LoRA beside them",
+                           nbytes / 2**20, dtype)
+            return
+        made = 0
+        for li, slot, lin in linears:
+            lora = self.stream_lora[f"{li}_{slot}"] if f"{li}_{slot}" in self.stream_lora else None
+            delta = lora.merged_delta() if lora is not None else None
+            lin.specstream_draft = kernels.draft_linear(lin, delta, dtype)
+            made += lin.specstream_draft is not None
         if made:
             self.draft_dtype = dtype
+            logger.info("specstream: stream layers run their own %s copies (%d linears, "
+                        "%.0f MB, stream LoRA merged in)", dtype, made, nbytes / 2**20)
         else:
             logger.warning("specstream: draft_precision %s: no oneDNN copies of the stream "
                            "layers here; the stream pass runs vLLM's linears (%s) with the "

@@ -73,8 +73,8 @@ class SpecStreamOptions(BaseModel):
                     "LoRA beside them), `auto` (on a CPU, a oneDNN copy of each stream-layer "
                     "linear and of the draft head with the LoRA merged in: bf16 where the "
                     "CPU has native bf16 dot products or bf16 is served, else the served "
-                    "dtype; costs the stream layers' weights once more in memory; exact "
-                    "elsewhere) or `bfloat16` (those copies in bf16 on any CPU). Copies may "
+                    "dtype; costs the stream layers' weights once more in memory, skipped "
+                    "where that is over a quarter of the memory available; exact elsewhere) or `bfloat16` (those copies in bf16 on any CPU). Copies may "
                     "change drafts in near-ties, never the output.")
     draft_pass: Literal["separate", "fused", "auto"] = Field(
         "auto",

@@ -46,6 +46,12 @@ def test_float32_copy_is_float32_exact(kernels):
     assert kernels.onednn_matmul(w, torch.bfloat16)(x.bfloat16()).dtype == torch.bfloat16
 
 
+def test_copies_only_where_they_fit(kernels):
+    assert kernels.copies_fit(84 * 2**20, available=16 * 2**30)        # SmolLM2's, in bf16
+    assert not kernels.copies_fit(10 * 2**30, available=24 * 2**30)    # a 7B model's, float32
+    assert kernels.copies_fit(0)
+
+
 def test_draft_linear_only_for_unquantized_vllm_linears(kernels):
     assert kernels.draft_linear(torch.nn.Linear(8, 8)) is None      # not a vLLM linear
 

@@ -183,6 +183,20 @@ def onednn_matmul(weight: torch.Tensor, dtype: torch.dtype = torch.bfloat16):
     return run
 
 
+#: the stream layers' own copies may take at most this share of the memory still available
+COPY_MEMORY_SHARE = 0.25
+
+
+def copies_fit(nbytes: int, available: Optional[int] = None) -> bool:
+    """Whether copies of ``nbytes`` fit beside what is loaded: at most a quarter of the
+    memory still available (a large model served on a CPU keeps the LoRA beside its
+    weights rather than risk the memory its KV cache and other processes need)."""
+    if available is None:
+        import psutil
+        available = psutil.virtual_memory().available
+    return nbytes <= COPY_MEMORY_SHARE * available
+
+
 def bf16_matmul(weight: torch.Tensor):
     return onednn_matmul(weight, torch.bfloat16)
 
