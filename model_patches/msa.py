@@ -245,7 +245,8 @@ class MSAMixin:
         much as the matmul, and multiplying by the rows' transposed view is ~2.5x slower
         than by a contiguous ``[d, V']`` on CPU (1.5 vs 0.6 ms for SmolLM2 at batch 1). Where
         the stream layers have their own copies (``draft_dtype``, a CPU) the rows are a
-        oneDNN copy in that dtype too (bf16: 119 vs 466 us through torch.matmul). Rebuilt if the head's weights were replaced or written in place."""
+        oneDNN copy in that dtype too (bf16: 119 vs 466 us through torch.matmul). Rebuilt if
+        the head's weights were replaced or written in place."""
         w = self.lm_head.weight
         bias = getattr(self.lm_head, "bias", None)
         try:

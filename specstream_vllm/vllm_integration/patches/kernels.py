@@ -198,6 +198,7 @@ def copies_fit(nbytes: int, available: Optional[int] = None) -> bool:
 
 
 def bf16_matmul(weight: torch.Tensor):
+    """:func:`onednn_matmul` in bf16 (a shorthand for probing whether this CPU has it)."""
     return onednn_matmul(weight, torch.bfloat16)
 
 
@@ -236,5 +237,4 @@ def draft_linear(linear, delta: Optional[torch.Tensor] = None,
             y = y + bias
         return tensor_model_parallel_all_reduce(y) if reduce else y
 
-    run.merged = delta is not None
     return run
