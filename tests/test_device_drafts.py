@@ -41,21 +41,21 @@ def test_ratio_table_reproduces_the_host_calibration():
     probs = torch.rand(64, g, generator=gen, dtype=torch.float64)
     b = (probs * bins + 1e-6).clamp(0, bins - 1e-9).long()
     j = torch.arange(g).expand(64, g)
-    on_device = (probs * cal.ratio_table()[j, b]).clamp(0, 1)
-    assert torch.allclose(on_device, cal.calibrate(probs), atol=1e-12)
+    on_device = (probs * torch.from_numpy(cal.ratio_table())[j, b]).clamp(0, 1)
+    assert torch.allclose(on_device, torch.from_numpy(cal.calibrate(probs)), atol=1e-12)
 
 
 def test_device_lengths_keep_the_prefix_that_clears_the_cut():
     policy = DraftPolicy(PolicyConfig(gamma=GAMMA, mode="fixed", min_draft_prob=0.3))
     cut = cut_inputs(policy, reqs=3, g=GAMMA)
     probs = torch.tensor([[0.9, 0.8, 0.2, 0.9], [0.1, 0.9, 0.9, 0.9], [0.5, 0.5, 0.5, 0.5]])
-    assert device_lengths(probs, cut.ratio, cut).tolist() == [2, 0, 4]
+    assert device_lengths(probs, torch.from_numpy(cut.ratio), cut).tolist() == [2, 0, 4]
     # a threshold on the calibrated chain: with no observations the ratio is 1, so the
     # chain is the running product of the raw probabilities
     cut.tau, cut.min_prob = 0.2, 0.0
-    assert device_lengths(probs, cut.ratio, cut).tolist() == [2, 0, 2]
+    assert device_lengths(probs, torch.from_numpy(cut.ratio), cut).tolist() == [2, 0, 2]
     cut.cap = 1
-    assert device_lengths(probs, cut.ratio, cut).tolist() == [1, 0, 1]
+    assert device_lengths(probs, torch.from_numpy(cut.ratio), cut).tolist() == [1, 0, 1]
 
 
 def test_warm_up_cut_spreads_about_gamma_drafts_over_the_batch():

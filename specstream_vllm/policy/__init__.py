@@ -1,12 +1,13 @@
 """The draft policy: how many tokens each request drafts every step, and from which source.
 
-Pure torch and Python, no vLLM: the proposer feeds it what it observes and asks it to plan
+Host arithmetic in numpy and Python (arrays.py says why), no vLLM: the proposer feeds it what it observes and asks it to plan
 the stream pass and to choose the drafts. The objective is tokens per second of the whole
 step, from measured step costs and calibrated acceptance; speculation is off where it
 cannot pay.
 
 Modules, one job each (each imports only modules listed above it):
 
+* ``arrays``      the host arrays the policy computes with (numpy).
 * ``config``      PolicyConfig: the proposer's settings and the tuned constants.
 * ``decisions``   Candidates, Plan, Choice, STREAMS: what proposer and policy exchange.
 * ``stats``       PolicyStats: counters for reports, how a step is counted.

@@ -8,8 +8,9 @@ positions < j were.
 """
 from __future__ import annotations
 
-import torch
+import numpy as np
 
+from .arrays import floats, ints
 from .config import PolicyConfig
 from .decisions import STREAMS, Candidates
 
@@ -26,53 +27,56 @@ class Calibrator:
 
     def __init__(self, gamma: int, bins: int, prior: float, decay: float):
         self.gamma, self.bins, self.prior, self.decay = gamma, bins, prior, decay
-        self.n = torch.zeros(gamma, bins, dtype=torch.float64)
-        self.pred = torch.zeros(gamma, bins, dtype=torch.float64)
-        self.obs = torch.zeros(gamma, bins, dtype=torch.float64)
+        self.n = np.zeros((gamma, bins))
+        self.pred = np.zeros((gamma, bins))
+        self.obs = np.zeros((gamma, bins))
         # undecayed totals for the report
-        self.total_n = torch.zeros(gamma, bins, dtype=torch.int64)
-        self.total_pred = torch.zeros(gamma, bins, dtype=torch.float64)
-        self.total_obs = torch.zeros(gamma, bins, dtype=torch.float64)
+        self.total_n = np.zeros((gamma, bins), dtype=np.int64)
+        self.total_pred = np.zeros((gamma, bins))
+        self.total_obs = np.zeros((gamma, bins))
 
-    def _bin(self, p: torch.Tensor) -> torch.Tensor:
+    def _bin(self, p: np.ndarray) -> np.ndarray:
         # the tolerance puts a float32 copy of a value in the same bin as the float64 one
-        return (p.double() * self.bins + 1e-6).clamp(0.0, self.bins - 1e-9).to(torch.int64)
+        return np.clip(p * self.bins + 1e-6, 0.0, self.bins - 1e-9).astype(np.int64)
 
-    def observe(self, pos: torch.Tensor, p: torch.Tensor, accepted: torch.Tensor) -> None:
-        """pos (0-based), p, accepted: 1-D tensors of the tested positions."""
-        if pos.numel() == 0:
+    def observe(self, pos, p, accepted) -> None:
+        """pos (0-based), p, accepted: 1-D arrays of the tested positions."""
+        pos, p, accepted = ints(pos), floats(p), floats(accepted)
+        if pos.size == 0:
             return
-        idx = pos.to(torch.int64) * self.bins + self._bin(p.double())
-        k = float(self.decay) ** pos.numel()
+        idx = pos * self.bins + self._bin(p)
+        k = float(self.decay) ** pos.size
         for t in (self.n, self.pred, self.obs):
-            t.mul_(k)
-        flat = self.gamma * self.bins
-        ones = torch.ones_like(p, dtype=torch.float64)
-        self.n.view(-1).add_(torch.bincount(idx, ones, flat))
-        self.pred.view(-1).add_(torch.bincount(idx, p.double(), flat))
-        self.obs.view(-1).add_(torch.bincount(idx, accepted.double(), flat))
-        self.total_n.view(-1).add_(torch.bincount(idx, minlength=flat))
-        self.total_pred.view(-1).add_(torch.bincount(idx, p.double(), flat))
-        self.total_obs.view(-1).add_(torch.bincount(idx, accepted.double(), flat))
+            t *= k
+        flat, shape = self.gamma * self.bins, self.n.shape
+        count = np.bincount(idx, minlength=flat).reshape(shape)
+        pred = np.bincount(idx, weights=p, minlength=flat).reshape(shape)
+        obs = np.bincount(idx, weights=accepted, minlength=flat).reshape(shape)
+        self.n += count
+        self.pred += pred
+        self.obs += obs
+        self.total_n += count
+        self.total_pred += pred
+        self.total_obs += obs
 
-    def calibrate(self, p: torch.Tensor) -> torch.Tensor:
+    def calibrate(self, p) -> np.ndarray:
         """p: [R, g] raw probabilities of positions 0..g-1 -> calibrated, same shape."""
-        g = p.shape[1]
-        pd = p.double().clamp(0.0, 1.0)
+        pd = np.clip(floats(p), 0.0, 1.0)
         b = self._bin(pd)
-        rows = torch.arange(g).expand_as(b)
+        rows = np.broadcast_to(np.arange(pd.shape[1]), b.shape)
         n, pred, obs = self.n[rows, b], self.pred[rows, b], self.obs[rows, b]
-        pbar = torch.where(n > 0, pred / n.clamp(min=1e-9), pd)
-        k = self.prior * pbar.clamp(min=1e-3)
-        return (pd * (obs + k) / (pred + k)).clamp(0.0, 1.0)
+        pbar = np.where(n > 0, pred / np.maximum(n, 1e-9), pd)
+        k = self.prior * np.maximum(pbar, 1e-3)
+        return np.clip(pd * (obs + k) / (pred + k), 0.0, 1.0)
 
-    def ratio_table(self) -> torch.Tensor:
+    def ratio_table(self) -> np.ndarray:
         """[gamma, bins] factors with ``calibrate(p) ~= p * ratio[j, bin(p)]``, for a device
         that applies them without a host round trip (an empty bin uses its centre as the
         mean raw probability where :meth:`calibrate` uses p itself)."""
-        centre = (torch.arange(self.bins, dtype=torch.float64) + 0.5) / self.bins
-        pbar = torch.where(self.n > 0, self.pred / self.n.clamp(min=1e-9), centre.expand_as(self.n))
-        k = self.prior * pbar.clamp(min=1e-3)
+        centre = (np.arange(self.bins) + 0.5) / self.bins
+        pbar = np.where(self.n > 0, self.pred / np.maximum(self.n, 1e-9),
+                        np.broadcast_to(centre, self.n.shape))
+        k = self.prior * np.maximum(pbar, 1e-3)
         return (self.obs + k) / (self.pred + k)
 
     def table(self) -> list[dict]:
@@ -116,33 +120,33 @@ class Calibration:
                                                   cfg.calib_decay)
         return c
 
-    def observe(self, probs: torch.Tensor, drafted: torch.Tensor, accepted: torch.Tensor,
-                source: str = STREAMS) -> None:
+    def observe(self, probs, drafted, accepted, source: str = STREAMS) -> None:
         """probs [R, g] raw probabilities (or confidences) of last step's drafts of
         ``source`` (padding ignored), drafted [R] tokens verified, accepted [R] of them."""
-        if probs.numel() == 0:
+        probs = floats(probs)
+        if probs.size == 0:
             return
         R, g = probs.shape
         calib = self.streams if source == STREAMS else self.of(source, g)
-        j = torch.arange(g).expand(R, g)
-        d = drafted.to(torch.int64)[:, None].clamp(max=g)
-        a = accepted.to(torch.int64)[:, None]
+        j = np.broadcast_to(np.arange(g), (R, g))
+        d = np.minimum(ints(drafted)[:, None], g)
+        a = ints(accepted)[:, None]
         tested = (j < d) & (j <= a)
-        calib.observe(j[tested], probs[tested].clamp(0.0, 1.0), (j < a)[tested])
+        calib.observe(j[tested], np.clip(probs[tested], 0.0, 1.0), (j < a)[tested])
 
-    def stream_chain(self, probs: torch.Tensor) -> torch.Tensor:
+    def stream_chain(self, probs) -> np.ndarray:
         """Calibrated chain probabilities [R, g] of the streams' raw ``probs`` [R, g]."""
-        return self.streams.calibrate(probs).cumprod(1)
+        return np.cumprod(self.streams.calibrate(probs), axis=1)
 
-    def expected(self, cands: Candidates) -> torch.Tensor:
+    def expected(self, cands: Candidates) -> np.ndarray:
         """Calibrated chain probabilities [R, w] of the candidates' drafts (0 past each)."""
-        p = cands.probs.double().clamp(0.0, 1.0)
+        p = np.clip(floats(cands.probs), 0.0, 1.0)
         R, w = p.shape
         if w == 0 or R == 0:
-            return torch.zeros(R, w, dtype=torch.float64)
+            return np.zeros((R, w))
         cal = self.of(cands.source, w).calibrate(p)
-        inside = torch.arange(w)[None, :] < cands.lengths.to(torch.int64)[:, None]
-        return (cal * inside).cumprod(1)
+        inside = np.arange(w)[None, :] < ints(cands.lengths)[:, None]
+        return np.cumprod(cal * inside, axis=1)
 
     def summary(self) -> dict:
         return {"calibration": self.streams.per_position(),

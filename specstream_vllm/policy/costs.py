@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 
-import torch
+import numpy as np
 
+from .arrays import floats
 from .config import PolicyConfig
 
 
@@ -33,14 +34,14 @@ class CostModel:
         self.n, self.decay, self.ridge = n_features, decay, ridge
         self.skip_first = skip_first          # first calls: compilation, cold caches
         self.slope_prior = slope_prior        # per feature after the intercept: fraction of y/x
-        # sums kept as Python floats: add() runs every step, and tensor ops on 3x3 matrices
-        # cost ~10x more than the arithmetic (0.4 ms a step); tensors only in weights()
+        # sums kept as Python floats: add() runs every step, and array ops on 3x3 matrices
+        # cost more than the arithmetic; arrays only in weights()
         self._xtx = [[0.0] * n_features for _ in range(n_features)]
         self._xty = [0.0] * n_features
         self.sw = 0.0
         self.sy = 0.0
         self.count = 0
-        self._w: torch.Tensor | None = None
+        self._w: np.ndarray | None = None
         self._w_stale: list[float] | None = None   # last solved weights, for clipping
 
     def add(self, x: list[float], y: float) -> None:
@@ -71,15 +72,15 @@ class CostModel:
         self.count += 1
         self._w = None
 
-    def weights(self) -> torch.Tensor:
+    def weights(self) -> np.ndarray:
         if self._w is None:
-            w = torch.zeros(self.n, dtype=torch.float64)
+            w = np.zeros(self.n)
             if self.sw > 0:
-                xtx = torch.tensor(self._xtx, dtype=torch.float64)
+                xtx = np.array(self._xtx)
                 mean_x = xtx[0] / self.sw                # x[0] == 1: first row holds sums of x
                 mean_y = self.sy / self.sw
                 a = xtx
-                b = torch.tensor(self._xty, dtype=torch.float64)
+                b = np.array(self._xty)
                 for i in range(1, self.n):
                     scale = max(float(mean_x[i]), 1e-6)
                     lam = self.ridge * self.sw * scale * scale
@@ -92,23 +93,23 @@ class CostModel:
         return self._w
 
     @staticmethod
-    def _solve_nonnegative_slopes(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def _solve_nonnegative_slopes(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """``a w = b`` with every slope after the intercept >= 0: a cost never falls with
         more work. Collinear features (a policy that only ever drafts one token makes
         ``tokens`` and ``any_drafts`` equal) otherwise split one cost into a large positive
         and a negative term, which mis-prices the drafts the data never showed."""
         free = list(range(a.shape[0]))
         while True:
-            w = torch.zeros(a.shape[0], dtype=torch.float64)
-            idx = torch.tensor(free)
-            w[idx] = torch.linalg.solve(a[idx][:, idx], b[idx])
+            w = np.zeros(a.shape[0])
+            idx = np.array(free)
+            w[idx] = np.linalg.solve(a[np.ix_(idx, idx)], b[idx])
             neg = [i for i in free[1:] if w[i] < 0]
             if not neg:
                 return w
             free.remove(min(neg, key=lambda i: float(w[i])))
 
     def predict(self, x: list[float]) -> float:
-        return float(self.weights() @ torch.tensor(x, dtype=torch.float64))
+        return float(self.weights() @ np.asarray(x, dtype=np.float64))
 
     @property
     def ready(self) -> bool:
@@ -172,21 +173,21 @@ class CellCost:
         return [{"requests": r, "tokens": t, "seconds": c[1] / c[0], "samples": int(c[2])}
                 for r, row in sorted(self.cells.items()) for t, c in sorted(row.items())]
 
-def _interpolate(m: torch.Tensor, known: list[tuple[int, float]], anchor: float,
-                 token: float) -> torch.Tensor:
+def _interpolate(m: np.ndarray, known: list[tuple[int, float]], anchor: float,
+                 token: float) -> np.ndarray:
     """Extra seconds of m drafts from the measured cells ``known`` [(drafts, seconds)] over
     the no-draft ``anchor``: linear between measured counts, the fitted per-token ``token``
     past the last one."""
-    xs = torch.tensor([0.0] + [float(k) for k, _ in known], dtype=torch.float64)
-    ys = torch.tensor([0.0] + [v - anchor for _, v in known], dtype=torch.float64)
+    xs = np.array([0.0] + [float(k) for k, _ in known])
+    ys = np.array([0.0] + [v - anchor for _, v in known])
     flat = m.reshape(-1)
-    inside = flat.clamp(max=float(xs[-1]))
-    hi = torch.searchsorted(xs, inside).clamp(max=xs.numel() - 1)
-    lo = (hi - 1).clamp(min=0)
+    inside = np.minimum(flat, xs[-1])
+    hi = np.minimum(np.searchsorted(xs, inside), xs.size - 1)
+    lo = np.maximum(hi - 1, 0)
     x0, x1, y0, y1 = xs[lo], xs[hi], ys[lo], ys[hi]
-    t = torch.where(x1 > x0, (inside - x0) / (x1 - x0).clamp(min=1e-9), torch.zeros_like(inside))
-    out = y0 + t * (y1 - y0) + token * (flat - xs[-1]).clamp(min=0.0)
-    return out.view(m.shape)
+    t = np.where(x1 > x0, (inside - x0) / np.maximum(x1 - x0, 1e-9), 0.0)
+    out = y0 + t * (y1 - y0) + token * np.maximum(flat - xs[-1], 0.0)
+    return out.reshape(m.shape)
 
 
 class StepCosts:
@@ -201,7 +202,7 @@ class StepCosts:
         # draft pass seconds ~ d0 + d1 * stream tokens (prior: the per-token part dominates)
         self.draft = CostModel(2, cfg.cost_decay, slope_prior=[0.8], skip_first=3)
         self.cells = CellCost(stale_after=cfg.refresh_every)
-        self._curve_memo: tuple[tuple, torch.Tensor] | None = None      # see curve()
+        self._curve_memo: tuple[tuple, np.ndarray] | None = None        # see curve()
         self._tau_memo: tuple[tuple[int, int], float] | None = None      # see threshold()
 
     def observe(self, num_tokens: int, num_draft_tokens: int, seconds: float, draft_seconds: float,
@@ -225,19 +226,19 @@ class StepCosts:
         """The measured step of this batch size without drafts (None: not measured yet)."""
         return self.cells.get(reqs, reqs)
 
-    def token_cost(self) -> torch.Tensor:
+    def token_cost(self) -> float:
         """Seconds one more verified token costs. Never below ``min_token_cost`` of a
         batch-1 step: every token goes through the LM head and the sampler, and a fit that
         never sees the token count vary (a steady batch, drafts always the same length)
         would otherwise call drafts free, which no cost scale could correct."""
-        return self.verify.weights()[1].clamp(min=self.token_floor())
+        return max(float(self.verify.weights()[1]), self.token_floor())
 
     def token_floor(self) -> float:
         """``min_token_cost`` of a batch-1 step: the least a verified draft token costs."""
         w = self.verify.weights()
-        return self.cfg.min_token_cost * float((w[0] + w[1]).clamp(min=0.0))
+        return self.cfg.min_token_cost * max(float(w[0] + w[1]), 0.0)
 
-    def verify_cost(self, reqs: int, drafts: torch.Tensor | float) -> torch.Tensor:
+    def verify_cost(self, reqs: int, drafts) -> np.ndarray:
         """Seconds of a step verifying ``reqs`` requests with ``drafts`` draft tokens in all
         (scalar or tensor). Where this batch size's cells are measured (:class:`CellCost`),
         they decide: the no-draft cell is the base and drafts cost the measured difference,
@@ -245,29 +246,29 @@ class StepCosts:
         the fitted per-token cost; elsewhere the linear fit. Either way a draft costs at
         least ``min_token_cost`` a token: a noisy cell must not make drafts look free."""
         w = self.verify.weights()
-        m = torch.as_tensor(drafts, dtype=torch.float64)
+        m = floats(drafts)
         token = self.token_cost()
-        base = w[0] + w[1] * reqs
-        extra = token * m + w[2].clamp(min=0.0) * (m > 0).double()
+        base = float(w[0] + w[1] * reqs)
+        extra = token * m + max(float(w[2]), 0.0) * (m > 0)
         anchor = self.cells.get(reqs, reqs)
         if anchor is not None:
-            base = torch.tensor(anchor, dtype=torch.float64)
+            base = anchor
             known = self.cells.known_drafts(reqs)
             if known:
-                extra = _interpolate(m, known, anchor, float(token))
-        extra = torch.maximum(extra, self.token_floor() * m)
-        return (base + self.cfg.cost_scale * extra).clamp(min=1e-6)
+                extra = _interpolate(m, known, anchor, token)
+        extra = np.maximum(extra, self.token_floor() * m)
+        return np.maximum(base + self.cfg.cost_scale * extra, 1e-6)
 
-    def curve(self, reqs: int, n: int) -> torch.Tensor:
+    def curve(self, reqs: int, n: int) -> np.ndarray:
         """``verify_cost(reqs, m)`` for m = 0..n, re-solved every ``recheck_every``
         observed steps (or when a new cell appears): a step asks for it several times
         (plan, decide, chain, the probe check) and solving it is most of the plan's cost."""
         key = (reqs, self.verify.count // self.cfg.recheck_every,
                len(self.cells.cells.get(reqs, ())), self.cfg.cost_scale)
         memo = self._curve_memo
-        if memo is None or memo[0] != key or memo[1].numel() <= n:
+        if memo is None or memo[0] != key or memo[1].size <= n:
             memo = self._curve_memo = (key, self.verify_cost(
-                reqs, torch.arange(max(n, 4 * self.cfg.gamma) + 1, dtype=torch.float64)))
+                reqs, np.arange(max(n, 4 * self.cfg.gamma) + 1, dtype=np.float64)))
         return memo[1][:n + 1]
 
     def threshold(self, reqs: int, step: int) -> float:
@@ -280,7 +281,7 @@ class StepCosts:
             return 0.0
         key = (reqs, step // self.cfg.recheck_every)
         if self._tau_memo is None or self._tau_memo[0] != key:
-            per_token = self.cfg.cost_scale * float(self.token_cost())
+            per_token = self.cfg.cost_scale * self.token_cost()
             self._tau_memo = (key, per_token * reqs / float(self.verify_cost(reqs, 0.0)))
         return self._tau_memo[1]
 
@@ -296,14 +297,14 @@ class StepCosts:
         w = self.verify.weights()
         return passes * max(float(w[0] + w[1] * n) * self.cfg.draft_layer_fraction, 0.0)
 
-    def plan_draft_costs(self, reqs: int, n: int, depth: int) -> torch.Tensor:
+    def plan_draft_costs(self, reqs: int, n: int, depth: int) -> np.ndarray:
         """Draft-pass seconds of a step with m = 0..n drafts, before the pass: none for 0;
         one pass over ``depth`` streams; chain streams as many passes as the longest
         chain needs when the m drafts are spread evenly (ceil(m / reqs), at most depth)."""
-        m = torch.arange(n + 1, dtype=torch.float64)
+        m = np.arange(n + 1, dtype=np.float64)
         if not self.cfg.sequential:
-            return (m > 0).double() * self.draft_cost(reqs, depth)
-        passes = torch.ceil(m / max(reqs, 1)).clamp(max=max(depth, 1))
+            return (m > 0) * self.draft_cost(reqs, depth)
+        passes = np.minimum(np.ceil(m / max(reqs, 1)), max(depth, 1))
         return passes * self.draft_cost(reqs, 1)
 
     def summary(self) -> dict:

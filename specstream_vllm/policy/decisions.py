@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
 #: the source name of the streams' own drafts
 STREAMS = "streams"
@@ -17,14 +17,14 @@ class Candidates:
     lengths [R] (0: no draft for that request)."""
 
     source: str
-    probs: torch.Tensor
-    lengths: torch.Tensor
-    chain: torch.Tensor | None = None      # :meth:`DraftPolicy.expected`, if already computed
+    probs: np.ndarray           # float64 (a CPU tensor is accepted too)
+    lengths: np.ndarray         # int64
+    chain: np.ndarray | None = None      # :meth:`DraftPolicy.expected`, if already computed
 
 
 @dataclass
 class Choice:
-    lengths: torch.Tensor          # [R] tokens each request drafts (0..g or 0..w)
+    lengths: np.ndarray            # [R] int64: tokens each request drafts (0..g or 0..w)
     source: list                   # [R] STREAMS, the candidates' source, or None (nothing)
 
 

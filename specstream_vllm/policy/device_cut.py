@@ -20,12 +20,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
 @dataclass
 class CutInputs:
-    ratio: torch.Tensor     # [g, bins] float64: calibrated ~= raw * ratio[position, bin]
+    ratio: np.ndarray       # [g, bins] float64: calibrated ~= raw * ratio[position, bin]
     tau: float              # a kept slot's calibrated chain probability is at least this
     min_prob: float         # ... and its raw probability at least this
     cap: int                # at most this many drafts per request
@@ -46,7 +47,7 @@ def cut_inputs(policy, reqs: int, g: int) -> CutInputs:
 
 def device_lengths(probs: torch.Tensor, ratio: torch.Tensor, cut: CutInputs) -> torch.Tensor:
     """Draft lengths [R] for the streams' raw top-1 probabilities ``probs`` [R, g], on
-    ``probs``' device (``ratio``: :attr:`CutInputs.ratio` already there). Tensor
+    ``probs``' device (``ratio``: :attr:`CutInputs.ratio` as a tensor there). Tensor
     operations only: nothing here reads a value back."""
     R, g = probs.shape
     bins = ratio.shape[1]

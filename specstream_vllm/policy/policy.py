@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import math
 
-import torch
+import numpy as np
 
 from . import selection
+from .arrays import floats, ints
 from .budget import MatchBudget
 from .calibration import Calibration, Calibrator
 from .config import PolicyConfig
@@ -47,7 +48,7 @@ class DraftPolicy:
         self.budget = MatchBudget()
         # mean chain product per position over requests (from passes): the "running
         # acceptance" that decides whether a pass is worth running at all
-        self.profile = torch.full((cfg.gamma,), float("nan"), dtype=torch.float64)
+        self.profile = np.full(cfg.gamma, np.nan)
         self._match_paid_at: dict[int, int] = {}     # batch size -> last step a match could pay
 
     # the proposer's reports read these
@@ -91,30 +92,29 @@ class DraftPolicy:
         if self.cfg.match_budget and self.cfg.mode == "auto" and self.costs.ready:
             self.budget.spent(reqs, seconds, self.stats.steps)
 
-    def observe_acceptance(self, probs: torch.Tensor, drafted: torch.Tensor,
-                           accepted: torch.Tensor, source: str = STREAMS) -> None:
+    def observe_acceptance(self, probs, drafted, accepted, source: str = STREAMS) -> None:
         """probs [R, g] raw stream probabilities (or ``source``'s raw confidences) of last
         step's drafts (padding ignored), drafted [R] tokens verified, accepted [R] of them
         accepted."""
         self.calibration.observe(probs, drafted, accepted, source)
 
-    def expected(self, cands: Candidates) -> torch.Tensor:
+    def expected(self, cands: Candidates) -> np.ndarray:
         """Calibrated chain probabilities [R, w] of the candidates' drafts (0 past each)."""
         return self.calibration.expected(cands)
 
     # ---------------------------------------------------------------- pricing
-    def _best(self, reqs: int, gains_sorted: torch.Tensor, draft_costs: torch.Tensor | float,
+    def _best(self, reqs: int, gains_sorted: np.ndarray, draft_costs: np.ndarray | float,
               min_gain: float) -> tuple[int, float, float]:
         """:func:`selection.best_count` on this batch size's measured costs. ``min_gain``:
         before the pass the loss is asymmetric (a wrong "on" makes the server slower, a wrong
         "off" only forgoes a gain) and step times on a busy machine are noisy; after it
         (pass paid) a small margin only absorbs the noise. Where this batch size's drafting
         steps realized less than the plan's bar, the bar is higher (:class:`RealizedGuard`)."""
-        return selection.best_count(reqs, gains_sorted, self.costs.curve(reqs, gains_sorted.numel()),
+        return selection.best_count(reqs, gains_sorted, self.costs.curve(reqs, gains_sorted.size),
                                     draft_costs, min_gain + self.guard.margin(reqs))
 
     # ---------------------------------------------------------------- before the pass
-    def plan(self, num_reqs: int, candidates: torch.Tensor | None = None) -> Plan:
+    def plan(self, num_reqs: int, candidates: np.ndarray | None = None) -> Plan:
         """Before the draft pass: run it (over how many streams) or not. ``candidates``:
         the calibrated chains [num_reqs, w] of another source's drafts (:meth:`expected`),
         if any: requests they serve better need no streams, and they draft without a pass."""
@@ -128,17 +128,19 @@ class DraftPolicy:
             return Plan(True, cfg.gamma)
         if sched.forced_off():
             return sched.skip()
-        if not self.costs.ready or torch.isnan(self.profile[0]):
+        if not self.costs.ready or math.isnan(self.profile[0]):
             return Plan(True, cfg.gamma)
         if sched.anchor_due(num_reqs, self.costs.cells.last_sample(num_reqs, num_reqs)):
             return sched.refresh_anchor(num_reqs)
-        use_cands = candidates is not None and candidates.numel() > 0 and bool(
+        if candidates is not None:
+            candidates = floats(candidates)
+        use_cands = candidates is not None and candidates.size > 0 and bool(
             (candidates[:, 0] > self.costs.threshold(num_reqs, self.stats.steps)).any())
         if use_cands:
             self._match_paid_at[num_reqs] = self.stats.steps
         # a candidate whose first token cannot pay for its verification is worth nothing
         # (chains only fall): with none left this is the streams-only plan, memo included
-        plan = self._plan_streams(num_reqs, candidates.double() if use_cands else None)
+        plan = self._plan_streams(num_reqs, candidates if use_cands else None)
         plan.use_candidates = use_cands
         return plan
 
@@ -161,18 +163,18 @@ class DraftPolicy:
         return (last is not None and step - last <= 2 * cfg.recheck_every) \
             or step % cfg.recheck_every == 0
 
-    def _plan_streams(self, num_reqs: int, cand: torch.Tensor | None) -> Plan:
+    def _plan_streams(self, num_reqs: int, cand: np.ndarray | None) -> Plan:
         cfg, sched = self.cfg, self.schedule
         no_cands = cand is None
         if no_cands and sched.off_remembered(num_reqs):
             return sched.skip()
         depth = sched.depth()
         # average-request estimate: every request drafts the same k of the running profile
-        prof = (torch.nan_to_num(self.profile[:depth], nan=0.0) * cfg.optimism).clamp(max=1.0)
+        prof = np.minimum(np.nan_to_num(self.profile[:depth], nan=0.0) * cfg.optimism, 1.0)
         if no_cands:
-            gains, _ = torch.sort(prof.repeat(num_reqs), descending=True)
+            gains = selection.descending(np.tile(prof, num_reqs))
             best, _, _ = self._best(num_reqs, gains, self.costs.plan_draft_costs(
-                num_reqs, gains.numel(), depth), cfg.min_gain)
+                num_reqs, gains.size, depth), cfg.min_gain)
             # the profile is an estimate; what drafting steps of this batch size really bought
             # is a measurement: where they beat steps without drafts by the plan's own bar,
             # keep drafting (underconfident streams). Not under a cost_scale above 1: it says
@@ -184,19 +186,19 @@ class DraftPolicy:
             sched.remember_off(num_reqs)
             return sched.skip()
         tau = self.costs.threshold(num_reqs, self.stats.steps)
-        streams_win = (cand - tau).clamp(min=0.0).sum(1) < (prof - tau).clamp(min=0.0).sum()
+        streams_win = np.maximum(cand - tau, 0.0).sum(1) < np.maximum(prof - tau, 0.0).sum()
         n_streams = int(streams_win.sum())
-        with_pass = torch.cat([prof.repeat(n_streams), cand[~streams_win].reshape(-1)])
-        best, rate, _ = self._best(num_reqs, torch.sort(with_pass, descending=True)[0],
-                                   self.costs.plan_draft_costs(num_reqs, with_pass.numel(), depth),
+        with_pass = np.concatenate([np.tile(prof, n_streams), cand[~streams_win].reshape(-1)])
+        best, rate, _ = self._best(num_reqs, selection.descending(with_pass),
+                                   self.costs.plan_draft_costs(num_reqs, with_pass.size, depth),
                                    cfg.min_gain)
-        flat_cand = torch.sort(cand.reshape(-1), descending=True)[0]
+        flat_cand = selection.descending(cand)
         _, rate_without, _ = self._best(num_reqs, flat_cand, 0.0, cfg.min_gain)
         if n_streams > 0 and best > 0 and rate > rate_without and sched.empty_passes < 4:
             return Plan(True, depth)
         return sched.skip()
 
-    def continue_chain(self, probs: torch.Tensor, num_reqs: int | None = None) -> bool:
+    def continue_chain(self, probs, num_reqs: int | None = None) -> bool:
         """Chain streams, after pass j (``probs`` [R, j] raw top-1 probabilities so far): is
         one more pass worth its cost? The step's best tokens per second with the drafts at
         hand (passes so far paid) against the same with one more pass, whose drafts are
@@ -205,44 +207,48 @@ class DraftPolicy:
         known, and probes (they measure every depth) always continue."""
         if self.cfg.mode == "fixed" or not self.costs.ready or self.schedule.probing:
             return True
+        probs = floats(probs)
         R, j = probs.shape
         reqs = R if num_reqs is None else num_reqs
         chain = self.calibration.stream_chain(probs)                    # [R, j]
         q = 1.0
-        if j < self.profile.numel():
+        if j < self.profile.size:
             prev, cur = float(self.profile[j - 1]), float(self.profile[j])
             if math.isfinite(prev) and math.isfinite(cur) and prev > 0:
                 q = min(1.0, cur / prev * self.cfg.optimism)
         spent = self.costs.draft_cost(R, j)
-        now = torch.sort(chain.reshape(-1), descending=True)[0]
-        more = torch.sort(torch.cat([chain.reshape(-1), chain[:, -1] * q]), descending=True)[0]
+        now = selection.descending(chain)
+        more = selection.descending(np.concatenate([chain.reshape(-1), chain[:, -1] * q]))
         _, rate_now, _ = self._best(reqs, now, spent, 0.0)
         _, rate_more, _ = self._best(reqs, more, spent + self.costs.draft_cost(R, 1), 0.0)
         return rate_more > rate_now
 
     # ---------------------------------------------------------------- after the pass
-    def decide(self, probs: torch.Tensor | None, num_reqs: int | None = None,
+    def decide(self, probs, num_reqs: int | None = None,
                candidates: Candidates | None = None) -> Choice:
         """Each request's draft: its source and length. ``probs`` [R, g]: the streams'
         raw top-1 probabilities (None when the stream pass did not run this step);
         ``candidates``: another source's drafts for the same R requests; ``num_reqs``:
         requests decoding this step (R unless told)."""
         ran = probs is not None
+        if ran:
+            probs = floats(probs)
         R = probs.shape[0] if ran else candidates.probs.shape[0] if candidates is not None else 0
         reqs = R if num_reqs is None else num_reqs
         probing = self.schedule.pass_ran() if ran else False
         if R == 0:
-            return self.stats.count(Choice(torch.zeros(0, dtype=torch.int64), []))
+            return self.stats.count(Choice(np.zeros(0, dtype=np.int64), []))
         cand_chain = None
         if candidates is not None:
-            cand_chain = candidates.chain if candidates.chain is not None else self.expected(candidates)
+            cand_chain = floats(candidates.chain) if candidates.chain is not None \
+                else self.expected(candidates)
         chain = self.calibration.stream_chain(probs) if ran else None      # [R, g]
         if self.cfg.mode == "fixed" or not self.costs.ready:
             return self.stats.count(self._decide_by_cut(probs, chain, R, candidates, cand_chain))
         if ran:
             self._update_profile(chain)
         if self.schedule.forced_off():
-            return self.stats.count(Choice(torch.zeros(R, dtype=torch.int64), [None] * R))
+            return self.stats.count(Choice(np.zeros(R, dtype=np.int64), [None] * R))
         return self.stats.count(self._decide_by_rate(probs, chain, R, reqs, candidates,
                                                      cand_chain, probing))
 
@@ -253,18 +259,18 @@ class DraftPolicy:
         ran = probs is not None
         g = probs.shape[1] if ran else 0
         if ran and self.cfg.min_draft_prob > 0:
-            lengths = (probs >= self.cfg.min_draft_prob).to(torch.int64).cumprod(1).sum(1)
+            lengths = np.cumprod(probs >= self.cfg.min_draft_prob, axis=1, dtype=np.int64).sum(1)
         else:
-            lengths = torch.full((R,), g, dtype=torch.int64)
+            lengths = np.full(R, g, dtype=np.int64)
         if ran and self.cfg.mode == "auto":
             self._update_profile(chain)
             lengths = selection.warmup_cap(chain, lengths, self.cfg.gamma)
         if cand_chain is None:
             return selection.labelled(lengths, None, None)
-        own = (chain * (torch.arange(g)[None, :] < lengths[:, None])).sum(1) if ran \
-            else torch.zeros(R, dtype=torch.float64)
+        own = (chain * (np.arange(g)[None, :] < lengths[:, None])).sum(1) if ran \
+            else np.zeros(R)
         take = cand_chain.sum(1) > own
-        lengths = torch.where(take, candidates.lengths.to(torch.int64), lengths)
+        lengths = np.where(take, ints(candidates.lengths), lengths)
         return selection.labelled(lengths, take, candidates.source)
 
     def _decide_by_rate(self, probs, chain, R, reqs, candidates, cand_chain, probing) -> Choice:
@@ -274,18 +280,17 @@ class DraftPolicy:
         g = probs.shape[1] if ran else 0
         if cand_chain is None:
             take, best_chain = None, chain
-            have = torch.full((R,), g, dtype=torch.int64)
+            have = np.full(R, g, dtype=np.int64)
         else:
             tau = self.costs.threshold(reqs, self.stats.steps)
-            worth = lambda c: (c - tau).clamp(min=0.0).sum(1)  # noqa: E731
-            own = worth(chain) if ran else torch.full((R,), -1.0, dtype=torch.float64)
+            worth = lambda c: np.maximum(c - tau, 0.0).sum(1)  # noqa: E731
+            own = worth(chain) if ran else np.full(R, -1.0)
             take = worth(cand_chain) > own
             w = max(g, cand_chain.shape[1])
-            pad = lambda c: torch.nn.functional.pad(c, (0, w - c.shape[1]))  # noqa: E731
-            best_chain = pad(cand_chain) if not ran else torch.where(
+            pad = lambda c: np.pad(c, ((0, 0), (0, w - c.shape[1])))  # noqa: E731
+            best_chain = pad(cand_chain) if not ran else np.where(
                 take[:, None], pad(cand_chain), pad(chain))
-            have = torch.where(take, candidates.lengths.to(torch.int64).clamp(max=w),
-                               torch.full((R,), g, dtype=torch.int64))
+            have = np.where(take, np.minimum(ints(candidates.lengths), w), g)
         W = best_chain.shape[1]
         order = selection.ranked(best_chain, have)
         # the pass (if any) is paid: drafts only have to pay for their verification
@@ -294,14 +299,14 @@ class DraftPolicy:
         lengths = selection.lengths_of(order, best, R, W)
         if ran:
             # did the streams earn drafts on their own (a probe's forced token does not count)?
-            stream_lengths = lengths if take is None else torch.where(take, 0, lengths)
+            stream_lengths = lengths if take is None else np.where(take, 0, lengths)
             # the pass earned its keep only if the step beats no speculation with the pass
             # counted: once it has run its cost is sunk and drafts always look worth it, and
             # a probe that "paid" on those terms would bring the next probe back too soon
             without = reqs / float(self.costs.curve(reqs, 0)[0])
             if cand_chain is not None:      # ... and beats what the matches do without it
-                without = max(without, self._best(reqs, torch.sort(
-                    cand_chain.reshape(-1), descending=True)[0], 0.0, 0.0)[1])
+                without = max(without, self._best(reqs, selection.descending(cand_chain),
+                                                  0.0, 0.0)[1])
             earned = rate >= (1.0 + cfg.min_gain) * without
             self.schedule.judge_pass(int(stream_lengths.sum()) > 0, earned, probing)
         if probing and best == 0:
@@ -309,43 +314,43 @@ class DraftPolicy:
             # with drafts must keep being measured (every count: the curve is no line), or
             # one slow early step could keep speculation off
             m = self.schedule.next_probe_count(g)
-            lengths = selection.lengths_of(order, min(m, order.numel()), R, W)
+            lengths = selection.lengths_of(order, min(m, order.size), R, W)
         if ran:
-            stream_lengths = lengths if take is None else torch.where(take, 0, lengths)
+            stream_lengths = lengths if take is None else np.where(take, 0, lengths)
             self.schedule.streams_drafted(int(stream_lengths.max()))
         return selection.labelled(lengths, take, candidates.source if candidates else None)
 
     # ---------------------------------------------------------------- device path
-    def take_candidates(self, reqs: int, cand_chain: torch.Tensor, lengths: torch.Tensor,
-                        with_pass: bool) -> list[int]:
+    def take_candidates(self, reqs: int, cand_chain, lengths, with_pass: bool) -> list[int]:
         """Before a pass whose probabilities stay on the device (``device_cut``): per request,
         how many of the candidate's tokens it proposes (0: none, the streams draft). A
         candidate is taken where its calibrated chain beats the verification threshold by
         more than the streams' running profile does (by anything, without a pass), up to
         its last token that still clears the threshold."""
         tau = self.costs.threshold(reqs, self.stats.steps)
+        cand_chain = floats(cand_chain)
         w = cand_chain.shape[1]
-        inside = torch.arange(w)[None, :] < lengths.to(torch.int64)[:, None]
-        keep = ((cand_chain >= tau) & inside).to(torch.int64).cumprod(1).sum(1)
-        worth = (cand_chain - tau).clamp(min=0.0).sum(1)
+        inside = np.arange(w)[None, :] < ints(lengths)[:, None]
+        keep = np.cumprod((cand_chain >= tau) & inside, axis=1, dtype=np.int64).sum(1)
+        worth = np.maximum(cand_chain - tau, 0.0).sum(1)
         if with_pass:
-            prof = torch.nan_to_num(self.profile[:w], nan=0.0)
-            taken = worth > (prof - tau).clamp(min=0.0).sum()
+            prof = np.nan_to_num(self.profile[:w], nan=0.0)
+            taken = worth > np.maximum(prof - tau, 0.0).sum()
         else:
             taken = worth > 0
-        return torch.where(taken, keep, 0).tolist()
+        return np.where(taken, keep, 0).tolist()
 
     def begin_device_pass(self) -> bool:
         """A pass whose drafts are cut on the device runs this step: whether it is a probe."""
         return self.schedule.pass_ran()
 
-    def after_device_step(self, reqs: int, probs: torch.Tensor, lengths: torch.Tensor,
-                          probing: bool, others: torch.Tensor | None = None,
+    def after_device_step(self, reqs: int, probs, lengths, probing: bool, others=None,
                           other_source: str | None = None) -> Choice:
         """A device-cut step, read back one step later: ``probs`` [R, g] of the requests the
         pass ran for and the ``lengths`` [R] the device kept; ``others`` [R'] the lengths of
         the requests that proposed ``other_source``'s drafts. Updates what :meth:`decide`
         updates on the host: profile, the pass's judgement, next depth, counters."""
+        probs, lengths = floats(probs), ints(lengths)
         R, g = probs.shape
         drafted = int(lengths.sum())
         if R and self.cfg.mode == "auto":
@@ -354,7 +359,7 @@ class DraftPolicy:
             earned = True
             if self.costs.ready:
                 curve = self.costs.curve(reqs, drafted)
-                kept = (chain * (torch.arange(g)[None, :] < lengths[:, None])).sum()
+                kept = (chain * (np.arange(g)[None, :] < lengths[:, None])).sum()
                 rate = (reqs + float(kept)) / (float(curve[drafted]) + self.costs.draft_cost(R, g))
                 earned = rate >= (1.0 + self.cfg.min_gain) * reqs / float(curve[0])
             self.schedule.judge_pass(drafted > 0, earned, probing)
@@ -362,15 +367,15 @@ class DraftPolicy:
             self.schedule.streams_drafted(int(lengths.max()))
         names = [STREAMS if n else None for n in lengths.tolist()]
         if others is not None:
-            lengths = torch.cat([lengths, others.to(torch.int64)])
+            lengths = np.concatenate([lengths, ints(others)])
             names += [other_source if n else None for n in others.tolist()]
         return self.stats.count(Choice(lengths, names))
 
-    def _update_profile(self, chain: torch.Tensor) -> None:
+    def _update_profile(self, chain: np.ndarray) -> None:
         g = chain.shape[1]
         mean = chain.mean(0)
         cur = self.profile[:g]
-        self.profile[:g] = torch.where(torch.isnan(cur), mean, 0.9 * cur + 0.1 * mean)
+        self.profile[:g] = np.where(np.isnan(cur), mean, 0.9 * cur + 0.1 * mean)
 
     # ---------------------------------------------------------------- reporting
     def summary(self) -> dict:

@@ -92,7 +92,7 @@ class DevicePath:
                 return [[] for _ in range(num_reqs)]
             ids, prob = res[0], res[1]
             cut = cut_inputs(p.policy, reqs, depth)
-            lengths = device_lengths(prob, cut.ratio.to(prob.device, non_blocking=True), cut)
+            lengths = device_lengths(prob, torch.from_numpy(cut.ratio).to(prob.device), cut)
         width = max([depth if ids is not None else 0, *chosen.values()])
         others = list(chosen.values())
         source = cands.source if cands is not None else None
