@@ -22,3 +22,27 @@ def ints(x) -> np.ndarray:
     if hasattr(x, "numpy"):
         x = x.detach().numpy() if hasattr(x, "detach") else x.numpy()
     return np.asarray(x, dtype=np.int64)
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    """``x`` clipped to [0, 1] (``np.clip`` costs several times the two ufuncs)."""
+    return np.minimum(np.maximum(x, 0.0), 1.0)
+
+
+def repeated(x: np.ndarray, n: int) -> np.ndarray:
+    """``x`` (1-D) n times over (batch 1 needs no copy)."""
+    return x if n == 1 else np.tile(x, n)
+
+
+def widened(x: np.ndarray, w: int) -> np.ndarray:
+    """[R, k] -> [R, w] with zeros after column k."""
+    if x.shape[1] == w:
+        return x
+    out = np.zeros((x.shape[0], w))
+    out[:, :x.shape[1]] = x
+    return out
+
+
+def known(x: np.ndarray) -> np.ndarray:
+    """``x`` with NaN (not measured yet) as 0."""
+    return np.where(np.isnan(x), 0.0, x)

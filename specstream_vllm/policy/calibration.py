@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .arrays import floats, ints
+from .arrays import floats, ints, unit
 from .config import PolicyConfig
 from .decisions import STREAMS, Candidates
 
@@ -37,7 +37,7 @@ class Calibrator:
 
     def _bin(self, p: np.ndarray) -> np.ndarray:
         # the tolerance puts a float32 copy of a value in the same bin as the float64 one
-        return np.clip(p * self.bins + 1e-6, 0.0, self.bins - 1e-9).astype(np.int64)
+        return np.minimum(np.maximum(p * self.bins + 1e-6, 0.0), self.bins - 1e-9).astype(np.int64)
 
     def observe(self, pos, p, accepted) -> None:
         """pos (0-based), p, accepted: 1-D arrays of the tested positions."""
@@ -61,13 +61,13 @@ class Calibrator:
 
     def calibrate(self, p) -> np.ndarray:
         """p: [R, g] raw probabilities of positions 0..g-1 -> calibrated, same shape."""
-        pd = np.clip(floats(p), 0.0, 1.0)
+        pd = unit(floats(p))
         b = self._bin(pd)
-        rows = np.broadcast_to(np.arange(pd.shape[1]), b.shape)
+        rows = np.arange(pd.shape[1])[None, :]
         n, pred, obs = self.n[rows, b], self.pred[rows, b], self.obs[rows, b]
         pbar = np.where(n > 0, pred / np.maximum(n, 1e-9), pd)
         k = self.prior * np.maximum(pbar, 1e-3)
-        return np.clip(pd * (obs + k) / (pred + k), 0.0, 1.0)
+        return unit(pd * (obs + k) / (pred + k))
 
     def ratio_table(self) -> np.ndarray:
         """[gamma, bins] factors with ``calibrate(p) ~= p * ratio[j, bin(p)]``, for a device
@@ -128,11 +128,12 @@ class Calibration:
             return
         R, g = probs.shape
         calib = self.streams if source == STREAMS else self.of(source, g)
-        j = np.broadcast_to(np.arange(g), (R, g))
+        j = np.arange(g)[None, :]
         d = np.minimum(ints(drafted)[:, None], g)
         a = ints(accepted)[:, None]
         tested = (j < d) & (j <= a)
-        calib.observe(j[tested], np.clip(probs[tested], 0.0, 1.0), (j < a)[tested])
+        rows, pos = np.nonzero(tested)
+        calib.observe(pos, unit(probs[rows, pos]), pos < a[rows, 0])
 
     def stream_chain(self, probs) -> np.ndarray:
         """Calibrated chain probabilities [R, g] of the streams' raw ``probs`` [R, g]."""
@@ -140,7 +141,7 @@ class Calibration:
 
     def expected(self, cands: Candidates) -> np.ndarray:
         """Calibrated chain probabilities [R, w] of the candidates' drafts (0 past each)."""
-        p = np.clip(floats(cands.probs), 0.0, 1.0)
+        p = unit(floats(cands.probs))
         R, w = p.shape
         if w == 0 or R == 0:
             return np.zeros((R, w))

@@ -26,7 +26,7 @@ import math
 import numpy as np
 
 from . import selection
-from .arrays import floats, ints
+from .arrays import floats, ints, known, repeated, widened
 from .budget import MatchBudget
 from .calibration import Calibration, Calibrator
 from .config import PolicyConfig
@@ -170,9 +170,9 @@ class DraftPolicy:
             return sched.skip()
         depth = sched.depth()
         # average-request estimate: every request drafts the same k of the running profile
-        prof = np.minimum(np.nan_to_num(self.profile[:depth], nan=0.0) * cfg.optimism, 1.0)
+        prof = np.minimum(known(self.profile[:depth]) * cfg.optimism, 1.0)
         if no_cands:
-            gains = selection.descending(np.tile(prof, num_reqs))
+            gains = selection.descending(repeated(prof, num_reqs))
             best, _, _ = self._best(num_reqs, gains, self.costs.plan_draft_costs(
                 num_reqs, gains.size, depth), cfg.min_gain)
             # the profile is an estimate; what drafting steps of this batch size really bought
@@ -188,7 +188,7 @@ class DraftPolicy:
         tau = self.costs.threshold(num_reqs, self.stats.steps)
         streams_win = np.maximum(cand - tau, 0.0).sum(1) < np.maximum(prof - tau, 0.0).sum()
         n_streams = int(streams_win.sum())
-        with_pass = np.concatenate([np.tile(prof, n_streams), cand[~streams_win].reshape(-1)])
+        with_pass = np.concatenate([repeated(prof, n_streams), cand[~streams_win].reshape(-1)])
         best, rate, _ = self._best(num_reqs, selection.descending(with_pass),
                                    self.costs.plan_draft_costs(num_reqs, with_pass.size, depth),
                                    cfg.min_gain)
@@ -287,9 +287,8 @@ class DraftPolicy:
             own = worth(chain) if ran else np.full(R, -1.0)
             take = worth(cand_chain) > own
             w = max(g, cand_chain.shape[1])
-            pad = lambda c: np.pad(c, ((0, 0), (0, w - c.shape[1])))  # noqa: E731
-            best_chain = pad(cand_chain) if not ran else np.where(
-                take[:, None], pad(cand_chain), pad(chain))
+            best_chain = widened(cand_chain, w) if not ran else np.where(
+                take[:, None], widened(cand_chain, w), widened(chain, w))
             have = np.where(take, np.minimum(ints(candidates.lengths), w), g)
         W = best_chain.shape[1]
         order = selection.ranked(best_chain, have)
@@ -334,7 +333,7 @@ class DraftPolicy:
         keep = np.cumprod((cand_chain >= tau) & inside, axis=1, dtype=np.int64).sum(1)
         worth = np.maximum(cand_chain - tau, 0.0).sum(1)
         if with_pass:
-            prof = np.nan_to_num(self.profile[:w], nan=0.0)
+            prof = known(self.profile[:w])
             taken = worth > np.maximum(prof - tau, 0.0).sum()
         else:
             taken = worth > 0
