@@ -9,6 +9,7 @@ beside the acceptance of that run.
     python -m benchmarks.profile --batch 16 [--streams DIR] [--policy fixed] [--match none]
     python -m benchmarks.profile --streams none --batch 16      # no speculation
     python -m benchmarks.profile --workload mtbench --batch 1   # chat prompts, EOS honoured
+    python -m benchmarks.profile --workload code --prompts 12 --method suffix  # vLLM's own
 
 Pin it to a core for A/B runs on a shared machine (``VLLM_CPU_OMP_THREADS_BIND=0 taskset -c 0``).
 """
@@ -100,6 +101,10 @@ def main(argv=None) -> int:
     ap.add_argument("--gamma", type=int, default=4, help="num_speculative_tokens")
     ap.add_argument("--workload", help="mtbench / sharegpt / code: chat prompts of that workload "
                     "(prefill included, EOS honoured) instead of the built-in ones")
+    ap.add_argument("--prompts", type=int, default=None,
+                    help="with --workload: time this many prompts, --batch at a time (default: one batch)")
+    ap.add_argument("--method", default="specstream", choices=["specstream", "suffix", "ngram"],
+                    help="suffix / ngram: vLLM's own method with --gamma tokens, for comparison")
     args = ap.parse_args(argv)
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"   # runner and proposer in this process
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -116,6 +121,11 @@ def main(argv=None) -> int:
     streams = args.streams or str(shipped_streams_dir())
     spec = None if streams == "none" else {"method": "specstream", "model": streams,
                                            "num_speculative_tokens": args.gamma, "match": args.match}
+    if args.method != "specstream":
+        streams = args.method
+        spec = {"method": args.method, "num_speculative_tokens": args.gamma}
+        if args.method == "ngram":
+            spec.update(prompt_lookup_min=2, prompt_lookup_max=4)
     llm = LLM(model=args.model or str(default_model_dir()), dtype=args.dtype,
               enforce_eager=args.enforce_eager, max_model_len=1024, seed=0, disable_log_stats=False,
               speculative_config=spec, max_num_seqs=max(32, args.batch))
@@ -124,8 +134,12 @@ def main(argv=None) -> int:
         convs = [[dict(m) for m in p.messages] for p in load_workload(args.workload)
                  if len(p.messages[-1]["content"]) < 2000]
         sp = SamplingParams(temperature=0, max_tokens=args.max_tokens)
-        warm, timed = convs[-args.batch:], convs[:args.batch]
-        run = lambda c: llm.chat(c, sp, use_tqdm=False)  # noqa: E731
+        n = args.prompts or args.batch
+        warm, timed = convs[-args.batch:], convs[:n]
+
+        def run(cs):
+            return [o for i in range(0, len(cs), args.batch)
+                    for o in llm.chat(cs[i:i + args.batch], sp, use_tqdm=False)]
     else:
         sp = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
         warm = timed = (PROMPTS * (args.batch // len(PROMPTS) + 1))[:args.batch]
@@ -139,7 +153,7 @@ def main(argv=None) -> int:
     acc = read(llm) - before
     n = sum(len(o.outputs[0].token_ids) for o in outs)
     steps = spans.calls.get("GPUModelRunner.execute_model", 1)
-    print(f"streams={streams} batch={args.batch} policy={args.policy} match={args.match}: "
+    print(f"streams={streams} batch={args.batch} prompts={len(timed)} policy={args.policy} match={args.match}: "
           f"{n} tokens in {dt:.2f} s = {n / dt:.1f} tok/s, {steps} steps, mean acceptance length "
           f"{acc.mean_acceptance_length:.2f}")
     print(spans.report(steps))

@@ -8,6 +8,7 @@ drafts from the text beside them: tests/test_match_source.py).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -195,7 +196,8 @@ def test_low_confidence_drafts_are_cut_output_unchanged(smollm2_runs, smollm2_di
 def test_compiled_engine_and_stream_pass_token_identical(smollm2_dir, smollm2_runs, smollm2_fp32,
                                                          tmp_path):
     """torch.compile'd target and stream pass (the default without enforce_eager): greedy
-    float32 output equals the compiled engine without speculation; drafts equal the reference."""
+    float32 output equals the compiled engine without speculation; drafts equal the reference.
+    The stream pass compiles at start-up (its one-row specialisation too), not in a request."""
     _, _, streams, _ = smollm2_runs
     job = {"model": str(smollm2_dir), "prompts": PROMPTS[:4], "max_tokens": MAX_TOKENS[:4],
            "batches": [[0], [1], [0, 1, 2, 3]], "enforce_eager": False}
@@ -204,8 +206,14 @@ def test_compiled_engine_and_stream_pass_token_identical(smollm2_dir, smollm2_ru
     spec = run_engine(dict(job, spec={"method": "specstream", "model": str(streams),
                                       "num_speculative_tokens": 4, "match": "none"},
                            env={"SPECSTREAM_DRAFT_LOG": str(log), "SPECSTREAM_DRAFT_PRECISION": "exact",
-                                "SPECSTREAM_DRAFT_POLICY": "fixed"}), tmp_path, "compiled-spec")
+                                "SPECSTREAM_DRAFT_POLICY": "fixed", "TORCH_LOGS": "recompiles"}),
+                      tmp_path, "compiled-spec")
     assert outputs(base) == outputs(spec)
+    text = Path(spec["log"]).read_text(errors="replace")
+    warmed = text.find("compiled stream pass warmed up")
+    assert warmed >= 0, "the compiled stream pass was not warmed up at start-up"
+    recompiles = [m.start() for m in re.finditer(r"Recompiling function _stream_forward", text)]
+    assert recompiles and max(recompiles) < warmed, "the stream pass compiled while serving"
     assert draft_match_rate(smollm2_fp32[0], streams, log, 4, max_rows=30) >= 0.97
 
 

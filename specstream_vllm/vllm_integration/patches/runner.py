@@ -96,6 +96,13 @@ class GPUModelRunnerPatch(Patch):
         finally:
             self.__dict__.pop(_STEP, None)
 
+    def initialize_kv_cache(self, kv_cache_config, is_profiling: bool = False, *args, **kwargs):
+        GPUModelRunnerPatch.original("initialize_kv_cache")(self, kv_cache_config, is_profiling,
+                                                           *args, **kwargs)
+        warm_up = getattr(self.__dict__.get("drafter"), "warm_up", None)
+        if warm_up is not None and not is_profiling and is_specstream(self.speculative_config):
+            warm_up()           # the compiled stream pass, at start-up rather than in a request
+
     def _build_attention_metadata(self, *args, **kwargs):
         out = GPUModelRunnerPatch.original("_build_attention_metadata")(self, *args, **kwargs)
         step = self.__dict__.get(_STEP)
