@@ -10,18 +10,21 @@ from __future__ import annotations
 import numpy as np
 
 
+def _host(x):
+    """A CPU torch tensor's numpy view; anything else as it is."""
+    if hasattr(x, "numpy"):
+        return x.detach().numpy() if hasattr(x, "detach") else x.numpy()
+    return x
+
+
 def floats(x) -> np.ndarray:
     """``x`` (numpy, list, or a CPU torch tensor) as a float64 array."""
-    if hasattr(x, "numpy"):
-        x = x.detach().numpy() if hasattr(x, "detach") else x.numpy()
-    return np.asarray(x, dtype=np.float64)
+    return np.asarray(_host(x), dtype=np.float64)
 
 
 def ints(x) -> np.ndarray:
     """``x`` as an int64 array."""
-    if hasattr(x, "numpy"):
-        x = x.detach().numpy() if hasattr(x, "detach") else x.numpy()
-    return np.asarray(x, dtype=np.int64)
+    return np.asarray(_host(x), dtype=np.int64)
 
 
 def unit(x: np.ndarray) -> np.ndarray:
