@@ -21,6 +21,10 @@ SPECSTREAM_MATCH = {"specstream-streams": "none", "specstream-suffix": "suffix",
 ABLATIONS = {"noguard": {"SPECSTREAM_POLICY_REALIZED_GUARD": "0"},
              "nobudget": {"SPECSTREAM_POLICY_MATCH_BUDGET": "0"},
              "fixed": {"SPECSTREAM_DRAFT_POLICY": "fixed"},    # every stream, every step
+             # the stream pass's own weights (draft_precision)
+             "bf16": {"SPECSTREAM_DRAFT_PRECISION": "bfloat16"},
+             "int8": {"SPECSTREAM_DRAFT_PRECISION": "int8"},
+             "exact": {"SPECSTREAM_DRAFT_PRECISION": "exact"},
              # never drafts, never probes: what a speculative engine costs with nothing drafted
              "off": {"SPECSTREAM_POLICY_FORCE_OFF_STEPS": str(10**9)}}
 

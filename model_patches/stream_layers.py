@@ -190,11 +190,14 @@ class StreamModel(MSAMixin):
         self.draft_dtype = None
         self._draft_head_cache = (None, None)
         if want == "exact" or not current_platform.is_cpu():
-            if want == "bfloat16":
-                logger.warning("specstream: draft_precision bfloat16 is a CPU setting; the "
-                               "stream pass runs in the served dtype (%s) here", served)
+            if want in ("bfloat16", "int8"):
+                logger.warning("specstream: draft_precision %s is a CPU setting; the stream "
+                               "pass runs in the served dtype (%s) here", want, served)
             return
-        dtype = torch.bfloat16 if want == "bfloat16" or kernels.native_bf16_cpu() else served
+        if want == "int8":
+            dtype = torch.int8
+        else:
+            dtype = torch.bfloat16 if want == "bfloat16" or kernels.native_bf16_cpu() else served
         L = self.layout
         linears = []
         for li in range(self.stream_settings.first_layer, self.stream_settings.num_layers):

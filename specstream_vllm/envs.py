@@ -52,7 +52,7 @@ _VARS = (
            "Overrides `min_draft_prob` (speculative-config key, else the checkpoint's) with a "
            "value in [0, 1); with no `draft_policy` named it also selects the `fixed` policy.", _probability),
     EnvVar("SPECSTREAM_DRAFT_PRECISION", "user",
-           "Overrides the speculative config's `draft_precision` (`auto`, `exact`, `bfloat16`)."),
+           "Overrides the speculative config's `draft_precision` (`auto`, `exact`, `bfloat16`, `int8`)."),
     EnvVar("SPECSTREAM_CACHE", "user",
            "Folder for the converted default model and generated training data "
            "(default `$XDG_CACHE_HOME/specstream-vllm` or `~/.cache/specstream-vllm`)."),

