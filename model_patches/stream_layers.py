@@ -121,7 +121,9 @@ class StreamModel(MSAMixin):
         self._layer_parts: dict[int, LayerParts] = {}
         self._compiled_stream_forward = None
         if not vllm_config.model_config.enforce_eager and envs.get("SPECSTREAM_COMPILE_DRAFT"):
-            self._compiled_stream_forward = torch.compile(self._stream_forward, dynamic=True)
+            self._compiled_stream_forward = torch.compile(
+                self._stream_forward, dynamic=True,
+                options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
 
     def stream_decoder(self) -> nn.Module:
         """The module holding the decoder layers (GPT-2's ``transformer``, OPT's ``model.decoder``)."""
@@ -171,17 +173,19 @@ class StreamModel(MSAMixin):
         return parts
 
     def _set_draft_precision(self) -> None:
-        """On a CPU (``draft_precision`` auto or bfloat16) each stream-layer linear gets its
-        own oneDNN copy with the stream LoRA merged in (patches.kernels.draft_linear), in
-        bf16 where the CPU has native bf16 dot products or bf16 is served or asked, else
-        in the served dtype; the draft head's rows likewise. At batch 1 a pass is bound by
-        reading its layers' weights and, in eager mode, by the number of small operations:
-        the unmerged LoRA added 96 matmuls and 300 casts to SmolLM2's 12-layer pass (about
-        a third of its 8.4 ms in bf16), and bf16 halves a float32 model's bytes. The copies
-        cost the stream layers' weights once more in memory, which is why accelerators
-        (CUDA graphs fuse the small operations, memory is dear) and ``exact`` keep the served
-        weights with the LoRA beside them. Here, in ``load_weights``, because vLLM-CPU
-        drops the weights right after it."""
+        """On a CPU (``draft_precision`` auto, bfloat16 or int8) each stream-layer linear
+        gets its own oneDNN copy with the stream LoRA merged in (patches.kernels.draft_linear),
+        the draft head's rows likewise; ``auto`` takes int8 where the CPU has native int8
+        dot products (VNNI, AMX), else bf16 where it has native bf16 ones or bf16 is served,
+        else the served dtype, and the next of these where a kernel fails its probe. At
+        batch 1 a pass is bound by reading its layers' weights and, in eager mode, by the
+        number of small operations: the unmerged LoRA added 96 matmuls and 300 casts to
+        SmolLM2's 12-layer pass (about a third of its 8.4 ms in bf16); bf16 halves a float32
+        model's bytes and int8 halves bf16's. The copies cost the stream layers' weights
+        once more in memory, which is why accelerators (CUDA graphs fuse the small
+        operations, memory is dear) and ``exact`` keep the served weights with the LoRA
+        beside them. Here, in ``load_weights``, because vLLM-CPU drops the weights right
+        after it."""
         from vllm.platforms import current_platform
 
         from specstream_vllm.vllm_integration.patches import kernels
@@ -194,10 +198,11 @@ class StreamModel(MSAMixin):
                 logger.warning("specstream: draft_precision %s is a CPU setting; the stream "
                                "pass runs in the served dtype (%s) here", want, served)
             return
-        if want == "int8":
-            dtype = torch.int8
+        if want != "auto":
+            choices = [torch.int8 if want == "int8" else torch.bfloat16]
         else:
-            dtype = torch.bfloat16 if want == "bfloat16" or kernels.native_bf16_cpu() else served
+            choices = [torch.int8] if kernels.native_int8_cpu() else []
+            choices.append(torch.bfloat16 if kernels.native_bf16_cpu() else served)
         L = self.layout
         linears = []
         for li in range(self.stream_settings.first_layer, self.stream_settings.num_layers):
@@ -205,28 +210,30 @@ class StreamModel(MSAMixin):
             attn = get(lay, L.attn)
             linears += [(li, "qkv", get(attn, L.qkv)), (li, "o", get(attn, L.o_proj)),
                         (li, "mlp_in", get(lay, L.mlp[0])), (li, "mlp_out", get(lay, L.mlp[2]))]
-        nbytes = sum(getattr(lin, "weight", torch.empty(0)).numel() for _, _, lin in linears) \
-            * dtype.itemsize
-        if not kernels.copies_fit(nbytes):
-            logger.warning("specstream: no copies of the stream layers (%.0f MB in %s would "
-                           "take more than a quarter of the memory available); the stream "
-                           "pass runs vLLM's linears with the stream LoRA beside them",
-                           nbytes / 2**20, dtype)
-            return
-        made = 0
-        for li, slot, lin in linears:
-            lora = self.stream_lora[f"{li}_{slot}"] if f"{li}_{slot}" in self.stream_lora else None
-            delta = lora.merged_delta() if lora is not None else None
-            lin.specstream_draft = kernels.draft_linear(lin, delta, dtype)
-            made += lin.specstream_draft is not None
-        if made:
-            self.draft_dtype = dtype
-            logger.info("specstream: stream layers run their own %s copies (%d linears, "
-                        "%.0f MB, stream LoRA merged in)", dtype, made, nbytes / 2**20)
-        else:
-            logger.warning("specstream: draft_precision %s: no oneDNN copies of the stream "
-                           "layers here; the stream pass runs vLLM's linears (%s) with the "
-                           "stream LoRA beside them", want, served)
+        numel = sum(getattr(lin, "weight", torch.empty(0)).numel() for _, _, lin in linears)
+        for dtype in choices:
+            nbytes = numel * dtype.itemsize
+            if not kernels.copies_fit(nbytes):
+                logger.warning("specstream: no copies of the stream layers (%.0f MB in %s "
+                               "would take more than a quarter of the memory available); the "
+                               "stream pass runs vLLM's linears with the stream LoRA beside "
+                               "them", nbytes / 2**20, dtype)
+                return
+            made = 0
+            for li, slot, lin in linears:
+                key = f"{li}_{slot}"
+                lora = self.stream_lora[key] if key in self.stream_lora else None
+                delta = lora.merged_delta() if lora is not None else None
+                lin.specstream_draft = kernels.draft_linear(lin, delta, dtype)
+                made += lin.specstream_draft is not None
+            if made:
+                self.draft_dtype = dtype
+                logger.info("specstream: stream layers run their own %s copies (%d linears, "
+                            "%.0f MB, stream LoRA merged in)", dtype, made, nbytes / 2**20)
+                return
+        logger.warning("specstream: draft_precision %s: no oneDNN copies of the stream "
+                       "layers here; the stream pass runs vLLM's linears (%s) with the "
+                       "stream LoRA beside them", want, served)
 
     # ---- stream LoRA: one ShardedLoRA per vLLM linear, shaped by that linear ----
     def _lora_key(self, layer: int, name: str) -> str:

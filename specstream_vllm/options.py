@@ -71,10 +71,12 @@ class SpecStreamOptions(BaseModel):
         "auto",
         description="Weights of the stream pass: `exact` (the served model's own, the stream "
                     "LoRA beside them), `auto` (on a CPU, a oneDNN copy of each stream-layer "
-                    "linear and of the draft head with the LoRA merged in: bf16 where the "
-                    "CPU has native bf16 dot products or bf16 is served, else the served "
-                    "dtype; costs the stream layers' weights once more in memory, skipped "
-                    "where that is over a quarter of the memory available; exact elsewhere) or `bfloat16` (those copies in bf16 on any CPU). Copies may "
+                    "linear and of the draft head with the LoRA merged in: int8 where the CPU "
+                    "has native int8 dot products (VNNI, AMX), else bf16 where it has native "
+                    "bf16 ones or bf16 is served, else the served dtype; costs the stream "
+                    "layers' weights once more in memory, skipped where that is over a "
+                    "quarter of the memory available; exact elsewhere), `int8` or `bfloat16` "
+                    "(those copies in that type on any CPU). Copies may "
                     "change drafts in near-ties, never the output.")
     draft_pass: Literal["separate", "fused", "auto"] = Field(
         "auto",

@@ -46,6 +46,30 @@ def test_float32_copy_is_float32_exact(kernels):
     assert kernels.onednn_matmul(w, torch.bfloat16)(x.bfloat16()).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_matmul_matches_float32(kernels, dtype):
+    """The int8 copy (per-row weight scales, each input row quantized as it comes) is within
+    its rounding of float32 for every row count and keeps the caller's dtype and shape;
+    rows of very different scale keep their own accuracy (per-row, not per-tensor)."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(96, 64, generator=g) * torch.linspace(0.01, 3.0, 96)[:, None]
+    mm = kernels.onednn_matmul(w, torch.int8, out_dtype=dtype)
+    if mm is None:
+        pytest.skip("vLLM-CPU's int8 oneDNN matmul is not available here")
+    for rows in (1, 4, 9):
+        x = torch.randn(rows, 64, generator=g) * torch.logspace(-2, 2, rows)[:, None]
+        y = mm(x.to(dtype))
+        assert y.dtype == dtype and y.shape == (rows, 96)
+        ref = x @ w.t()
+        err = y.float() - ref
+        per_row = err.norm(dim=1) / ref.norm(dim=1)
+        # each output's error against the size of its own weight row and input row
+        scaled = err.abs() / (x.norm(dim=1, keepdim=True) * w.norm(dim=1))
+        assert float(per_row.max()) < 0.03 and float(scaled.max()) < 0.02
+        assert float(per_row.min()) > 0.0                       # it is int8, not a float path
+    assert mm(torch.randn(2, 3, 64).to(dtype)).shape == (2, 3, 96)
+
+
 def test_copies_only_where_they_fit(kernels):
     assert kernels.copies_fit(84 * 2**20, available=16 * 2**30)        # SmolLM2's, in bf16
     assert not kernels.copies_fit(10 * 2**30, available=24 * 2**30)    # a 7B model's, float32
@@ -88,6 +112,17 @@ def test_native_bf16_flags(kernels, monkeypatch):
     monkeypatch.setattr(hardware, "cpu_flags", lambda cpuinfo=None: frozenset({"avx2", "avx512_bf16"}))
     from vllm.platforms import current_platform
     assert kernels.native_bf16_cpu() == current_platform.is_cpu()
+
+
+def test_native_int8_flags(kernels, monkeypatch):
+    """``auto`` takes int8 copies only where the CPU has int8 dot products."""
+    from specstream_vllm import hardware
+    from vllm.platforms import current_platform
+    monkeypatch.setattr(hardware, "cpu_flags", lambda cpuinfo=None: frozenset({"avx2", "avx512_bf16"}))
+    assert not kernels.native_int8_cpu()
+    for flag in ("avx512_vnni", "avx_vnni", "amx_int8"):
+        monkeypatch.setattr(hardware, "cpu_flags", lambda cpuinfo=None, f=flag: frozenset({"avx2", f}))
+        assert kernels.native_int8_cpu() == current_platform.is_cpu()
 
 
 def _rms_norm_module(hidden: int, dtype: torch.dtype):

@@ -208,13 +208,14 @@ def test_draft_policy_key_default_env_and_refusal(tiny_llama_dir, streams, monke
 
 
 def test_draft_precision_key_default_env_and_refusal(tiny_llama_dir, streams, monkeypatch):
-    """``draft_precision`` (auto | exact | bfloat16) rides in the speculative config to the
+    """``draft_precision`` (auto | exact | bfloat16 | int8) rides in the speculative config to the
     workers' stream settings; the environment overrides it; anything else is refused."""
     monkeypatch.delenv("SPECSTREAM_DRAFT_PRECISION", raising=False)
     base = {"method": "specstream", "model": str(streams)}
     setting = lambda spec: engine_config(tiny_llama_dir, spec).model_config.hf_config.specstream["draft_precision"]  # noqa: E731
     assert setting(base) == "auto"
     assert setting(dict(base, draft_precision="exact")) == "exact"
+    assert setting(dict(base, draft_precision="int8")) == "int8"
     monkeypatch.setenv("SPECSTREAM_DRAFT_PRECISION", "bfloat16")
     assert setting(dict(base, draft_precision="exact")) == "bfloat16"
     monkeypatch.delenv("SPECSTREAM_DRAFT_PRECISION")

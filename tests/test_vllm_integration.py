@@ -223,12 +223,12 @@ def tiny_tp_dir(tmp_path_factory):
                            hidden=512, layers=4, vocab=512, seed=5)  # CPU attention needs head_dim 64
 
 
-@pytest.mark.parametrize("precision", ["exact", "bfloat16"])
+@pytest.mark.parametrize("precision", ["exact", "int8"])
 def test_tensor_parallel_2_matches_tp2_without_speculation(tiny_tp_dir, tmp_path, precision):
-    """TP 2, chain streams. ``exact``: drafts equal the float32 reference's. ``bfloat16``:
-    the stream layers run on bf16 copies of their sharded weights (column shards local,
-    row-parallel all-reduced): the same output, and drafts that still agree with the
-    reference almost everywhere (near-ties may flip)."""
+    """TP 2, chain streams. ``exact``: drafts equal the float32 reference's. ``int8``: the
+    stream layers run on int8 copies of their sharded weights (column shards local,
+    row-parallel all-reduced; bf16 copies take the same path): the same output, and drafts
+    that still agree with the reference almost everywhere (near-ties may flip)."""
     streams = init_checkpoint(tiny_tp_dir, tmp_path / "streams", num_streams=3, num_stream_layers=2,
                               lora=LoraSpec(rank=4, target_modules=list(
                                   ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))),
@@ -252,11 +252,11 @@ def test_tensor_parallel_2_matches_tp2_without_speculation(tiny_tp_dir, tmp_path
                       tmp_path, "tp-spec")  # every step drafts: the sharded pass is exercised
     assert outputs(base) == outputs(spec)
     assert spec["metrics"]["vllm:spec_decode_num_drafts"] > 0
-    # bf16 falls back to exact (with a warning) where this CPU's oneDNN has no bf16 matmul
-    from specstream_vllm.vllm_integration.patches.kernels import bf16_matmul
-    bf16_here = bf16_matmul(torch.randn(8, 8)) is not None
+    # a copy falls back to exact (with a warning) where this CPU's oneDNN lacks its matmul
+    from specstream_vllm.vllm_integration.patches.kernels import onednn_matmul
+    here = precision == "exact" or onednn_matmul(torch.randn(8, 8), torch.int8) is not None
     used = json.loads(dump.read_text())["draft_precision"]
-    assert used == (precision if bf16_here else "exact")
+    assert used == (precision if here else "exact")
     # the sharded stream LoRA (column- and row-parallel) drafts what the reference drafts
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(str(tiny_tp_dir), dtype=torch.float32).eval()

@@ -41,11 +41,12 @@ class SpecStreamSettings(BaseModel):
     stream_input: str = "paper"
     token_map_rank: int = 0
     #: the stream pass's linear weights: ``exact`` (the served model's own, the draft equals
-    #: the float32 reference's), ``bfloat16`` (a bf16 copy of the stream layers' weights and
-    #: the draft head: half the bytes a pass reads; drafts may differ from the reference in
-    #: near-ties, verification, hence the output, is unchanged) or ``auto`` (bfloat16 when
-    #: a float32 model is served on a CPU with native bf16 dot products, else exact; the
-    #: worker decides, model_patches/stream_layers.py)
+    #: the float32 reference's), ``int8`` / ``bfloat16`` (a copy of the stream layers' weights
+    #: and the draft head in that type: a quarter / half of float32's bytes a pass reads;
+    #: drafts may differ from the reference in near-ties, verification, hence the output, is
+    #: unchanged) or ``auto`` (on a CPU int8 with native int8 dot products, else bfloat16
+    #: with native bf16 ones, else the served dtype; the worker decides,
+    #: model_patches/stream_layers.py)
     draft_precision: Literal["auto", "exact", "bfloat16", "int8"] = "auto"
     #: where the streams run: ``separate`` (after verification), ``fused`` (inside the
     #: verification forward) or ``auto`` (per batch-size bucket, measured); only the

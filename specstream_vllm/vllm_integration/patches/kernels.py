@@ -1,5 +1,5 @@
-"""Kernels: repairs of vLLM-CPU kernel overrides that return wrong values, and the bf16
-matmul / linear stand-ins of the stream pass (built on vLLM-CPU's oneDNN ops).
+"""Kernels: repairs of vLLM-CPU kernel overrides that return wrong values, and the int8 /
+bf16 matmul and linear stand-ins of the stream pass (built on vLLM-CPU's oneDNN ops).
 
 vLLM runs its Triton kernels on CPU through C++ stand-ins that the CPU platform installs in
 every worker with vLLM's kernel-override registry (``vllm.triton_utils.dispatcher.
@@ -139,11 +139,24 @@ def apply() -> None:
     apply_kernel_fixes()
 
 
-# --------------------------------------------------------------------------- stream-pass bf16
+# --------------------------------------------------------------------------- stream-pass copies
 
 #: CPU flags of a native bf16 dot product (vdpbf16ps / AMX tiles): where a bf16 copy of the
 #: stream layers' weights halves what a draft pass reads at no extra arithmetic cost
 NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+#: CPU flags of a native int8 dot product (VNNI / AMX tiles): where an int8 copy halves a bf16
+#: copy's bytes and its products run as fast
+NATIVE_INT8_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def native_int8_cpu() -> bool:
+    """The platform is a CPU with a native int8 dot product (draft_precision "auto")."""
+    from vllm.platforms import current_platform
+
+    from ...hardware import cpu_flags
+    return bool(current_platform.is_cpu() and (cpu_flags() & NATIVE_INT8_FLAGS))
 
 
 def native_bf16_cpu() -> bool:
