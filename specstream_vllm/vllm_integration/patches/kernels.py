@@ -224,7 +224,7 @@ def int8_matmul(weight: torch.Tensor, out_dtype: torch.dtype):
         ops.onednn_scaled_mm(handle, xq, out, xs, None, None, None)
         return out.reshape(*shape[:-1], n)
 
-    run.keep = (q, scale)
+    run.keep = scale    # the handle packed the int8 weight for itself; it reads the scales
     return run if _probe_ok(run, weight, out_dtype, "int8") else None
 
 
