@@ -482,3 +482,46 @@ def test_realized_guard_is_on_unless_the_ablation_switch_says_otherwise(monkeypa
     assert resolve_policy({}).match_budget is True           # budget.py: its own switch
     monkeypatch.setenv("SPECSTREAM_POLICY_MATCH_BUDGET", "0")
     assert resolve_policy({}).match_budget is False
+
+
+def test_few_rows_calibration_counts_as_the_array_path(monkeypatch):
+    """A small batch's acceptance is counted in plain Python; it must leave the same
+    tables as the array path on the same observations (both sources, ragged drafts)."""
+    from specstream_vllm.policy import calibration
+    gen = torch.Generator().manual_seed(3)
+    feeds = []
+    for _ in range(40):
+        R = int(torch.randint(1, 6, (1,), generator=gen))
+        g = 4 if len(feeds) % 2 else 8
+        probs = torch.rand(R, g, generator=gen, dtype=torch.float64)
+        drafted = torch.randint(0, g + 1, (R,), generator=gen)
+        accepted = torch.minimum(torch.randint(0, g + 1, (R,), generator=gen), drafted)
+        feeds.append((probs, drafted, accepted, "streams" if g == 4 else "suffix"))
+    tables = []
+    for few in (8, 0):
+        monkeypatch.setattr(calibration, "_FEW_ROWS", few)
+        cal = calibration.Calibration(PolicyConfig(gamma=4))
+        for probs, drafted, accepted, source in feeds:
+            cal.observe(probs.tolist(), drafted.tolist(), accepted.tolist(), source)
+        tables.append([getattr(c, t).copy() for c in (cal.streams, cal.sources["suffix"])
+                       for t in ("n", "pred", "obs", "total_n", "total_pred", "total_obs")])
+    assert tables[0][0].sum() > 0 and tables[0][6].sum() > 0
+    for a, b in zip(*tables):
+        assert (a == b).all()
+
+
+def test_cost_model_solve_matches_a_least_squares_fit():
+    """The fits' small solver against numpy's least squares on data with positive slopes."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    m = CostModel(3, decay=1.0, slope_prior=[0.5, 0.0], ridge=0.0)
+    xs, ys = [], []
+    for _ in range(200):
+        x = [1.0, float(rng.integers(1, 9)), float(rng.integers(0, 2))]
+        y = 0.01 + 0.002 * x[1] + 0.003 * x[2] + 1e-5 * rng.standard_normal()
+        m.add(x, y)
+        xs.append(x)
+        ys.append(y)
+    ref = np.linalg.lstsq(np.array(xs), np.array(ys), rcond=None)[0]
+    assert np.allclose(m.weights(), ref, rtol=1e-6, atol=1e-9)
+    assert m.predict([1.0, 4.0, 1.0]) == pytest.approx(float(ref @ [1.0, 4.0, 1.0]), rel=1e-6)

@@ -39,15 +39,18 @@ class Calibrator:
         # the tolerance puts a float32 copy of a value in the same bin as the float64 one
         return np.minimum(np.maximum(p * self.bins + 1e-6, 0.0), self.bins - 1e-9).astype(np.int64)
 
+    def _decay(self, n: int) -> None:
+        k = float(self.decay) ** n
+        for t in (self.n, self.pred, self.obs):
+            t *= k
+
     def observe(self, pos, p, accepted) -> None:
         """pos (0-based), p, accepted: 1-D arrays of the tested positions."""
         pos, p, accepted = ints(pos), floats(p), floats(accepted)
         if pos.size == 0:
             return
         idx = pos * self.bins + self._bin(p)
-        k = float(self.decay) ** pos.size
-        for t in (self.n, self.pred, self.obs):
-            t *= k
+        self._decay(pos.size)
         flat, shape = self.gamma * self.bins, self.n.shape
         count = np.bincount(idx, minlength=flat).reshape(shape)
         pred = np.bincount(idx, weights=p, minlength=flat).reshape(shape)
@@ -58,6 +61,32 @@ class Calibrator:
         self.total_n += count
         self.total_pred += pred
         self.total_obs += obs
+
+    def observe_few(self, tested: list[tuple[int, float, bool]]) -> None:
+        """:meth:`observe` of a few (position, p in [0, 1], accepted) in plain Python: at a
+        small batch the array version's dozen numpy calls cost several times the
+        arithmetic. Same sums in the same order, so the same tables."""
+        if not tested:
+            return
+        self._decay(len(tested))
+        per_bin: dict[tuple[int, int], list] = {}
+        top = self.bins - 1e-9
+        for j, p, hit in tested:
+            key = (j, int(min(max(p * self.bins + 1e-6, 0.0), top)))
+            c = per_bin.get(key)
+            if c is None:
+                per_bin[key] = [1, p, 1.0 if hit else 0.0]
+            else:
+                c[0] += 1
+                c[1] += p
+                c[2] += 1.0 if hit else 0.0
+        for key, (count, pred, obs) in per_bin.items():
+            self.n[key] += count
+            self.pred[key] += pred
+            self.obs[key] += obs
+            self.total_n[key] += count
+            self.total_pred[key] += pred
+            self.total_obs[key] += obs
 
     def calibrate(self, p) -> np.ndarray:
         """p: [R, g] raw probabilities of positions 0..g-1 -> calibrated, same shape."""
@@ -102,6 +131,10 @@ class Calibrator:
 
 
 
+#: up to this many requests' observations are counted in plain Python (observe_few)
+_FEW_ROWS = 8
+
+
 class Calibration:
     """One :class:`Calibrator` for the streams and one per other source (created when the
     source first drafts, widened when its drafts grow longer)."""
@@ -122,7 +155,20 @@ class Calibration:
 
     def observe(self, probs, drafted, accepted, source: str = STREAMS) -> None:
         """probs [R, g] raw probabilities (or confidences) of last step's drafts of
-        ``source`` (padding ignored), drafted [R] tokens verified, accepted [R] of them."""
+        ``source`` (padding ignored), drafted [R] tokens verified, accepted [R] of them
+        (lists, arrays or CPU tensors)."""
+        if len(probs) <= _FEW_ROWS:
+            rows = probs.tolist() if hasattr(probs, "tolist") else probs
+            if not rows or not len(rows[0]):
+                return
+            g = len(rows[0])
+            calib = self.streams if source == STREAMS else self.of(source, g)
+            d = drafted.tolist() if hasattr(drafted, "tolist") else drafted
+            a = accepted.tolist() if hasattr(accepted, "tolist") else accepted
+            calib.observe_few([(j, min(max(float(row[j]), 0.0), 1.0), j < int(acc))
+                               for row, dr, acc in zip(rows, d, a)
+                               for j in range(min(int(dr), g, int(acc) + 1))])
+            return
         probs = floats(probs)
         if probs.size == 0:
             return

@@ -42,6 +42,7 @@ class CostModel:
         self.sy = 0.0
         self.count = 0
         self._w: np.ndarray | None = None
+        self._w_list: list[float] = []            # the same weights, for scalar use
         self._w_stale: list[float] | None = None   # last solved weights, for clipping
 
     def add(self, x: list[float], y: float) -> None:
@@ -51,12 +52,13 @@ class CostModel:
             self.skip_first -= 1
             return
         if self._w is not None:
-            self._w_stale = self._w.tolist()
+            self._w_stale = self._w_list
         if self.count >= 4:
             # clip against the last solved fit (a few samples old at most when nobody asked
             # for a new one): re-solving on every sample cost more than the step's decision
             if self._w_stale is None or self.count % 16 == 0:
-                self._w_stale = self.weights().tolist()
+                self.weights()
+                self._w_stale = self._w_list
             w = self._w_stale
             pred = sum(wi * xi for wi, xi in zip(w, x))
             if pred > 0:
@@ -74,46 +76,69 @@ class CostModel:
 
     def weights(self) -> np.ndarray:
         if self._w is None:
-            w = np.zeros(self.n)
+            w = [0.0] * self.n
             if self.sw > 0:
-                xtx = np.array(self._xtx)
-                mean_x = xtx[0] / self.sw                # x[0] == 1: first row holds sums of x
+                # plain Python: on a 2x2 or 3x3 system numpy's calls cost ~8x the arithmetic
+                a = [row[:] for row in self._xtx]
+                b = self._xty[:]
                 mean_y = self.sy / self.sw
-                a = xtx
-                b = np.array(self._xty)
                 for i in range(1, self.n):
-                    scale = max(float(mean_x[i]), 1e-6)
+                    mean_x = a[0][i] / self.sw         # x[0] == 1: first row holds sums of x
+                    scale = max(mean_x, 1e-6)
                     lam = self.ridge * self.sw * scale * scale
-                    prior = self.slope_prior[i - 1] * mean_y / max(float(mean_x[i]), 1.0)
-                    a[i, i] += lam
-                    b[i] += lam * prior
-                a[0, 0] += 1e-9
-                w = self._solve_nonnegative_slopes(a, b)
-            self._w = w
+                    a[i][i] += lam
+                    b[i] += lam * self.slope_prior[i - 1] * mean_y / max(mean_x, 1.0)
+                a[0][0] += 1e-9
+                w = _solve_nonnegative_slopes(a, b)
+            self._w, self._w_list = np.array(w), w
         return self._w
 
-    @staticmethod
-    def _solve_nonnegative_slopes(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        """``a w = b`` with every slope after the intercept >= 0: a cost never falls with
-        more work. Collinear features (a policy that only ever drafts one token makes
-        ``tokens`` and ``any_drafts`` equal) otherwise split one cost into a large positive
-        and a negative term, which mis-prices the drafts the data never showed."""
-        free = list(range(a.shape[0]))
-        while True:
-            w = np.zeros(a.shape[0])
-            idx = np.array(free)
-            w[idx] = np.linalg.solve(a[np.ix_(idx, idx)], b[idx])
-            neg = [i for i in free[1:] if w[i] < 0]
-            if not neg:
-                return w
-            free.remove(min(neg, key=lambda i: float(w[i])))
-
     def predict(self, x: list[float]) -> float:
-        return float(self.weights() @ np.asarray(x, dtype=np.float64))
+        self.weights()
+        return sum(wi * xi for wi, xi in zip(self._w_list, x))
 
     @property
     def ready(self) -> bool:
         return self.count > 0
+
+
+def _det(m: list[list[float]]) -> float:
+    if len(m) == 3:
+        (a, b, c), (d, e, f), (g, h, i) = m
+        return a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
+    if len(m) == 2:
+        return m[0][0] * m[1][1] - m[0][1] * m[1][0]
+    if len(m) == 1:
+        return m[0][0]
+    return sum((-1) ** c * m[0][c] * _det([row[:c] + row[c + 1:] for row in m[1:]])
+               for c in range(len(m)))
+
+
+def _solve(a: list[list[float]], b: list[float]) -> list[float]:
+    """``a w = b`` for the fits' two or three unknowns, by Cramer's rule (the ridge keeps
+    ``a`` away from singular)."""
+    d = _det(a)
+    if d == 0.0:
+        return [0.0] * len(b)
+    return [_det([row[:c] + [bi] + row[c + 1:] for row, bi in zip(a, b)]) / d
+            for c in range(len(b))]
+
+
+def _solve_nonnegative_slopes(a: list[list[float]], b: list[float]) -> list[float]:
+    """``a w = b`` with every slope after the intercept >= 0: a cost never falls with
+    more work. Collinear features (a policy that only ever drafts one token makes
+    ``tokens`` and ``any_drafts`` equal) otherwise split one cost into a large positive
+    and a negative term, which mis-prices the drafts the data never showed."""
+    free = list(range(len(b)))
+    while True:
+        sub = _solve([[a[i][j] for j in free] for i in free], [b[i] for i in free])
+        w = [0.0] * len(b)
+        for i, v in zip(free, sub):
+            w[i] = v
+        neg = [i for i in free[1:] if w[i] < 0]
+        if not neg:
+            return w
+        free.remove(min(neg, key=lambda i: w[i]))
 
 
 class CellCost:

@@ -188,13 +188,16 @@ class DraftPolicy:
         tau = self.costs.threshold(num_reqs, self.stats.steps)
         streams_win = np.maximum(cand - tau, 0.0).sum(1) < np.maximum(prof - tau, 0.0).sum()
         n_streams = int(streams_win.sum())
+        # no request would rather have the streams, or four passes in a row drafted nothing
+        if n_streams == 0 or sched.empty_passes >= 4:
+            return sched.skip()
         with_pass = np.concatenate([repeated(prof, n_streams), cand[~streams_win].reshape(-1)])
         best, rate, _ = self._best(num_reqs, selection.descending(with_pass),
                                    self.costs.plan_draft_costs(num_reqs, with_pass.size, depth),
                                    cfg.min_gain)
         flat_cand = selection.descending(cand)
         _, rate_without, _ = self._best(num_reqs, flat_cand, 0.0, cfg.min_gain)
-        if n_streams > 0 and best > 0 and rate > rate_without and sched.empty_passes < 4:
+        if best > 0 and rate > rate_without:
             return Plan(True, depth)
         return sched.skip()
 

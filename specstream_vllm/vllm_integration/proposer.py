@@ -363,8 +363,7 @@ class SpecStreamProposer:
         for source, (probs, drafted, accepted) in by_source.items():
             w = self.num_streams if source == STREAMS else self.match_tokens
             rows = [p[:w] + [0.0] * (w - len(p[:w])) for p in probs]
-            self.policy.observe_acceptance(np.array(rows, dtype=np.float64),
-                                           np.array(drafted), np.array(accepted), source)
+            self.policy.observe_acceptance(rows, drafted, accepted, source)
 
     def timed_stream_pass(self, cm, rows, sampled_token_ids, aux_hidden_states, n_sampled,
                           n_draft, g: int):

@@ -169,8 +169,8 @@ def native_bf16_cpu() -> bool:
 
 def onednn_matmul(weight: torch.Tensor, dtype: torch.dtype = torch.bfloat16,
                   out_dtype: Optional[torch.dtype] = None):
-    """``x -> x @ weight.T`` (in and out in x's dtype) through vLLM-CPU's oneDNN matmul on a
-    ``dtype`` copy of ``weight`` [N, K], or None where that kernel is missing or disagrees
+    """``x -> x @ weight.T`` through vLLM-CPU's oneDNN matmul on a ``dtype`` copy of
+    ``weight`` [N, K] (float copies: in and out in x's dtype), or None where that kernel is missing or disagrees
     with float32 on a probe (relative error > 2%: a kernel that is wrong on this CPU must
     not draft; the drafts, not the output, would suffer). At the stream pass's few rows
     oneDNN is 2.5-4x faster than ``torch.matmul`` on the same weights, in either dtype.
