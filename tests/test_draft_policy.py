@@ -525,3 +525,27 @@ def test_cost_model_solve_matches_a_least_squares_fit():
     ref = np.linalg.lstsq(np.array(xs), np.array(ys), rcond=None)[0]
     assert np.allclose(m.weights(), ref, rtol=1e-6, atol=1e-9)
     assert m.predict([1.0, 4.0, 1.0]) == pytest.approx(float(ref @ [1.0, 4.0, 1.0]), rel=1e-6)
+
+
+def test_best_count_few_slots_matches_the_array_form(monkeypatch):
+    """A small batch's best draft count is found in plain Python; the array form must
+    give the same count and rates (ties included: both keep the smaller count)."""
+    import numpy as np
+    from specstream_vllm.policy import selection
+    rng = np.random.default_rng(5)
+    cases = []
+    for _ in range(300):
+        n = int(rng.integers(0, 20))
+        gains = -np.sort(-rng.random(n))
+        gains[int(rng.integers(0, n + 1)):] = 0.0     # slots past a draft's end gain nothing
+        curve = 0.02 + np.cumsum(rng.random(n + 1) * 0.003)
+        if n >= 2 and rng.random() < 0.2:
+            curve[2:] = curve[1]            # flat stretches: equal rates, ties
+        draft = (np.arange(n + 1) > 0) * 0.004 if rng.random() < 0.5 else float(rng.random() * 0.004)
+        cases.append((int(rng.integers(1, 5)), gains, curve, draft, float(rng.random() * 0.1)))
+    results = []
+    for few in (32, -1):
+        monkeypatch.setattr(selection, "_FEW_SLOTS", few)
+        results.append([selection.best_count(*c) for c in cases])
+    assert results[0] == results[1]
+    assert any(r[0] > 0 for r in results[0]) and any(r[0] == 0 for r in results[0])

@@ -22,15 +22,36 @@ def best_count(reqs: int, gains_sorted: np.ndarray, verify_curve: np.ndarray,
     ``verify_curve[m]`` seconds, with draft passes of ``draft_costs[m]`` seconds (a float:
     the same for every m, a pass already paid). m = 0 unless the best beats it by
     ``min_gain``."""
-    tokens = np.empty(len(gains_sorted) + 1)
-    tokens[0] = 0.0
-    np.cumsum(gains_sorted, out=tokens[1:])
-    rate = (reqs + tokens) / (verify_curve + draft_costs)
-    base = float(rate[0])
-    best = int(np.argmax(rate))
-    if rate[best] < (1.0 + min_gain) * base:
-        best = 0
-    return best, float(rate[best]), base
+    if len(gains_sorted) <= _FEW_SLOTS:
+        # a small batch's few slots in plain Python: the same running sums and quotients
+        # as the array form below, at a fraction of its numpy calls
+        costs = verify_curve.tolist()
+        if isinstance(draft_costs, np.ndarray):
+            costs = [c + d for c, d in zip(costs, draft_costs.tolist())]
+        elif draft_costs:
+            costs = [c + draft_costs for c in costs]
+        base = reqs / costs[0]
+        best, best_rate, total = 0, base, 0.0
+        for m, (gain, cost) in enumerate(zip(gains_sorted.tolist(), costs[1:]), 1):
+            total += gain
+            rate = (reqs + total) / cost
+            if rate > best_rate:
+                best, best_rate = m, rate
+    else:
+        tokens = np.empty(len(gains_sorted) + 1)
+        tokens[0] = 0.0
+        np.cumsum(gains_sorted, out=tokens[1:])
+        rate = (reqs + tokens) / (verify_curve + draft_costs)
+        base = float(rate[0])
+        best = int(np.argmax(rate))
+        best_rate = float(rate[best])
+    if best_rate < (1.0 + min_gain) * base:
+        best, best_rate = 0, base
+    return best, best_rate, base
+
+
+#: up to this many slots, :func:`best_count` runs in plain Python
+_FEW_SLOTS = 32
 
 
 def descending(x: np.ndarray) -> np.ndarray:
