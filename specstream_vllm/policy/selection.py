@@ -26,10 +26,10 @@ def best_count(reqs: int, gains_sorted: np.ndarray, verify_curve: np.ndarray,
         # a small batch's few slots in plain Python: the same running sums and quotients
         # as the array form below, at a fraction of its numpy calls
         costs = verify_curve.tolist()
-        if isinstance(draft_costs, np.ndarray):
+        if isinstance(draft_costs, np.ndarray) and draft_costs.ndim:
             costs = [c + d for c, d in zip(costs, draft_costs.tolist())]
         elif draft_costs:
-            costs = [c + draft_costs for c in costs]
+            costs = [c + float(draft_costs) for c in costs]
         base = reqs / costs[0]
         best, best_rate, total = 0, base, 0.0
         for m, (gain, cost) in enumerate(zip(gains_sorted.tolist(), costs[1:]), 1):
