@@ -20,6 +20,8 @@ SPECSTREAM_MATCH = {"specstream-streams": "none", "specstream-suffix": "suffix",
 #: variables, e.g. "specstream+noguard"
 ABLATIONS = {"noguard": {"SPECSTREAM_POLICY_REALIZED_GUARD": "0"},
              "nobudget": {"SPECSTREAM_POLICY_MATCH_BUDGET": "0"},
+             # the match source alone, through the policy: what the streams add
+             "nostreams": {"SPECSTREAM_POLICY_STREAMS": "0"},
              "fixed": {"SPECSTREAM_DRAFT_POLICY": "fixed"},    # every stream, every step
              # the stream pass's own weights (draft_precision)
              "bf16": {"SPECSTREAM_DRAFT_PRECISION": "bfloat16"},

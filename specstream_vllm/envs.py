@@ -103,6 +103,8 @@ _VARS = (
            "`0`: switch off the realized-speed guard (ablation).", _flag),
     EnvVar("SPECSTREAM_POLICY_MATCH_BUDGET", "debug",
            "`0`: switch off the match-draft budget (ablation).", _flag),
+    EnvVar("SPECSTREAM_POLICY_STREAMS", "debug",
+           "`0`: never run the stream pass; only the match source drafts (ablation).", _flag),
 )
 
 REGISTRY: dict[str, EnvVar] = {v.name: v for v in _VARS}

@@ -549,3 +549,19 @@ def test_best_count_few_slots_matches_the_array_form(monkeypatch):
         results.append([selection.best_count(*c) for c in cases])
     assert results[0] == results[1]
     assert any(r[0] > 0 for r in results[0]) and any(r[0] == 0 for r in results[0])
+
+
+def test_without_streams_the_match_drafts_and_no_pass_runs():
+    """The ``nostreams`` ablation: no stream pass, ever, and the candidates still draft."""
+    import numpy as np
+    from specstream_vllm.policy import Candidates
+    p = DraftPolicy(PolicyConfig(gamma=4, streams=False))
+    drafted = 0
+    for step in range(200):
+        p.observe_step(3, 2, 0.02, 0.0, 0, 1)
+        cands = Candidates("suffix", np.array([[0.9, 0.8, 0.7, 0.0]]), np.array([3]))
+        cands.chain = p.expected(cands)
+        plan = p.plan(1, cands.chain)
+        assert not plan.run_pass
+        drafted += int(p.decide(None, 1, cands if plan.use_candidates else None).lengths.sum())
+    assert drafted > 0 and p.stats.passes == 0

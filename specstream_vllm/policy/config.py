@@ -33,6 +33,7 @@ class PolicyConfig:
     refresh_every: int = 64                 # re-measure a batch size's no-draft step this often
     realized_guard: bool = True             # raise the bar where drafting steps realized less
     match_budget: bool = True               # pause lookups where they cost more than they save
+    streams: bool = True                    # False: never a stream pass, the match drafts (ablation)
 
     def __post_init__(self):
         if self.mode not in MODES:

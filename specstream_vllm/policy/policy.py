@@ -124,6 +124,8 @@ class DraftPolicy:
             return Plan(False, 0)
         self.stats.steps += 1
         self.stats.request_steps += num_reqs
+        if not cfg.streams:
+            return sched.off_step()
         if cfg.mode == "fixed":
             return Plan(True, cfg.gamma)
         if sched.forced_off():

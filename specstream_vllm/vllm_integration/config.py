@@ -165,7 +165,8 @@ class DraftPolicySettings(BaseModel):
     ``cost_scale`` / ``force_off_steps`` / ``realized_guard`` / ``match_budget`` are test
     knobs (environment only; ``SPECSTREAM_POLICY_REALIZED_GUARD=0`` and
     ``SPECSTREAM_POLICY_MATCH_BUDGET=0`` are the ablations of policy/guard.py and
-    policy/budget.py)."""
+    policy/budget.py; ``SPECSTREAM_POLICY_STREAMS=0`` leaves the drafting to the match
+    source)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     mode: Literal["auto", "fixed"] = "auto"
@@ -174,6 +175,7 @@ class DraftPolicySettings(BaseModel):
     force_off_from: int = Field(0, ge=0)
     realized_guard: bool = True
     match_budget: bool = True
+    streams: bool = True
     match: MatchSettings = MatchSettings(source="none")
 
 
@@ -218,7 +220,8 @@ def resolve_policy(options: Options, match: MatchSettings | None = None) -> Draf
     if envs.is_set("SPECSTREAM_POLICY_FORCE_OFF_STEPS"):
         values["force_off_from"], values["force_off_steps"] = envs.get("SPECSTREAM_POLICY_FORCE_OFF_STEPS")
     for key, env in (("realized_guard", "SPECSTREAM_POLICY_REALIZED_GUARD"),
-                     ("match_budget", "SPECSTREAM_POLICY_MATCH_BUDGET")):     # ablation switches
+                     ("match_budget", "SPECSTREAM_POLICY_MATCH_BUDGET"),
+                     ("streams", "SPECSTREAM_POLICY_STREAMS")):     # ablation switches
         if envs.is_set(env):
             values[key] = envs.get(env)
     try:

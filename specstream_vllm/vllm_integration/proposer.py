@@ -141,7 +141,7 @@ class SpecStreamProposer:
             cost_scale=ps.get("cost_scale", 1.0), force_off_steps=ps.get("force_off_steps", 0),
             force_off_from=ps.get("force_off_from", 0),
             realized_guard=ps.get("realized_guard", True),
-            match_budget=ps.get("match_budget", True)))
+            match_budget=ps.get("match_budget", True), streams=ps.get("streams", True)))
         # chain streams decide between their passes from each pass's drafts: host only
         on_device = torch.device(self.device).type != "cpu" or envs.get("SPECSTREAM_DEVICE_DRAFTS")
         if on_device and not st.chain:
