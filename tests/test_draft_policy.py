@@ -556,12 +556,16 @@ def test_without_streams_the_match_drafts_and_no_pass_runs():
     import numpy as np
     from specstream_vllm.policy import Candidates
     p = DraftPolicy(PolicyConfig(gamma=4, streams=False))
-    drafted = 0
+    drafted = looked = 0
     for step in range(200):
         p.observe_step(3, 2, 0.02, 0.0, 0, 1)
-        cands = Candidates("suffix", np.array([[0.9, 0.8, 0.7, 0.0]]), np.array([3]))
-        cands.chain = p.expected(cands)
-        plan = p.plan(1, cands.chain)
+        cands = None
+        if p.match_due(1):          # a match that pays keeps being looked for every step
+            looked += 1
+            cands = Candidates("suffix", np.array([[0.9, 0.8, 0.7, 0.0]]), np.array([3]))
+            cands.chain = p.expected(cands)
+        plan = p.plan(1, cands.chain if cands is not None else None)
         assert not plan.run_pass
-        drafted += int(p.decide(None, 1, cands if plan.use_candidates else None).lengths.sum())
-    assert drafted > 0 and p.stats.passes == 0
+        if cands is not None and plan.use_candidates:
+            drafted += int(p.decide(None, 1, cands).lengths.sum())
+    assert looked == 200 and drafted > 0 and p.stats.passes == 0

@@ -124,13 +124,11 @@ class DraftPolicy:
             return Plan(False, 0)
         self.stats.steps += 1
         self.stats.request_steps += num_reqs
-        if not cfg.streams:
-            return sched.off_step()
-        if cfg.mode == "fixed":
+        if cfg.mode == "fixed" and cfg.streams:
             return Plan(True, cfg.gamma)
         if sched.forced_off():
             return sched.skip()
-        if not self.costs.ready or math.isnan(self.profile[0]):
+        if cfg.streams and (not self.costs.ready or math.isnan(self.profile[0])):
             return Plan(True, cfg.gamma)
         if sched.anchor_due(num_reqs, self.costs.cells.last_sample(num_reqs, num_reqs)):
             return sched.refresh_anchor(num_reqs)
@@ -140,6 +138,8 @@ class DraftPolicy:
             (candidates[:, 0] > self.costs.threshold(num_reqs, self.stats.steps)).any())
         if use_cands:
             self._match_paid_at[num_reqs] = self.stats.steps
+        if not cfg.streams:
+            return sched.off_step(use_candidates=use_cands or cfg.mode == "fixed")
         # a candidate whose first token cannot pay for its verification is worth nothing
         # (chains only fall): with none left this is the streams-only plan, memo included
         plan = self._plan_streams(num_reqs, candidates if use_cands else None)
