@@ -227,6 +227,20 @@ def test_matches_looked_up_every_step_only_where_they_can_pay():
     assert all(p.match_due(16) for _ in range(3))
 
 
+def test_small_batches_look_up_every_step():
+    """Batch 1 where no match has paid for a while still looks every step: a lookup costs
+    a fraction of a percent of the step there, and a skipped one can miss the start of a
+    repetition."""
+    p = DraftPolicy(PolicyConfig(gamma=4))
+    for i in range(40):
+        p.observe_step(1 + i % 5, i % 5, 0.030 + 0.001 * (1 + i % 5))
+    due = []
+    for _ in range(12):
+        due.append(p.match_due(1))
+        p.plan(1, p.expected(cands([[0.01, 0.01]])) if due[-1] else None)
+    assert all(due)
+
+
 def test_lookups_pause_where_they_cost_more_than_their_drafts_saved():
     """Batch 16: every lookup finds a match that looks worth drafting, but each lookup costs
     1.2 ms and the steps that drafted its matches emitted no more tokens than a step

@@ -30,6 +30,7 @@ class PolicyConfig:
     cost_decay: float = 0.97                # per step: ~30-step memory of step times
     full_depth_every: int = 16              # a pass over all streams this often (their stats)
     recheck_every: int = 4                  # an "off" plan is re-solved at most every 4 steps
+    always_match_reqs: int = 4              # up to this batch, look for matches every step
     refresh_every: int = 64                 # re-measure a batch size's no-draft step this often
     realized_guard: bool = True             # raise the bar where drafting steps realized less
     match_budget: bool = True               # pause lookups where they cost more than they save

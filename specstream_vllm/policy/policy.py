@@ -147,12 +147,14 @@ class DraftPolicy:
         return plan
 
     def match_due(self, num_reqs: int) -> bool:
-        """Look for matches this step? Always while costs are unknown, in fixed mode, and
-        for a batch size where a match could pay in the last ``2 * recheck_every`` steps;
-        elsewhere every ``recheck_every`` steps: at large batches a match rarely pays for
-        its verification, and a repetitive stretch that does pay lasts longer than a few
-        steps. Where lookups have cost more than their drafts saved, they pause
-        (:class:`MatchBudget`)."""
+        """Look for matches this step? Always while costs are unknown, in fixed mode, at
+        small batches (up to ``always_match_reqs`` requests: a lookup there costs well under
+        1% of a step, and skipping them missed matches for good once none had paid for a
+        while), and for a batch size where a match could pay in the last
+        ``2 * recheck_every`` steps; elsewhere every ``recheck_every`` steps: at large
+        batches a match rarely pays for its verification, and a repetitive stretch that
+        does pay lasts longer than a few steps. Where lookups have cost more than their
+        drafts saved, they pause (:class:`MatchBudget`)."""
         cfg = self.cfg
         if self.schedule.forced_off(ahead=1):     # asked before plan() counts the step
             return False
@@ -161,6 +163,8 @@ class DraftPolicy:
         step = self.stats.steps
         if cfg.match_budget and not self.budget.due(num_reqs, step):
             return False
+        if num_reqs <= cfg.always_match_reqs:
+            return True
         last = self._match_paid_at.get(num_reqs)
         return (last is not None and step - last <= 2 * cfg.recheck_every) \
             or step % cfg.recheck_every == 0
