@@ -31,6 +31,8 @@ class CostModel:
 
     def __init__(self, n_features: int, decay: float, slope_prior: list[float],
                  ridge: float = 0.02, skip_first: int = 0):
+        if not 1 <= n_features <= 3:
+            raise ValueError(f"a cost fit has 1 to 3 features, got {n_features}")
         self.n, self.decay, self.ridge = n_features, decay, ridge
         self.skip_first = skip_first          # first calls: compilation, cold caches
         self.slope_prior = slope_prior        # per feature after the intercept: fraction of y/x
@@ -103,15 +105,13 @@ class CostModel:
 
 
 def _det(m: list[list[float]]) -> float:
+    """Determinant of the fits' 1x1 to 3x3 systems (a fit has at most three features)."""
     if len(m) == 3:
         (a, b, c), (d, e, f), (g, h, i) = m
         return a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
     if len(m) == 2:
         return m[0][0] * m[1][1] - m[0][1] * m[1][0]
-    if len(m) == 1:
-        return m[0][0]
-    return sum((-1) ** c * m[0][c] * _det([row[:c] + row[c + 1:] for row in m[1:]])
-               for c in range(len(m)))
+    return m[0][0]
 
 
 def _solve(a: list[list[float]], b: list[float]) -> list[float]:
