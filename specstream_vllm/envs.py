@@ -59,6 +59,10 @@ _VARS = (
     EnvVar("SPECSTREAM_DTYPE_PROBE", "user",
            "File of `specstream check-dtype`'s results, which `dtype: auto` reads on a CPU "
            "(default `dtype-probe.json` in `SPECSTREAM_CACHE`)."),
+    EnvVar("SPECSTREAM_DTYPE_PROBE_ON_START", "user",
+           "`0`: where `dtype: auto` finds no cached probe for this CPU, vLLM version and mode, "
+           "serve float32 instead of running `specstream check-dtype` at start-up (a few "
+           "minutes, once per CPU, vLLM version and mode).", _flag, True),
     EnvVar("SPECSTREAM_DISABLE_PLUGIN", "user",
            "`1`: the vLLM plugin registers nothing (vLLM runs as if it were not installed).",
            _flag, False),

@@ -12,10 +12,11 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # a drafting error fails the test (a server logs it and runs the step without drafts)
 os.environ.setdefault("SPECSTREAM_RAISE_ERRORS", "1")
-# `dtype: auto` as on a machine that never ran `specstream check-dtype` (float32 on a CPU),
-# whatever this machine's own probe found
+# `dtype: auto` as on a machine that never ran `specstream check-dtype` and does not probe at
+# start-up (float32 on a CPU), whatever this machine's own probe found
 os.environ["SPECSTREAM_DTYPE_PROBE"] = os.path.join(
     os.environ.get("TMPDIR", "/tmp"), f"specstream-tests-{os.getpid()}-dtype-probe.json")
+os.environ["SPECSTREAM_DTYPE_PROBE_ON_START"] = "0"
 
 
 def make_tiny_llama(path: Path, *, heads: int = 4, kv_heads: int = 2, layers: int = 4,

@@ -61,6 +61,49 @@ def test_auto_is_bfloat16_only_where_measured_right_and_faster_in_that_mode(cach
     assert choose_dtype("auto", platform="cpu", enforce_eager=False, cpuinfo=AMX)[0] == "bfloat16"
 
 
+def _fake_probe(monkeypatch, verdicts: dict):
+    """run_probe replaced by one that stores ``verdicts[mode]`` (or raises it) and counts calls."""
+    calls = []
+
+    def run_probe(enforce_eager):
+        calls.append(hardware.mode_name(enforce_eager))
+        verdict = verdicts[calls[-1]]
+        if isinstance(verdict, Exception):
+            raise verdict
+        save_probe(verdict, enforce_eager)
+        return verdict
+    monkeypatch.setattr(dtype_choice, "run_probe", run_probe)
+    return calls
+
+
+def test_auto_probes_once_per_mode_at_start_and_serves_what_it_found(cache, amx_host,
+                                                                        monkeypatch):
+    monkeypatch.setenv("SPECSTREAM_DTYPE_PROBE_ON_START", "1")
+    calls = _fake_probe(monkeypatch, {"compiled": RIGHT_AND_FASTER, "eager": WRONG})
+    assert choose_dtype("auto", platform="cpu", enforce_eager=False)[0] == "bfloat16"
+    assert choose_dtype("auto", platform="cpu", enforce_eager=False)[0] == "bfloat16"
+    assert calls == ["compiled"]  # the second start read the cache
+    dtype, why = choose_dtype("auto", platform="cpu", enforce_eager=True)
+    assert dtype == "float32" and "wrong answer" in why
+    choose_dtype("bfloat16", platform="cpu", enforce_eager=False)
+    choose_dtype("auto", platform="cuda", enforce_eager=False)
+    assert calls == ["compiled", "eager"]  # explicit dtypes and GPUs never probe
+
+
+def test_auto_serves_float32_when_the_start_up_probe_is_off_or_fails(cache, amx_host,
+                                                                     monkeypatch):
+    calls = _fake_probe(monkeypatch, {"compiled": RuntimeError("engine start timed out\n...")})
+    monkeypatch.setenv("SPECSTREAM_DTYPE_PROBE_ON_START", "0")
+    dtype, why = choose_dtype("auto", platform="cpu", enforce_eager=False)
+    assert dtype == "float32" and "SPECSTREAM_DTYPE_PROBE_ON_START=0" in why and calls == []
+    monkeypatch.setenv("SPECSTREAM_DTYPE_PROBE_ON_START", "1")
+    dtype, why = choose_dtype("auto", platform="cpu", enforce_eager=False)
+    assert dtype == "float32" and "start-up probe failed: engine start timed out" in why
+    assert dtype_choice.cached_probe(False) is None  # a failure is not cached: tried again
+    choose_dtype("auto", platform="cpu", enforce_eager=False)
+    assert calls == ["compiled", "compiled"]
+
+
 def test_cache_key_includes_the_vllm_version(cache, monkeypatch):
     save_probe(RIGHT_AND_FASTER, enforce_eager=False, cpuinfo=AMX)
     monkeypatch.setattr(dtype_choice, "vllm_version", lambda: "0.99.0")

@@ -134,9 +134,10 @@ class SpeculativeEngine:
 
     @property
     def resolved_dtype(self) -> str:
-        """The dtype given to vLLM: on a CPU ``"auto"`` is float32 unless `specstream
-        check-dtype` measured bfloat16 right and faster here (specstream_vllm/dtype_choice.py);
-        vLLM's choice on a GPU. The choice and its reason are logged once."""
+        """The dtype given to vLLM: on a CPU ``"auto"`` is float32 unless the dtype probe
+        (run at the first start, or by `specstream check-dtype`) measured bfloat16 right and
+        faster here (specstream_vllm/dtype_choice.py); vLLM's choice on a GPU. The choice and
+        its reason are logged once."""
         from ..dtype_choice import announce, choose_dtype
         dtype, reason = choose_dtype(self.dtype, platform=self._platform(),
                                      enforce_eager=bool(self.engine_kwargs.get("enforce_eager")))
