@@ -143,6 +143,16 @@ def probe_at_start(enforce_eager: bool) -> tuple[Optional[dict], str]:
     from . import envs
     if not envs.get("SPECSTREAM_DTYPE_PROBE_ON_START"):
         return None, "the start-up probe is off: SPECSTREAM_DTYPE_PROBE_ON_START=0"
+    try:
+        return _probe_once(enforce_eager), ""
+    except Exception as exc:  # any failure leaves the safe dtype; the reason says why
+        logger.warning("specstream: the dtype probe failed (%s); serving float32", exc)
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        return None, f"the start-up probe failed: {first[:200]}"
+
+
+def _probe_once(enforce_eager: bool) -> dict:
+    """The probe's result, measured by this process unless another one did meanwhile."""
     import fcntl
     lock_path = cache_path().with_name(cache_path().name + ".lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
@@ -150,17 +160,13 @@ def probe_at_start(enforce_eager: bool) -> tuple[Optional[dict], str]:
         fcntl.flock(lock, fcntl.LOCK_EX)
         probe = cached_probe(enforce_eager)
         if probe is not None:  # another process measured while this one waited
-            return probe, ""
-        mode = hardware.mode_name(enforce_eager)
+            return probe
         logger.warning("specstream: dtype auto: measuring once whether bfloat16 is right and "
                        "faster than float32 in %s mode on this CPU (two engines in child "
                        "processes, a few minutes; the result is kept in %s). Pass a dtype or "
-                       "set SPECSTREAM_DTYPE_PROBE_ON_START=0 to skip it.", mode, cache_path())
-        try:
-            return run_probe(enforce_eager), ""
-        except Exception as exc:  # any failure leaves the safe dtype; the reason says why
-            logger.warning("specstream: the dtype probe failed (%s); serving float32", exc)
-            return None, f"the start-up probe failed: {str(exc).splitlines()[0][:200]}"
+                       "set SPECSTREAM_DTYPE_PROBE_ON_START=0 to skip it.",
+                       hardware.mode_name(enforce_eager), cache_path())
+        return run_probe(enforce_eager)
 
 
 def bf16_warning(enforce_eager: bool, probe: Optional[dict] = None,

@@ -102,6 +102,11 @@ def test_auto_serves_float32_when_the_start_up_probe_is_off_or_fails(cache, amx_
     assert dtype_choice.cached_probe(False) is None  # a failure is not cached: tried again
     choose_dtype("auto", platform="cpu", enforce_eager=False)
     assert calls == ["compiled", "compiled"]
+    blocked = cache.parent / "not-a-folder"
+    blocked.write_text("")
+    monkeypatch.setattr(dtype_choice, "cache_path", lambda: blocked / "dtype-probe.json")
+    dtype, why = choose_dtype("auto", platform="cpu", enforce_eager=False)
+    assert dtype == "float32" and "start-up probe failed" in why   # no cache folder: no crash
 
 
 def test_cache_key_includes_the_vllm_version(cache, monkeypatch):
@@ -197,10 +202,12 @@ def dtype_patch():
 
 @pytest.fixture
 def log_records():
-    """Records of the "vllm.specstream" logger (vLLM's loggers do not propagate to caplog)."""
+    """The dtype records of the "vllm.specstream" logger (vLLM's loggers do not propagate to
+    caplog; the plugin's other start-up messages are not these tests' business)."""
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append
+    handler.addFilter(lambda record: "dtype" in record.getMessage())
     log = logging.getLogger("vllm.specstream")
     log.addHandler(handler)
     level, _ = log.level, log.setLevel(logging.INFO)
