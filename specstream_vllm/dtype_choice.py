@@ -135,20 +135,28 @@ def choose_dtype(requested: str, *, platform: str, enforce_eager: bool,
                         f"speculation ({speed}; {cache_path()})")
 
 
+#: mode name -> why the start-up probe failed in this process (not tried again here)
+_FAILED: dict[str, str] = {}
+
+
 def probe_at_start(enforce_eager: bool) -> tuple[Optional[dict], str]:
     """(probe, why none): the cached result for this machine and mode, else the probe run
     now, unless ``SPECSTREAM_DTYPE_PROBE_ON_START=0``. One process probes while others
     starting at the same time wait for its result (a lock beside the cache file). A probe
-    that fails leaves float32 and is tried again at the next start."""
+    that fails leaves float32; it is not cached, so the next process tries again, but this
+    process does not: a probe takes minutes, and what failed once here fails again."""
     from . import envs
     if not envs.get("SPECSTREAM_DTYPE_PROBE_ON_START"):
         return None, "the start-up probe is off: SPECSTREAM_DTYPE_PROBE_ON_START=0"
+    mode = hardware.mode_name(enforce_eager)
+    if mode in _FAILED:
+        return None, f"the start-up probe failed earlier in this process: {_FAILED[mode]}"
     try:
         return _probe_once(enforce_eager), ""
     except Exception as exc:  # any failure leaves the safe dtype; the reason says why
         logger.warning("specstream: the dtype probe failed (%s); serving float32", exc)
-        first = (str(exc).splitlines() or [type(exc).__name__])[0]
-        return None, f"the start-up probe failed: {first[:200]}"
+        _FAILED[mode] = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        return None, f"the start-up probe failed: {_FAILED[mode]}"
 
 
 def _probe_once(enforce_eager: bool) -> dict:

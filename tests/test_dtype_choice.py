@@ -25,6 +25,7 @@ WRONG = {"bf16_correct": False, "bf16_faster": False, "bfloat16_answer": "L'Éto
 def cache(tmp_path, monkeypatch):
     path = tmp_path / "dtype-probe.json"
     monkeypatch.setattr(dtype_choice, "cache_path", lambda: path)
+    monkeypatch.setattr(dtype_choice, "_FAILED", {})   # each test is a new process
     return path
 
 
@@ -99,9 +100,14 @@ def test_auto_serves_float32_when_the_start_up_probe_is_off_or_fails(cache, amx_
     monkeypatch.setenv("SPECSTREAM_DTYPE_PROBE_ON_START", "1")
     dtype, why = choose_dtype("auto", platform="cpu", enforce_eager=False)
     assert dtype == "float32" and "start-up probe failed: engine start timed out" in why
-    assert dtype_choice.cached_probe(False) is None  # a failure is not cached: tried again
+    assert dtype_choice.cached_probe(False) is None  # not cached: the next process tries again
+    dtype, why = choose_dtype("auto", platform="cpu", enforce_eager=False)
+    assert dtype == "float32" and "failed earlier in this process: engine start timed out" in why
+    assert calls == ["compiled"]                     # ... but not this one
+    dtype_choice._FAILED.clear()                     # a new process
     choose_dtype("auto", platform="cpu", enforce_eager=False)
     assert calls == ["compiled", "compiled"]
+    dtype_choice._FAILED.clear()
     blocked = cache.parent / "not-a-folder"
     blocked.write_text("")
     monkeypatch.setattr(dtype_choice, "cache_path", lambda: blocked / "dtype-probe.json")
