@@ -10,8 +10,16 @@ beside the acceptance of that run.
     python -m benchmarks.profile --streams none --batch 16      # no speculation
     python -m benchmarks.profile --workload mtbench --batch 1   # chat prompts, EOS honoured
     python -m benchmarks.profile --workload code --prompts 12 --method suffix  # vLLM's own
+    python -m benchmarks.profile --workload code --prompts 6 --by-tokens --pass-ops 40
 
-Pin it to a core for A/B runs on a shared machine (``VLLM_CPU_OMP_THREADS_BIND=0 taskset -c 0``).
+``--by-tokens``: the verification forward's median by the number of tokens it ran (how much a
+verified draft token costs); ``--pass-ops N``: the operations of N stream passes (PyTorch's
+profiler, self time per pass), which says whether a pass waits for its weights (the GEMMs) or
+for the operations around them.
+
+Pin it to a core for A/B runs on a shared machine (``VLLM_CPU_OMP_THREADS_BIND=0 taskset -c 0``);
+``OMP_NUM_THREADS=1 VLLM_CPU_OMP_THREADS_BIND=nobind taskset -c 0`` gives the one thread a
+served engine's worker has on a 2-core machine (vLLM keeps the other core for its engine core).
 """
 from __future__ import annotations
 
@@ -19,7 +27,7 @@ import argparse
 import importlib
 import os
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 PROMPTS = ["Write a short story about a robot learning to paint.", "Explain how vaccines work.",
            "Give three tips for a job interview.", "What causes the seasons on Earth?"]
@@ -88,6 +96,66 @@ class Spans:
         return "\n".join(rows)
 
 
+class ForwardByTokens:
+    """The runner's model forward timed per number of tokens it ran."""
+
+    def __init__(self):
+        self.seconds: dict[int, list[float]] = defaultdict(list)
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+        fn = GPUModelRunner._model_forward
+
+        def timed(runner, input_ids=None, positions=None, *args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return fn(runner, input_ids, positions, *args, **kwargs)
+            finally:
+                n = positions.shape[-1] if positions is not None else input_ids.shape[-1]
+                self.seconds[int(n)].append(time.perf_counter() - t)
+        GPUModelRunner._model_forward = timed
+
+    def report(self, up_to: int = 17) -> str:
+        rows = [f"{'tokens':>6s} {'steps':>6s} {'median ms':>9s}"]
+        for n in sorted(k for k in self.seconds if k <= up_to):
+            v = sorted(self.seconds[n])
+            rows.append(f"{n:6d} {len(v):6d} {1000 * v[len(v) // 2]:9.2f}")
+        return "\n".join(rows)
+
+
+class PassOps:
+    """PyTorch's profiler around ``passes`` stream passes (after ``skip`` of them)."""
+
+    def __init__(self, passes: int, skip: int = 10):
+        import torch
+
+        from specstream_vllm.vllm_integration.proposer import SpecStreamProposer
+        self.passes, self.skip, self.seen = passes, skip, 0
+        self.self_us, self.calls = Counter(), Counter()
+        fn = SpecStreamProposer._run_streams
+
+        def profiled(proposer, *args, **kwargs):
+            self.seen += 1
+            if not self.skip < self.seen <= self.skip + self.passes:
+                return fn(proposer, *args, **kwargs)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                out = fn(proposer, *args, **kwargs)
+            for e in prof.key_averages():
+                self.self_us[e.key] += e.self_cpu_time_total
+                self.calls[e.key] += e.count
+            return out
+        SpecStreamProposer._run_streams = profiled
+
+    def report(self, top: int = 20) -> str:
+        n = min(max(self.seen - self.skip, 0), self.passes)
+        if n == 0:
+            return "no stream pass was profiled (none ran after the first ones)"
+        rows = [f"{n} stream passes, {sum(self.self_us.values()) / n / 1000:.2f} ms of "
+                "operations each (profiler overhead included)",
+                f"{'operation':60s} {'us/pass':>8s} {'calls/pass':>10s}"]
+        for key, us in self.self_us.most_common(top):
+            rows.append(f"{key[:60]:60s} {us / n:8.1f} {self.calls[key] / n:10.1f}")
+        return "\n".join(rows)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="HF model dir (default: the embedded SmolLM2-135M-Instruct)")
@@ -105,6 +173,10 @@ def main(argv=None) -> int:
                     help="with --workload: time this many prompts, --batch at a time (default: one batch)")
     ap.add_argument("--method", default="specstream", choices=["specstream", "suffix", "ngram"],
                     help="suffix / ngram: vLLM's own method with --gamma tokens, for comparison")
+    ap.add_argument("--by-tokens", action="store_true",
+                    help="also the model forward's median per number of tokens it ran")
+    ap.add_argument("--pass-ops", type=int, default=0, metavar="N",
+                    help="also the operations of N stream passes (PyTorch's profiler)")
     args = ap.parse_args(argv)
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"   # runner and proposer in this process
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -118,6 +190,7 @@ def main(argv=None) -> int:
 
     spans = Spans()
     spans.wrap_all(SPANS)
+    by_tokens = ForwardByTokens() if args.by_tokens else None
     streams = args.streams or str(shipped_streams_dir())
     spec = None if streams == "none" else {"method": "specstream", "model": streams,
                                            "num_speculative_tokens": args.gamma, "match": args.match}
@@ -146,6 +219,9 @@ def main(argv=None) -> int:
         run = lambda p: llm.generate(p, sp, use_tqdm=False)  # noqa: E731
     run(warm)  # warm-up: compilation, the policy's first fit
     spans.clear()
+    if by_tokens is not None:
+        by_tokens.seconds.clear()
+    pass_ops = PassOps(args.pass_ops) if args.pass_ops else None
     before = read(llm)
     t = time.perf_counter()
     outs = run(timed)
@@ -157,6 +233,10 @@ def main(argv=None) -> int:
           f"{n} tokens in {dt:.2f} s = {n / dt:.1f} tok/s, {steps} steps, mean acceptance length "
           f"{acc.mean_acceptance_length:.2f}")
     print(spans.report(steps))
+    if by_tokens is not None:
+        print(by_tokens.report())
+    if pass_ops is not None:
+        print(pass_ops.report())
     return 0
 
 

@@ -6,7 +6,8 @@ with the real SmolLM2-135M weights of every layer, run in order as a forward rea
 (so the weights stream from memory as they do in serving): the verification forward is
 all layers' q/k/v, o, gate/up and down plus the LM head (the tied embedding) at
 M = batch x tokens per request; the stream pass is the shipped checkpoint's top layers and
-its draft head at M = batch x streams. One thread by default; each figure is the fastest
+its draft head at M = batch x streams, also through the int8 copies the stream pass makes of
+them on CPUs with int8 dot products (``draft_precision: auto``). One thread by default; each figure is the fastest
 of ``--reps`` calls (robust to other processes on a shared machine), dtypes interleaved.
 
     .venv/bin/python scripts/measure_dtype_step.py --out step.json
@@ -42,12 +43,19 @@ def onednn(weight: torch.Tensor, dtype: torch.dtype):
     return run
 
 
-def layer_linears(layer, dtype: torch.dtype) -> list:
+def int8(weight: torch.Tensor):
+    """The stream pass's int8 copy of ``weight`` (bf16 in and out), or None without one."""
+    from specstream_vllm.vllm_integration.patches.kernels import int8_matmul
+    return int8_matmul(weight, torch.bfloat16)
+
+
+def layer_linears(layer, dtype: torch.dtype, make=None) -> list:
+    make = make or (lambda w: onednn(w, dtype))
     att, mlp = layer.self_attn, layer.mlp
-    return [onednn(torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight]), dtype),
-            onednn(att.o_proj.weight, dtype),
-            onednn(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), dtype),
-            onednn(mlp.down_proj.weight, dtype)]
+    return [make(torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight])),
+            make(att.o_proj.weight),
+            make(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
+            make(mlp.down_proj.weight)]
 
 
 def pass_fn(layers: list, head, m: int, hidden: int, inter: int, dtype: torch.dtype):
@@ -91,6 +99,11 @@ def main() -> None:
         layers = [layer_linears(layer, dt) for layer in model.model.layers]
         nets[d] = (layers, onednn(embed, dt), layers[-ck.num_stream_layers:],
                    onednn(embed[:ck.draft_vocab_size or cfg.vocab_size], dt))
+    s_layers = [layer_linears(layer, torch.bfloat16, int8)
+                 for layer in model.model.layers[-ck.num_stream_layers:]]
+    s_head = int8(embed[:ck.draft_vocab_size or cfg.vocab_size])
+    if s_head is not None and all(f is not None for layer in s_layers for f in layer):
+        nets["int8"] = (None, None, s_layers, s_head)     # the stream pass only
     del model
     batches = [int(x) for x in a.batches.split(",")]
     tokens = [int(x) for x in a.tokens.split(",")]
@@ -98,8 +111,9 @@ def main() -> None:
 
     def ms_of(d: str, m: int, stream: bool) -> float:
         layers, head, s_layers, s_head = nets[d]
-        fn = pass_fn(s_layers, s_head, m, h, i, DTYPES[d]) if stream else \
-            pass_fn(layers, head, m, h, i, DTYPES[d])
+        dtype = torch.bfloat16 if d == "int8" else DTYPES[d]
+        fn = pass_fn(s_layers, s_head, m, h, i, dtype) if stream else \
+            pass_fn(layers, head, m, h, i, dtype)
         return round(1e3 * timed(fn, a.reps), 3)
 
     rows = []
@@ -108,7 +122,7 @@ def main() -> None:
             rows.append({"batch": b, "tokens_per_request": t,
                          **{f"verify_ms_{d}": ms_of(d, b * t, False) for d in DTYPES}})
     stream = [{"batch": b, "rows": b * ck.num_streams,
-               **{f"stream_ms_{d}": ms_of(d, b * ck.num_streams, True) for d in DTYPES}}
+               **{f"stream_ms_{d}": ms_of(d, b * ck.num_streams, True) for d in nets}}
               for b in batches]
     result = {"cpu": cpu_model_name(), "flags": deciding_flags(),
               "native_bf16": bool(cpu_flags() & {"avx512_bf16", "amx_bf16"}),
@@ -129,9 +143,9 @@ def main() -> None:
               f"{r['verify_ms_float32'] / one['verify_ms_float32']:.2f}x / "
               f"{r['verify_ms_bfloat16'] / one['verify_ms_bfloat16']:.2f}x")
     print(f"stream pass ({ck.num_stream_layers} layers + draft head, {ck.num_streams} rows per "
-          "request) ms: float32 / bfloat16")
+          f"request) ms: {' / '.join(nets)}")
     for s in stream:
-        print(f"  batch {s['batch']:3d}: {s['stream_ms_float32']:.2f} / {s['stream_ms_bfloat16']:.2f}")
+        print(f"  batch {s['batch']:3d}: " + " / ".join(f"{s[f'stream_ms_{d}']:.2f}" for d in nets))
 
 
 if __name__ == "__main__":
