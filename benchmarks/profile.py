@@ -237,6 +237,8 @@ def main(argv=None) -> int:
         print(by_tokens.report())
     if pass_ops is not None:
         print(pass_ops.report())
+        print("(tok/s and the spans that hold the profiled passes include the profiler's own "
+              "time: take timings from a run without --pass-ops)")
     return 0
 
 
