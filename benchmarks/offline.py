@@ -79,6 +79,23 @@ class _Engine:
         self.proc.stop()
 
 
+def replay_warning(workload: str, prompts: int, sizes: list[tuple[int, int, int]]) -> str | None:
+    """A line saying where a run asks for more of ``workload``'s prompts than it has, before
+    the engines start (the report flags the rounds afterwards): from there on engines see
+    prompts again, and suffix caches (``suffix``, specstream's match source) replay answers."""
+    cursor = 0
+    for b, rounds, n in sizes:
+        for r in range(rounds):
+            if cursor + n > prompts:
+                needed = sum(rr * nn for _, rr, nn in sizes)
+                return (f"[bench] WARNING: workload {workload} has {prompts} prompts and this run "
+                        f"asks for {needed}; from batch {b} round {r} on, engines see prompts "
+                        "again and suffix caches replay their answers (lower --per-level or "
+                        "--rounds)")
+            cursor += n
+    return None
+
+
 def run_offline(methods: list[Method], workloads: dict[str, list[list[dict]]], args: Any,
                 folder: Path, save: Callable[[dict], None]) -> dict[str, Any]:
     """All engines up, then per workload and batch size ``rounds`` rounds of every method on
@@ -89,6 +106,10 @@ def run_offline(methods: list[Method], workloads: dict[str, list[list[dict]]], a
     engines: list[_Engine] = []
     load: list[float] = []
     sizes = level_sizes(args.batch_sizes, args.per_level, args.rounds, args.rounds_at)
+    for workload, convs in workloads.items():
+        warning = replay_warning(workload, len(convs), sizes)
+        if warning:
+            print(warning, flush=True)
     try:
         for m in methods:
             engines.append(_Engine(m, args, folder))

@@ -110,7 +110,8 @@ class _FakeEngine:
         pass
 
 
-def test_offline_rotation_same_prompts_per_round_and_flags_repeats(monkeypatch, tmp_path) -> None:
+def test_offline_rotation_same_prompts_per_round_and_flags_repeats(monkeypatch, tmp_path,
+                                                                   capsys) -> None:
     monkeypatch.setattr(offline, "_Engine", _FakeEngine)
     args = run.parse_args(["--batch-sizes", "1,4", "--rounds", "2", "--per-level", "2",
                            "--rounds-at", "4:1"])
@@ -118,6 +119,10 @@ def test_offline_rotation_same_prompts_per_round_and_flags_repeats(monkeypatch, 
     convs = [[{"role": "user", "content": f"q{i}"}] for i in range(7)]
     saved = []
     res = offline.run_offline(methods, {"w": convs}, args, tmp_path, saved.append)
+    # said before the engines start, with where the replays begin
+    assert capsys.readouterr().out.startswith(
+        "[bench] WARNING: workload w has 7 prompts and this run asks for 8; from batch 4 round 0")
+    assert offline.replay_warning("w", 8, offline.level_sizes([1, 4], 2, 2, {4: 1})) is None
     assert [lv["batch_size"] for lv in res["levels"]] == [1, 4] and len(saved) == 2
     b1, b4 = res["levels"]
     assert len(b1["rounds"]) == 2 and len(b4["rounds"]) == 1
