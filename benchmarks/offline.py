@@ -83,11 +83,13 @@ def replay_warning(workload: str, prompts: int, sizes: list[tuple[int, int, int]
     """A line saying where a run asks for more of ``workload``'s prompts than it has, before
     the engines start (the report flags the rounds afterwards): from there on engines see
     prompts again, and suffix caches (``suffix``, specstream's match source) replay answers."""
+    needed = sum(rounds * n for _, rounds, n in sizes)
+    if needed <= prompts:
+        return None
     cursor = 0
     for b, rounds, n in sizes:
         for r in range(rounds):
             if cursor + n > prompts:
-                needed = sum(rr * nn for _, rr, nn in sizes)
                 return (f"[bench] WARNING: workload {workload} has {prompts} prompts and this run "
                         f"asks for {needed}; from batch {b} round {r} on, engines see prompts "
                         "again and suffix caches replay their answers (lower --per-level or "

@@ -7,8 +7,9 @@ with the real SmolLM2-135M weights of every layer, run in order as a forward rea
 all layers' q/k/v, o, gate/up and down plus the LM head (the tied embedding) at
 M = batch x tokens per request; the stream pass is the shipped checkpoint's top layers and
 its draft head at M = batch x streams, also through the int8 copies the stream pass makes of
-them on CPUs with int8 dot products (``draft_precision: auto``). One thread by default; each figure is the fastest
-of ``--reps`` calls (robust to other processes on a shared machine), dtypes interleaved.
+them on CPUs with int8 dot products (``draft_precision: auto``). One thread by default; each
+figure is the fastest of ``--reps`` calls (robust to other processes on a shared machine),
+dtypes interleaved.
 
     .venv/bin/python scripts/measure_dtype_step.py --out step.json
 """
