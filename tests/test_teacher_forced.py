@@ -271,7 +271,8 @@ def test_init_from_a_next_token_checkpoint_continues_as_anchor_streams(tiny_chat
     cfg = AutoConfig.from_pretrained(str(tiny_chat_model))
     params = StreamParams(cfg, 3, 2, recipe.lora, stream_input="anchor")
     logs: list[str] = []
-    manifest = init_params(params, cfg, recipe, tmp_path / "a", False, logs.append)
+    manifest, refit = init_params(params, cfg, recipe, tmp_path / "a", False, logs.append)
+    assert not refit
     _, src = load_checkpoint(first.checkpoint_dir)
     mine = params.state_tensors()
     assert set(src) - set(mine) == {"token_map.A", "token_map.B"} and set(mine) <= set(src)
@@ -284,6 +285,42 @@ def test_init_from_a_next_token_checkpoint_continues_as_anchor_streams(tiny_chat
     assert cfg2.stream_input == "anchor" and cfg2.token_map_rank is None
     assert not any(k.startswith("token_map") for k in tensors)
     assert torch.equal(tensors["draft_vocab"], src["draft_vocab"])
+
+
+def test_init_from_more_stream_layers_keeps_the_top_layers_and_refits_the_map(tiny_chat_model,
+                                                                              tmp_path):
+    """2 -> 1 stream layer: the top layer's LoRA and the embeddings kept, the lower layer's
+    LoRA gone, the token map fitted anew at the new first stream layer; more layers than the
+    source had are refused."""
+    from transformers import AutoConfig
+
+    from specstream_vllm.errors import ConfigError
+    from specstream_vllm.reference.streams import StreamParams
+    from specstream_vllm.training.checkpoint_io import init_params
+    data = _sharegpt_file(tmp_path / "sg.json")
+    first = train(_tf_recipe(tiny_chat_model, data, tmp_path / "two", max_steps=1), progress=False,
+                  log=lambda s: None)
+    _, src = load_checkpoint(first.checkpoint_dir)
+    cfg = AutoConfig.from_pretrained(str(tiny_chat_model))
+    top = cfg.num_hidden_layers - 1
+    recipe = _tf_recipe(tiny_chat_model, data, tmp_path / "one", max_steps=1, num_stream_layers=1,
+                        init_from=str(first.checkpoint_dir))
+    params = StreamParams(cfg, 3, 1, recipe.lora, stream_input="next_token", token_map_rank=4)
+    logs: list[str] = []
+    manifest, refit = init_params(params, cfg, recipe, tmp_path / "one", False, logs.append)
+    assert refit and manifest is not None
+    mine = params.state_tensors()
+    assert {k.split(".")[1] for k in mine if k.startswith("layers.")} == {str(top)}
+    assert all(torch.equal(mine[k], src[k]) for k in mine if k.startswith("layers."))
+    assert torch.equal(mine["stream_embeddings"], src["stream_embeddings"])
+    assert any(f"start at layer {top}" in m for m in logs)
+    res = train(recipe, progress=False, log=logs.append)
+    assert any("g fitted by least squares" in m for m in logs)
+    cfg1, tensors = load_checkpoint(res.checkpoint_dir, base_model_dir=tiny_chat_model)
+    assert cfg1.num_stream_layers == 1 and not torch.equal(tensors["token_map.B"], src["token_map.B"])
+    with pytest.raises(ConfigError, match="fewer stream layers"):
+        train(_tf_recipe(tiny_chat_model, data, tmp_path / "three", num_stream_layers=3,
+                         init_from=str(first.checkpoint_dir)), progress=False, log=lambda s: None)
 
 
 def test_anchor_training_step_scores_the_anchor_form(tiny_chat_model, tmp_path, monkeypatch):

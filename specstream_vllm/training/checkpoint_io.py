@@ -1,10 +1,11 @@
 """The trainer's checkpoints: the stream checkpoint it exports (with its training
 record), snapshots, and where a run's streams start (``init_from``, a committed
-checkpoint, a lower LoRA rank widened).
+checkpoint, a lower LoRA rank widened, fewer stream layers kept from more).
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -27,11 +28,21 @@ def snapshot(ckpt_dir: Path, dest: Path) -> None:
             shutil.copy2(ckpt_dir / name, dest / name)
 
 
+class Start(NamedTuple):
+    """Where a run's streams came from: the source checkpoint's data manifest
+    (teacher-forced cursor; None when the streams start fresh) and whether the token map
+    must be fitted anew (fresh streams, or stream layers narrowed: g maps into another
+    layer's residual stream)."""
+    manifest: dict | None
+    refit_token_map: bool
+
+
 def init_params(params: StreamParams, model_config, recipe: Recipe, out_dir: Path, resume: bool,
-                 log) -> dict | None:
+                 log) -> Start:
     """Start from a checkpoint's tensors: ``recipe.init_from``, or with ``--resume`` the
     checkpoint in ``out_dir`` when no trainer state is there (e.g. a committed checkpoint).
-    Returns that checkpoint's data manifest (teacher-forced cursor), if any."""
+    A checkpoint with more stream layers starts one with fewer: the top layers' LoRA and the
+    stream embeddings are kept, the token map is refitted at the new first stream layer."""
     from ..checkpoint import load_checkpoint, resolve_checkpoint_dir
     from .teacher_forced import read_manifest
 
@@ -40,21 +51,28 @@ def init_params(params: StreamParams, model_config, recipe: Recipe, out_dir: Pat
             and (resolve_checkpoint_dir(out_dir) / "config.json").is_file():
         src = str(out_dir)
     if src is None:
-        return None
+        return Start(None, True)
     cfg, tensors = load_checkpoint(src)
     widen = lora_widening(cfg.lora, params.lora)
     switch = form_switch(cfg.stream_input, params.stream_input)
-    if switch is None or (cfg.num_streams, cfg.num_stream_layers) != (
-            params.num_streams, params.num_stream_layers) or \
+    narrow = params.num_stream_layers < cfg.num_stream_layers
+    if switch is None or cfg.num_streams != params.num_streams or \
+            params.num_stream_layers > cfg.num_stream_layers or \
             (switch == "keep" and (cfg.token_map_rank or None) != params.token_map_rank) or \
             (cfg.lora != params.lora and not widen):
         from ..errors import ConfigError
         raise ConfigError(f"cannot start from {src}: its streams (input {cfg.stream_input}, "
                           f"{cfg.num_streams} streams, {cfg.num_stream_layers} layers, lora {cfg.lora}) "
                           "differ from the recipe's; use a matching recipe (only a higher LoRA "
-                          "rank on the same targets may differ; next_token and chain streams "
+                          "rank on the same targets or fewer stream layers may differ; "
+                          "next_token and chain streams "
                           "may continue in the other of those two forms, and any form as paper "
                           "or anchor streams, which drop the token map)")
+    if narrow:
+        log(f"[train] {params.num_stream_layers} stream layers from {src}'s "
+            f"{cfg.num_stream_layers}: the top layers' LoRA and the stream embeddings kept, "
+            f"the streams now start at layer {params.first_layer}")
+        cfg = cfg.model_copy(update={"num_stream_layers": params.num_stream_layers})
     if widen:
         tensors = widen_lora(tensors, cfg.lora, params)
         cfg = cfg.model_copy(update={"lora": params.lora})
@@ -77,7 +95,7 @@ def init_params(params: StreamParams, model_config, recipe: Recipe, out_dir: Pat
     params.load_state_dict(loaded.state_dict(), strict=False)
     params.set_draft_vocab(loaded.draft_vocab)
     log(f"[train] starting from the streams of {src}")
-    return read_manifest(resolve_checkpoint_dir(src)) or {}
+    return Start(read_manifest(resolve_checkpoint_dir(src)) or {}, narrow)
 
 
 def form_switch(old: str, new: str) -> str | None:
@@ -112,6 +130,8 @@ def widen_lora(tensors: dict, old, params: StreamParams) -> dict:
     out, fresh = dict(tensors), params.state_tensors()
     r, ratio = old.rank, old.scaling / params.lora.scaling
     for key, t in tensors.items():
+        if key not in fresh:        # a layer below fewer stream layers: not loaded
+            continue
         if key.endswith(".lora_A"):
             out[key] = fresh[key].clone()
             out[key][:r] = t

@@ -23,7 +23,7 @@ import torch
 from ..checkpoint import reads_tokens
 from ..families import check_lora_targets, family_of
 from ..reference.streams import StreamParams
-from .checkpoint_io import STATE_NAME, export, init_params, snapshot
+from .checkpoint_io import STATE_NAME, Start, export, init_params, snapshot
 from .data import Example
 from .device import (autocast, base_dtype, check_fits, describe, load_base_model,
                      peak_memory_bytes, resolve_device, DTYPES)
@@ -120,18 +120,18 @@ def _load_models(recipe: Recipe, base_dir: Path, out_dir: Path, resume: bool, de
                           None if finetuned else recipe.lora, init_std=recipe.embedding_init_std,
                           stream_input=recipe.stream_input, token_map_rank=token_map_rank)
     params.to(torch.float32)
-    init_manifest = init_params(params, cfg, recipe, out_dir, resume, log)
+    start = init_params(params, cfg, recipe, out_dir, resume, log)
     params.to(device)
     main_model = None
     streaming = recipe.data.source == "sharegpt_conversations"
     if streaming and recipe.main_dtype and DTYPES[recipe.main_dtype] != dtype:
         main_model = load_base_model(base_dir, DTYPES[recipe.main_dtype], device)
     trainee = Trainee(recipe, model, params, StreamForward(model, params), device, ranks, main_model)
-    return trainee, init_manifest
+    return trainee, start
 
 
 def _open_source(trainee: Trainee, seqs, base_dir: Path, out_dir: Path, resume: bool,
-                 init_manifest: dict | None, log) -> DataSource:
+                 start: Start, log) -> DataSource:
     if seqs is not None:
         return DistilledSequences(trainee, seqs, log)
     from transformers import AutoTokenizer
@@ -145,7 +145,7 @@ def _open_source(trainee: Trainee, seqs, base_dir: Path, out_dir: Path, resume: 
         prior = st0.get("data")
         if st0["params"].get("draft_vocab") is not None:
             params.set_draft_vocab(st0["params"]["draft_vocab"])
-    prior = prior or init_manifest or {}
+    prior = prior or start.manifest or {}
     data = TeacherForcedData.open(recipe, base_dir, AutoTokenizer.from_pretrained(str(base_dir)),
                                   cursor=prior.get("conversations_consumed", 0),
                                   window=prior.get("window", 0), vocab=params.draft_vocab, log=log)
@@ -153,8 +153,8 @@ def _open_source(trainee: Trainee, seqs, base_dir: Path, out_dir: Path, resume: 
     data.anchors_seen = prior.get("anchors_seen", 0)
     data.segments = list(prior.get("segments", []))
     params.set_draft_vocab(data.vocab)
-    fresh = init_manifest is None and not (resume and st_path.is_file())
-    if fresh and params.next_token_aware and recipe.token_map_fit_conversations:
+    refit = start.refit_token_map and not (resume and st_path.is_file())
+    if refit and params.next_token_aware and recipe.token_map_fit_conversations:
         fit_token_map(trainee.model, params, data, recipe, recipe.token_map_fit_conversations,
                       trainee.main_model, log=log)
     return TeacherForcedSource(trainee, data, log)
@@ -368,8 +368,8 @@ def train(recipe: Recipe, examples: list[Example] | None = None, *, resume: bool
     if ranks.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         dump_recipe(recipe, out_dir / "recipe.yaml")
-    trainee, init_manifest = _load_models(recipe, base_dir, out_dir, resume, device, ranks, log)
-    source = _open_source(trainee, seqs, base_dir, out_dir, resume, init_manifest, log)
+    trainee, start = _load_models(recipe, base_dir, out_dir, resume, device, ranks, log)
+    source = _open_source(trainee, seqs, base_dir, out_dir, resume, start, log)
     trainee.forward = wrap(trainee.forward, ranks, device)
     opt, trainable = _optimizer(trainee)
     n_stream = trainee.params.num_parameters()
