@@ -50,7 +50,8 @@ def test_shipped_token_reading_checkpoints_refuse_fused(smollm2_dir):
     from specstream_vllm.assets import SHIPPED
     from specstream_vllm.options import resolve_options
     from specstream_vllm.vllm_integration.config import resolve_settings
-    for name in ("smollm2-135m-instruct-next12", "smollm2-135m-instruct-chain12"):
+    for name in ("smollm2-135m-instruct-next6", "smollm2-135m-instruct-next12",
+                 "smollm2-135m-instruct-chain12"):
         ckpt = SHIPPED.parent / name
         if not (ckpt / "config.json").is_file():
             continue

@@ -5,7 +5,8 @@ from pathlib import Path
 
 #: the default streams: next_token streams over the top 12 layers, drafted in one pass
 #: (streams/smollm2-135m-instruct-next12/README.md; the chain-form alternative is
-#: streams/smollm2-135m-instruct-chain12)
+#: streams/smollm2-135m-instruct-chain12, the same form over 6 layers
+#: streams/smollm2-135m-instruct-next6)
 SHIPPED = Path(__file__).parent / "streams" / "smollm2-135m-instruct-next12"
 
 
