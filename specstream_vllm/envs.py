@@ -96,6 +96,9 @@ _VARS = (
     EnvVar("SPECSTREAM_SYNC_AUDIT", "debug",
            "File: per proposer step, the host reads of tensors made by the proposer's code "
            "(`.item()`, `.tolist()`, `.cpu()`, ...), one JSON line each."),
+    EnvVar("SPECSTREAM_CPUINFO", "debug",
+           "File read instead of `/proc/cpuinfo` for the CPU's model and flags "
+           "(`scripts/emulate_cpu.py` sets it to run as an older CPU kind)."),
     EnvVar("SPECSTREAM_CPU_KERNEL_FIX", "debug",
            "`0`: keep vLLM-CPU's own rejection-sampler override (to reproduce its bug).",
            _flag, True),

@@ -51,7 +51,12 @@ def _read_cpuinfo(path: Path) -> str:
 
 
 def _cpuinfo(cpuinfo: Optional[str]) -> str:
-    return _read_cpuinfo(CPUINFO) if cpuinfo is None else cpuinfo
+    """``cpuinfo``, else the text of ``SPECSTREAM_CPUINFO`` (an emulated CPU kind), else of
+    /proc/cpuinfo."""
+    if cpuinfo is not None:
+        return cpuinfo
+    override = envs.get("SPECSTREAM_CPUINFO")
+    return _read_cpuinfo(Path(override) if override else CPUINFO)
 
 
 def cpu_flags(cpuinfo: Optional[str] = None) -> frozenset[str]:

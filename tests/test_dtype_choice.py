@@ -33,7 +33,7 @@ def cache(tmp_path, monkeypatch):
 def amx_host(tmp_path, monkeypatch):
     fake = tmp_path / "cpuinfo"
     fake.write_text(AMX)
-    monkeypatch.setattr(hardware, "CPUINFO", fake)
+    monkeypatch.setenv("SPECSTREAM_CPUINFO", str(fake))
     return fake
 
 

@@ -72,7 +72,7 @@ def test_bf16_warning_only_where_known_wrong_in_that_mode():
 def zen3_host(tmp_path, monkeypatch):
     fake = tmp_path / "cpuinfo"
     fake.write_text(ZEN3)
-    monkeypatch.setattr(hardware, "CPUINFO", fake)
+    monkeypatch.setenv("SPECSTREAM_CPUINFO", str(fake))
     return fake
 
 
