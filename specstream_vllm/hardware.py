@@ -29,7 +29,8 @@ BF16_BY_CPU_KIND: dict[str, dict[str, str]] = {
     "amx": {"eager": "wrong", "compiled": "right"},
     # AMD EPYC with avx512_bf16, no AMX: torch.compile'd bf16 is wrong
     "avx512_bf16": {"eager": "right", "compiled": "wrong"},
-    # AMD EPYC Zen 3, AVX2 only: torch.compile'd bf16 is wrong
+    # AMD EPYC Zen 3, AVX2 only: torch.compile'd bf16 is wrong (so is an AMX Xeon run as
+    # avx2 by scripts/emulate_cpu.py)
     "avx2": {"eager": "right", "compiled": "wrong"},
 }
 #: (CPU kind, mode) whose wrong bf16 text this plugin repairs: on AMX, vLLM-CPU's rotary-
