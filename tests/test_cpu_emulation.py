@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from specstream_vllm.hardware import cpu_flags
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import emulate_cpu  # noqa: E402
@@ -41,16 +43,7 @@ def test_cpuinfo_loses_the_flags_the_kind_lacks(kind, left):
     assert "model name\t: Intel(R) Xeon(R) Processor" in text
 
 
-def _host_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    return {f for line in text.splitlines() if line.startswith("flags")
-            for f in line.split(":", 1)[1].split()}
-
-
-@pytest.mark.skipif("avx512f" not in _host_flags(), reason="needs an AVX-512 host to step down from")
+@pytest.mark.skipif("avx512f" not in cpu_flags(), reason="needs an AVX-512 host to step down from")
 def test_an_emulated_avx2_process_loads_vllms_avx2_kernels_and_reads_avx2_flags():
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "emulate_cpu.py"), "avx2", "--",
                           sys.executable, "-c", PROBE],
