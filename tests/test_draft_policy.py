@@ -102,6 +102,26 @@ def test_off_regime_skips_the_pass_and_probes_with_backoff():
     assert p.stats.skipped_passes >= 50
 
 
+def test_no_probes_while_passes_run_between_match_steps():
+    """The match source wins every other step (the pass skipped), the streams the rest:
+    the passes that run keep the statistics fresh, so no probe pass is added."""
+    import numpy as np
+    p = DraftPolicy(PolicyConfig(gamma=4, probe_min=4, probe_max=16))
+    feed_costs(p, per_step=0.030, per_token=0.001, reqs=1)
+    probs = torch.tensor([[0.9, 0.8, 0.7, 0.6]])
+    p.decide(probs)                                            # the profile is known
+    strong = np.array([[0.99, 0.98, 0.97, 0.96, 0.95, 0.94, 0.93, 0.92]])
+    ran = []
+    for i in range(60):
+        plan = p.plan(1, strong if i % 2 == 0 else None)
+        ran.append(plan.run_pass)
+        if plan.run_pass:
+            p.decide(probs)
+    assert not any(ran[0::2])                 # the strong match: no pass, not even a probe
+    assert all(ran[1::2])
+    assert p.stats.probes == 0
+
+
 def test_calibration_corrects_overconfident_streams():
     p = DraftPolicy(PolicyConfig(gamma=2))
     feed_costs(p, per_step=0.030, per_token=0.008, reqs=1)

@@ -1,8 +1,11 @@
 """When the stream pass runs, over how many streams, and the probes while it does not.
 
 When the best plan is "off", the draft pass is skipped; a probe pass runs after 4, 8,
-16 ... 64 skipped steps so that acceptance statistics stay fresh and speculation comes
-back when the batch shrinks or the streams become confident. A probe covers a few
+16 ... 64 skipped steps in a row so that acceptance statistics stay fresh and speculation
+comes back when the batch shrinks or the streams become confident. Any pass restarts the
+count: where the match source's drafts win some steps and the streams others, the passes
+that run keep the statistics fresh, and a probe there would only pay for a pass whose
+drafts lose to the match. A probe covers a few
 requests and drafts 1, 2, .. g tokens in turn, so that the cost of every draft count
 keeps being measured. Every ``refresh_every`` steps a batch size's step without drafts is
 measured again: every draft is priced against it, and while speculation stays on it
@@ -18,7 +21,7 @@ from .stats import PolicyStats
 class PassSchedule:
     def __init__(self, cfg: PolicyConfig, stats: PolicyStats):
         self.cfg, self.stats = cfg, stats
-        self.skipped = 0                      # steps skipped since the last probe
+        self.skipped = 0                      # steps skipped since the last pass
         self.backoff = cfg.probe_min          # skipped steps before the next probe
         self.probing = False                  # the pass planned this step is a probe
         self.probe_cycle = 0                  # probes draft 1, 2, .. g tokens in turn
@@ -89,6 +92,7 @@ class PassSchedule:
     def pass_ran(self) -> bool:
         """A pass ran this step: whether it was a probe."""
         self.stats.passes += 1
+        self.skipped = 0
         probing, self.probing = self.probing, False
         return probing
 
