@@ -213,21 +213,33 @@ class MSAMixin:
         dtype of the reference model (reference/streams.py)."""
         x = h[:, None, :] + self.stream_embeddings[first:first + g].to(h.dtype)
         if self.stream_settings.next_token_aware:
-            emb = self.input_embedding()(next_token_ids)  # vocab-parallel: whole rows on every rank
-            # the map is float32 (as in the reference), the embedding the engine's dtype
-            gx = next_token_features(emb).to(self.token_map_A.dtype) @ self.token_map_A.t() @ self.token_map_B.t()
-            x = x + gx.to(h.dtype)[:, None, :]
+            x = x + self._token_map(next_token_ids).to(h.dtype)[:, None, :]
         return x.reshape(-1, h.shape[-1])
+
+    def stream_row_inputs(self, h_rows: torch.Tensor, next_rows: torch.Tensor | None,
+                          stream_idx: torch.Tensor) -> torch.Tensor:
+        """:meth:`stream_inputs` row by row: row i is stream ``stream_idx[i] + 1`` of the
+        anchor whose hidden state is ``h_rows[i]`` (next token ``next_rows[i]``). Every input
+        has one row per stream token, so the compiled pass, which takes them in, sees one
+        dynamic size, as it does for the flattened inputs."""
+        x = h_rows + self.stream_embeddings[stream_idx].to(h_rows.dtype)
+        if self.stream_settings.next_token_aware:
+            x = x + self._token_map(next_rows).to(h_rows.dtype)
+        return x
+
+    def _token_map(self, next_token_ids: torch.Tensor) -> torch.Tensor:
+        """g(x) of the next-token-aware forms, float32 (as in the reference)."""
+        emb = self.input_embedding()(next_token_ids)  # vocab-parallel: whole rows on every rank
+        return next_token_features(emb).to(self.token_map_A.dtype) @ self.token_map_A.t() \
+            @ self.token_map_B.t()
 
     def draft_token_ids(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Top-1 token of each stream hidden state (final-normed) over the draft vocabulary,
         with its probability under the softmax over that vocabulary (float32)."""
         vocab = self.stream_draft_vocab
-        if vocab is not None and self._local_draft_head:
-            head, b = self._draft_head(vocab)
-            logits = head(hidden).float()
-            if b is not None:  # LM heads with a bias (Phi)
-                logits = logits + b.float()
+        local = self.local_draft_head()
+        if local is not None:
+            return draft_top1(hidden, *local, vocab)
         else:
             logits = self.compute_logits(hidden)  # full head: vocab-parallel shards gathered
             if logits is None:  # ranks that do not receive the gathered logits
@@ -235,9 +247,15 @@ class MSAMixin:
             logits = logits.float()
             if vocab is not None:
                 logits = logits.index_select(-1, vocab)
-        top, idx = logits.max(dim=-1)
-        prob = torch.exp(top - torch.logsumexp(logits, dim=-1))
-        return (idx if vocab is None else vocab[idx]), prob
+        return _top1(logits, vocab)
+
+    def local_draft_head(self):
+        """(head, bias) over the draft vocabulary's rows where this rank holds them all
+        (one rank, a draft vocabulary), else None: the full head's logits are gathered."""
+        vocab = self.stream_draft_vocab
+        if vocab is None or not self._local_draft_head:
+            return None
+        return self._draft_head(vocab)
 
     def _draft_head(self, vocab: torch.Tensor):
         """``hidden -> logits`` over the LM head's rows of the draft vocabulary (and those
@@ -283,3 +301,18 @@ class MSAMixin:
 
     def _lora_modules_for_layer(self, cfg, layer: int, s: StreamSettings) -> dict[str, nn.Module]:
         raise NotImplementedError  # pragma: no cover
+
+
+def draft_top1(hidden: torch.Tensor, head, bias: torch.Tensor | None,
+               vocab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-1 token id and its probability through a draft vocabulary's head."""
+    logits = head(hidden).float()
+    if bias is not None:  # LM heads with a bias (Phi)
+        logits = logits + bias.float()
+    return _top1(logits, vocab)
+
+
+def _top1(logits: torch.Tensor, vocab: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    top, idx = logits.max(dim=-1)
+    prob = torch.exp(top - torch.logsumexp(logits, dim=-1))
+    return (idx if vocab is None else vocab[idx]), prob

@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from specstream_vllm import envs
 
-from .msa import MSAMixin, ShardedLoRA, StreamSettings, _tp
+from .msa import MSAMixin, ShardedLoRA, StreamSettings, _tp, draft_top1
 from .stream_rows import StreamRows
 
 # under "vllm" so the messages reach vLLM's log handler in workers and servers
@@ -119,10 +119,10 @@ class StreamModel(MSAMixin):
         if self.stream_settings.draft_pass != "separate":
             self._ride_top_layers()
         self._layer_parts: dict[int, LayerParts] = {}
-        self._compiled_stream_forward = None
+        self._compiled_stream_draft = None
         if not vllm_config.model_config.enforce_eager and envs.get("SPECSTREAM_COMPILE_DRAFT"):
-            self._compiled_stream_forward = torch.compile(
-                self._stream_forward, dynamic=True,
+            self._compiled_stream_draft = torch.compile(
+                self._stream_draft, dynamic=True,
                 options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
 
     def stream_decoder(self) -> nn.Module:
@@ -356,23 +356,42 @@ class StreamModel(MSAMixin):
         hidden = hidden + self._stream_attention(li, p, positions, norm1(hidden), num_main)
         return hidden + self._stream_mlp(li, p, norm2(hidden), num_main), None
 
-    def stream_forward(self, stream_inputs: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Run stream tokens (``h_t + e_j``, flattened) through the top N_s layers.
+    def stream_draft(self, h_rows: torch.Tensor, next_rows: torch.Tensor | None,
+                     stream_idx: torch.Tensor, positions: torch.Tensor):
+        """Stream rows (:meth:`stream_row_inputs`) through the top N_s layers and the draft
+        head: (top-1 ids, their probabilities in float32) per row, or None on a rank that
+        does not receive the gathered logits.
 
-        Must be called inside a forward context whose attention metadata describes
-        the stream tokens; returns final-normed hidden states for ``compute_logits``.
-        Compiled with torch.compile (dynamic shapes) unless the engine runs eagerly
-        (``enforce_eager``) or ``SPECSTREAM_COMPILE_DRAFT=0``; if compilation fails the
-        pass falls back to eager for good (rerunning it rewrites the same cache slots).
-        """
-        if self._compiled_stream_forward is not None:
+        Must be called inside a forward context whose attention metadata describes the
+        stream rows. Inputs, layers and head are one compiled call (dynamic shapes) where
+        the draft head is local to the rank: after the verification forward has streamed
+        the model's weights through the caches, every separate eager operation of a pass
+        starts cold, and the pass's few rows make those operations most of its time beside
+        the weights. Eager when the engine is (``enforce_eager``) or
+        ``SPECSTREAM_COMPILE_DRAFT=0``; if compilation fails the pass runs eagerly for good
+        (rerunning it rewrites the same cache slots)."""
+        local = self.local_draft_head()
+        head, bias = local if local is not None else (None, None)
+        if self._compiled_stream_draft is not None:
             try:
-                return self._compiled_stream_forward(stream_inputs, positions)
+                out = self._compiled_stream_draft(h_rows, next_rows, stream_idx, positions,
+                                                  head, bias)
+                return out if local is not None else self.draft_token_ids(out)
             except Exception as exc:  # noqa: BLE001 - a compiler problem must not stop serving
                 logger.warning("specstream: compiled stream pass failed (%s: %s); running it "
                                "eagerly from now on", type(exc).__name__, exc)
-                self._compiled_stream_forward = None
-        return self._stream_forward(stream_inputs, positions)
+                self._compiled_stream_draft = None
+        out = self._stream_draft(h_rows, next_rows, stream_idx, positions, head, bias)
+        return out if local is not None else self.draft_token_ids(out)
+
+    def _stream_draft(self, h_rows, next_rows, stream_idx, positions, head, bias):
+        """(ids, probabilities) through a local draft head; without one (``head`` None)
+        the final-normed hidden states, for the gathered full head."""
+        hidden = self._stream_forward(self.stream_row_inputs(h_rows, next_rows, stream_idx),
+                                      positions)
+        if head is None:
+            return hidden
+        return draft_top1(hidden, head, bias, self.stream_draft_vocab)
 
     def _stream_forward(self, stream_inputs: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         s = self.stream_settings

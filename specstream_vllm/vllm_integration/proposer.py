@@ -121,9 +121,9 @@ class SpecStreamProposer:
     # vLLM calls this from the runner's load_model with the target model
     def load_model(self, target_model) -> None:
         model = target_model
-        while not hasattr(model, "stream_forward") and hasattr(model, "model") and model.model is not model:
+        while not hasattr(model, "stream_draft") and hasattr(model, "model") and model.model is not model:
             model = getattr(model, "model")
-        if not hasattr(model, "stream_forward"):
+        if not hasattr(model, "stream_draft"):
             raise RuntimeError("the served model is not a SpecStream MSA model; was the "
                                "specstream plugin loaded in this worker?")
         self.model = model
@@ -394,26 +394,26 @@ class SpecStreamProposer:
         seq_lens = host_seq_lens(cm)[:num_reqs]
         anchor_tok = (qsl[1:] - 1 - rejected)[r]
         anchor_pos = (seq_lens - 1 - rejected)[r]
-        h = aux_hidden_states[0][torch.from_numpy(anchor_tok).to(self.device)]  # [R, d]
+        aux = aux_hidden_states[0]
         # x_{t+1}: the token just sampled at the anchor (next-token-aware streams read it)
         next_list = [sampled_token_ids[i][-1] for i in rows]
-        next_ids = torch.tensor(next_list, dtype=torch.int64, device=self.device)
         bt = cm.block_table_tensor
         block_table = bt[torch.from_numpy(r).to(bt.device)]
         if self._anchor_rows is not None:
+            h = aux[torch.from_numpy(anchor_tok).to(self.device)]  # [R, d]
             res = self._anchor_streams(h, anchor_tok, anchor_pos, block_table, g)
             return None if res is None else (res[0], res[1], anchor_pos, next_list)
         self.pass_counts["separate"] += 1
         if not self.model.stream_settings.chain:
-            res = self._run_streams(h, next_ids, anchor_pos, block_table, 0, g)
+            res = self._run_streams(aux, anchor_tok, next_list, anchor_pos, block_table, 0, g)
             return None if res is None else (res[0], res[1], anchor_pos, next_list)
         # chain form: one stream per pass, each reading the previous pass's draft (its keys
         # and values are in the cache at t+j by then, so stream j attends to streams < j)
         R = len(rows)
         ids_cols, prob_cols = [], []
-        tok = next_ids
+        tok = next_list
         for j in range(g):
-            res = self._run_streams(h, tok, anchor_pos, block_table, j, 1)
+            res = self._run_streams(aux, anchor_tok, tok, anchor_pos, block_table, j, 1)
             if res is not None:
                 ids_cols.append(res[0][:, 0].to("cpu"))
                 prob_cols.append(res[1][:, 0].to("cpu"))
@@ -424,7 +424,7 @@ class SpecStreamProposer:
                                                     else [0] * R))
             if not agreed[0]:
                 break
-            tok = torch.tensor(agreed[1:], dtype=torch.int64, device=self.device)
+            tok = agreed[1:]
         if not ids_cols:
             return None
         return torch.stack(ids_cols, 1), torch.stack(prob_cols, 1), anchor_pos, next_list
@@ -445,12 +445,19 @@ class SpecStreamProposer:
         ids, prob = res
         return ids.view(R, g), prob.view(R, g).float()
 
-    def _run_streams(self, h, tokens, anchor_pos: np.ndarray, block_table, first: int, g: int):
+    def _run_streams(self, aux, anchor_tok: np.ndarray, tokens: list[int], anchor_pos: np.ndarray,
+                     block_table, first: int, g: int):
         """Streams first+1..first+g of every active request in one pass over the top layers,
         written to the cache at t+first+1..t+first+g: (draft ids [R, g], probabilities
-        [R, g]) on the device, or None on a rank that does not receive the gathered logits."""
+        [R, g]) on the device, or None on a rank that does not receive the gathered logits.
+        ``aux``: the verification's aux hidden states, read at the anchors' tokens
+        ``anchor_tok``; ``tokens``: the token each request's streams read (x_{t+1}, or in
+        the chain form the previous stream's draft). The inputs go in row by row (one row
+        per stream token), the host arithmetic in numpy."""
         R = len(anchor_pos)
-        x = self.model.stream_inputs(h, tokens, g, first=first)
+        h_rows = aux[torch.from_numpy(np.repeat(anchor_tok, g)).to(self.device)]
+        next_rows = torch.from_numpy(np.repeat(np.asarray(tokens, dtype=np.int64), g)).to(self.device)
+        stream_idx = torch.from_numpy(np.tile(np.arange(first, first + g), R)).to(self.device)
         pos = (anchor_pos[:, None] + np.arange(first + 1, first + g + 1)).reshape(-1)
         bs = self._block_size
         dev = block_table.device
@@ -472,8 +479,7 @@ class SpecStreamProposer:
         positions = draft_cm.positions
         with forward_context(per_layer, self.vllm_config, R * g, draft_cm.slot_mapping,
                                     self._layer_names):
-            hidden = self.model.stream_forward(x, positions)
-        res = self.model.draft_token_ids(hidden)
+            res = self.model.stream_draft(h_rows, next_rows, stream_idx, positions)
         if res is None:
             return None
         ids, prob = res
@@ -487,20 +493,19 @@ class SpecStreamProposer:
         specialises size 1), both for a pseudo-request whose stream slots lie in the KV
         cache's block 0, vLLM's null block, which holds no request's keys."""
         model = self.model
-        if (model is None or getattr(model, "_compiled_stream_forward", None) is None
+        if (model is None or getattr(model, "_compiled_stream_draft", None) is None
                 or model.stream_settings.query_only):
             return
         t0 = time.perf_counter()
         try:
             self._ensure_groups()
             dtype = self.vllm_config.model_config.dtype
-            h = torch.zeros(1, model.stream_embeddings.shape[-1], dtype=dtype, device=self.device)
-            tokens = torch.zeros(1, dtype=torch.int64, device=self.device)
+            aux = torch.zeros(1, model.stream_embeddings.shape[-1], dtype=dtype, device=self.device)
             block_table = torch.zeros(1, 1, dtype=torch.int32, device=self.device)
             anchor = np.zeros(1, dtype=np.int64)
             widths = (1,) if model.stream_settings.chain else sorted({self.num_streams, 1})
             for g in reversed(widths):
-                self._run_streams(h, tokens, anchor, block_table, 0, g)
+                self._run_streams(aux, anchor, [0], anchor, block_table, 0, g)
         except Exception:
             if self._raise_errors or vllm_ops.tp_world_size() > 1:
                 raise
