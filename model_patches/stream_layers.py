@@ -116,6 +116,9 @@ class StreamModel(MSAMixin):
             raise ValueError(f"q/k-norm attention is not supported by {type(self).__name__}")
         #: query-only stream rows in flight (anchor form, either pass; stream_rows.py)
         self.stream_rows: StreamRows | None = None
+        #: ``(layer, q, k, v) -> output``: the separate pass's attention where the proposer
+        #: found a direct path to the backend's kernels (else vLLM's ``Attention``)
+        self.stream_attend: Callable | None = None
         if self.stream_settings.draft_pass != "separate":
             self._ride_top_layers()
         self._layer_parts: dict[int, LayerParts] = {}
@@ -315,7 +318,9 @@ class StreamModel(MSAMixin):
         if L.positions == "rope":  # stream j at t+j; ALiBi: the kernel reads the slot's position
             q, k = self._rotary(attn, positions, q, k)
         rows = self.stream_rows
-        if rows is None:
+        if rows is None and self.stream_attend is not None:
+            o = self.stream_attend(li, q, k, v)  # the backend's kernels, called directly
+        elif rows is None:
             o = attn.attn(q, k, v)  # reads the target's cache, writes the stream slots
         elif num_main == 0:
             o = rows.attend(attn.attn, q)  # query-only: reads main keys <= the anchor
@@ -491,10 +496,14 @@ class StreamModel(MSAMixin):
         rows.hidden = hidden[n:]
         return hidden[:n], aux
 
-    def stream_attention_layer_names(self) -> list[str]:
+    def stream_attention_modules(self) -> dict[int, nn.Module]:
+        """Layer index -> vLLM ``Attention`` module of each stream layer."""
         s, L = self.stream_settings, self.layout
         layers = self.stream_layers()
-        return [get(layers[i], L.attn).attn.layer_name for i in range(s.first_layer, s.num_layers)]
+        return {i: get(layers[i], L.attn).attn for i in range(s.first_layer, s.num_layers)}
+
+    def stream_attention_layer_names(self) -> list[str]:
+        return [a.layer_name for a in self.stream_attention_modules().values()]
 
 
 @contextmanager

@@ -210,6 +210,7 @@ def test_compiled_engine_and_stream_pass_token_identical(smollm2_dir, smollm2_ru
                       tmp_path, "compiled-spec")
     assert outputs(base) == outputs(spec)
     text = Path(spec["log"]).read_text(errors="replace")
+    assert "stream pass attends through vLLM-CPU's attention kernels" in text
     warmed = text.find("compiled stream pass warmed up")
     assert warmed >= 0, "the compiled stream pass was not warmed up at start-up"
     recompiles = [m.start() for m in re.finditer(r"Recompiling function _stream_draft", text)]

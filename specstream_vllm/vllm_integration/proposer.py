@@ -51,7 +51,7 @@ import torch
 
 from .. import envs
 from . import proposer_report as report
-from . import state_sizes, vllm_ops
+from . import cpu_stream_attention, state_sizes, vllm_ops
 from .draft_attention import draft_common_metadata, forward_context, host_seq_lens, layer_metadata
 from ..policy import STREAMS, Candidates, DraftPolicy, PassChooser, PolicyConfig
 from .anchor_rows import AnchorRows
@@ -157,6 +157,11 @@ class SpecStreamProposer:
             self._block_size = self.runner.block_size(self._kv_gid)
             if self.model.stream_settings.query_only:
                 self._anchor_rows = AnchorRows(self._groups, self.device, self.num_streams)
+            self.model.stream_attend = cpu_stream_attention.stream_attention_for(
+                self.model.stream_attention_modules())
+            logger.info("specstream: the stream pass attends through %s",
+                        "vLLM-CPU's attention kernels, called directly"
+                        if self.model.stream_attend is not None else "vLLM's Attention layers")
 
     def _counting(self):
         return self._audit.counting() if self._audit is not None else nullcontext()
@@ -477,9 +482,13 @@ class SpecStreamProposer:
         )
         per_layer = layer_metadata(self._groups, draft_cm, first)
         positions = draft_cm.positions
-        with forward_context(per_layer, self.vllm_config, R * g, draft_cm.slot_mapping,
-                                    self._layer_names):
+        if self.model.stream_attend is not None:     # the kernels read the metadata bound here
+            cpu_stream_attention.bind(per_layer, draft_cm.slot_mapping)
             res = self.model.stream_draft(h_rows, next_rows, stream_idx, positions)
+        else:
+            with forward_context(per_layer, self.vllm_config, R * g, draft_cm.slot_mapping,
+                                 self._layer_names):
+                res = self.model.stream_draft(h_rows, next_rows, stream_idx, positions)
         if res is None:
             return None
         ids, prob = res
