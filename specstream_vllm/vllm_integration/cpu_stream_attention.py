@@ -22,8 +22,9 @@ from typing import Any
 import torch
 
 _OP = "specstream::stream_attention"
-#: layer index -> [vLLM Attention module, key cache view, value cache view, kv cache viewed]
-_LAYERS: dict[int, list[Any]] = {}
+#: op slot -> [vLLM Attention module, key cache view, value cache view, kv cache viewed]; a
+#: slot per stream layer of each model built in this process (engines may share one)
+_LAYERS: list[list[Any]] = []
 #: the pass's bound state: [layer name -> CPU attention metadata, slot mapping]
 _BOUND: list[Any] = [None, None]
 _lib = None
@@ -34,13 +35,13 @@ def _register() -> None:
     if _lib is not None:
         return
     _lib = torch.library.Library("specstream", "FRAGMENT")
-    _lib.define("stream_attention(Tensor q, Tensor k, Tensor v, int layer) -> Tensor")
+    _lib.define("stream_attention(Tensor q, Tensor k, Tensor v, int slot) -> Tensor")
     _lib.impl("stream_attention", _stream_attention, "CPU")
     torch.library.register_fake(_OP, _fake, lib=_lib)
 
 
-def _fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
-    attn = _LAYERS[layer][0]
+def _fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot: int) -> torch.Tensor:
+    attn = _LAYERS[slot][0]
     return q.new_empty(q.shape[0], attn.num_heads * attn.head_size_v)
 
 
@@ -56,9 +57,9 @@ def _caches(entry: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _stream_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      layer: int) -> torch.Tensor:
+                      slot: int) -> torch.Tensor:
     from vllm import _custom_ops as ops
-    entry = _LAYERS[layer]
+    entry = _LAYERS[slot]
     attn, impl = entry[0], entry[0].impl
     md, slots = _BOUND[0][attn.layer_name], _BOUND[1]
     key_cache, value_cache = _caches(entry)
@@ -103,12 +104,14 @@ def stream_attention_for(layers: dict[int, Any]):
     if not layers or not all(_supported(a) for a in layers.values()):
         return None
     _register()
+    slots = {}
     for li, attn in layers.items():
-        _LAYERS[li] = [attn, None, None, None]
+        slots[li] = len(_LAYERS)
+        _LAYERS.append([attn, None, None, None])
     op = torch.ops.specstream.stream_attention
 
     def attend(li: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return op(q, k, v, li)
+        return op(q, k, v, slots[li])
     return attend
 
 
