@@ -367,8 +367,9 @@ class StreamModel(MSAMixin):
         head: (top-1 ids, their probabilities in float32) per row, or None on a rank that
         does not receive the gathered logits.
 
-        Must be called inside a forward context whose attention metadata describes the
-        stream rows. Inputs, layers and head are one compiled call (dynamic shapes) where
+        Must be called where the attention can find the stream rows' metadata: inside a
+        forward context that describes them, or, with a direct attention path
+        (``stream_attend``), after the proposer bound it there. Inputs, layers and head are one compiled call (dynamic shapes) where
         the draft head is local to the rank: after the verification forward has streamed
         the model's weights through the caches, every separate eager operation of a pass
         starts cold, and the pass's few rows make those operations most of its time beside
@@ -377,16 +378,17 @@ class StreamModel(MSAMixin):
         (rerunning it rewrites the same cache slots)."""
         local = self.local_draft_head()
         head, bias = local if local is not None else (None, None)
+        args = (h_rows, next_rows, stream_idx, positions, head, bias)
+        out = None
         if self._compiled_stream_draft is not None:
             try:
-                out = self._compiled_stream_draft(h_rows, next_rows, stream_idx, positions,
-                                                  head, bias)
-                return out if local is not None else self.draft_token_ids(out)
+                out = self._compiled_stream_draft(*args)
             except Exception as exc:  # noqa: BLE001 - a compiler problem must not stop serving
                 logger.warning("specstream: compiled stream pass failed (%s: %s); running it "
                                "eagerly from now on", type(exc).__name__, exc)
                 self._compiled_stream_draft = None
-        out = self._stream_draft(h_rows, next_rows, stream_idx, positions, head, bias)
+        if out is None:
+            out = self._stream_draft(*args)
         return out if local is not None else self.draft_token_ids(out)
 
     def _stream_draft(self, h_rows, next_rows, stream_idx, positions, head, bias):
