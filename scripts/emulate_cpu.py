@@ -13,13 +13,19 @@ the command, the code paths an older one takes:
   ``avx2``) and picks its attention and GEMM paths as on such a CPU;
 * ``ATEN_CPU_CAPABILITY``: PyTorch's own kernels and Inductor's generated code use that ISA;
 * ``ONEDNN_MAX_CPU_ISA``: oneDNN's kernels stop at it;
-* ``SPECSTREAM_CPUINFO``: this plugin reads a copy of /proc/cpuinfo without the missing flags.
+* ``SPECSTREAM_CPUINFO``: this plugin reads a copy of /proc/cpuinfo without the missing flags;
+* ``TORCHINDUCTOR_CACHE_DIR`` and ``VLLM_CACHE_ROOT``: compile caches of the kind's own, beside
+  the host's. PyTorch's FX graph cache does not key on the vector ISA: a graph compiled by a
+  native AVX-512 process and read back by an AVX2 one keeps 16-lane loops over 8-lane vectors
+  and returns wrong integers (vLLM's vocabulary-parallel embedding then fails with
+  ``IndexError: index out of range in self`` in every tensor-parallel engine).
 
 What it cannot change: code that asks the CPU itself (CPUID) instead of these probes, and
 speed (timings stay this CPU's). It runs the older kind's software, not its silicon.
 """
 from __future__ import annotations
 
+import getpass
 import os
 import re
 import subprocess
@@ -84,6 +90,22 @@ def cpuinfo_without(text: str, drop: str) -> str:
     return "\n".join(out) + "\n"
 
 
+def compile_caches(kind: str, env: dict[str, str]) -> dict[str, str]:
+    """Inductor's and vLLM's cache directories for ``kind``: siblings of the ones ``env``
+    (or PyTorch's and vLLM's defaults) names, kept between runs so an emulated run is warm
+    the second time, and apart from the host's so no compiled graph crosses ISAs."""
+    try:
+        user = re.sub(r'[\\/:*?"<>|]', "_", getpass.getuser())
+    except (KeyError, OSError):
+        user = f"uid_{os.getuid()}"
+    inductor = env.get("TORCHINDUCTOR_CACHE_DIR") or os.path.join(tempfile.gettempdir(),
+                                                                  f"torchinductor_{user}")
+    xdg = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    vllm = env.get("VLLM_CACHE_ROOT") or os.path.join(xdg, "vllm")
+    return {"TORCHINDUCTOR_CACHE_DIR": f"{inductor.rstrip('/')}-emulated-{kind}",
+            "VLLM_CACHE_ROOT": f"{vllm.rstrip('/')}-emulated-{kind}"}
+
+
 def emulation_env(kind: str, workdir: Path, cpuinfo: str, env: dict[str, str]) -> dict[str, str]:
     """The environment that runs a command as ``kind`` (files written to ``workdir``)."""
     drop, probes, aten, onednn = KINDS[kind]
@@ -93,6 +115,7 @@ def emulation_env(kind: str, workdir: Path, cpuinfo: str, env: dict[str, str]) -
     out["PYTHONPATH"] = os.pathsep.join(p for p in (str(workdir), env.get("PYTHONPATH")) if p)
     out.update(ATEN_CPU_CAPABILITY=aten, ONEDNN_MAX_CPU_ISA=onednn,
                SPECSTREAM_CPUINFO=str(workdir / "cpuinfo"))
+    out.update(compile_caches(kind, env))
     return out
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -53,6 +54,45 @@ def test_an_emulated_avx2_process_loads_vllms_avx2_kernels_and_reads_avx2_flags(
     assert got["avx512"] is False and got["amx"] is False
     assert got["aten"] == "AVX2" and got["kind"] == "avx2"
     assert got["vllm_lib"] == ["_C_AVX2.abi3.so"], got
+
+
+#: vLLM's vocabulary-parallel masking (compiled by Inductor, integer lanes): every
+#: tensor-parallel engine runs it on its token ids
+MASKED_IDS = """
+import json, torch
+from vllm.model_executor.layers.vocab_parallel_embedding import get_masked_input_and_mask
+ids = torch.arange(0, 49152, 7, dtype=torch.long)
+lo, hi = 24576, 49152
+got, _ = get_masked_input_and_mask(ids, lo, hi, 0, hi, hi)
+want = torch.where((ids >= lo) & (ids < hi), ids - lo, 0)
+print(json.dumps({"equal": bool(torch.equal(got, want)), "max": int(got.max())}))
+"""
+
+
+@pytest.mark.skipif("avx512f" not in cpu_flags(), reason="needs an AVX-512 host to step down from")
+def test_an_emulated_process_does_not_reuse_the_hosts_compiled_graphs(tmp_path):
+    """A graph the host compiled and cached must not run in an emulated AVX2 process: its
+    loops assume the host's vector width (wrong ids, then an IndexError in the embedding)."""
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"),
+               VLLM_CACHE_ROOT=str(tmp_path / "vllm"))
+
+    def masked(prefix):
+        out = subprocess.run(prefix + [sys.executable, "-c", MASKED_IDS], capture_output=True,
+                             text=True, timeout=300, cwd=ROOT, env=env)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    assert masked([])["equal"]                  # the host compiles and caches the graph
+    got = masked([sys.executable, str(ROOT / "scripts" / "emulate_cpu.py"), "avx2", "--"])
+    assert got["equal"], got
+    assert (tmp_path / "inductor-emulated-avx2").is_dir()
+
+
+def test_compile_caches_sit_beside_the_hosts_per_kind():
+    env = {"TORCHINDUCTOR_CACHE_DIR": "/c/inductor/", "XDG_CACHE_HOME": "/x"}
+    assert emulate_cpu.compile_caches("avx2", env) == {
+        "TORCHINDUCTOR_CACHE_DIR": "/c/inductor-emulated-avx2",
+        "VLLM_CACHE_ROOT": "/x/vllm-emulated-avx2"}
 
 
 def test_usage_error_names_the_kinds():
