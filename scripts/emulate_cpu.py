@@ -1,5 +1,5 @@
-"""Run a command as if this x86 CPU were an older kind: ``avx2`` (no AVX-512, no AMX) or
-``avx512_bf16`` (AVX-512 with bf16, no AMX).
+"""Run a command as if this x86 CPU were an older kind: ``avx2`` (no AVX-512, no AMX),
+``avx512`` (AVX-512 without bf16) or ``avx512_bf16`` (AVX-512 with bf16, no AMX).
 
     python scripts/emulate_cpu.py avx2 -- bash scripts/test.sh
     python scripts/emulate_cpu.py avx512_bf16 -- specstream check-dtype
@@ -10,7 +10,7 @@ the command, the code paths an older one takes:
 
 * PyTorch's ISA probes (``torch.cpu._is_avx512_supported`` and the rest) answer False for
   what the kind lacks, so vLLM-CPU loads the kernel library built for it (``_C_AVX2`` on
-  ``avx2``) and picks its attention and GEMM paths as on such a CPU;
+  ``avx2``, ``_C_AVX512`` on ``avx512``) and picks its attention and GEMM paths as on such a CPU;
 * ``ATEN_CPU_CAPABILITY``: PyTorch's own kernels and Inductor's generated code use that ISA;
 * ``ONEDNN_MAX_CPU_ISA``: oneDNN's kernels stop at it;
 * ``SPECSTREAM_CPUINFO``: this plugin reads a copy of /proc/cpuinfo without the missing flags;
@@ -41,6 +41,10 @@ KINDS = {
              "avx2", "AVX2"),
     "avx512_bf16": (r"amx\w*", ("_is_amx_tile_supported", "_is_amx_fp16_supported"),
                     "avx512", "AVX512_CORE_BF16"),
+    # a Cascade Lake / Ice Lake Xeon: AVX-512 with VNNI, no bf16 (vLLM-CPU's _C_AVX512)
+    "avx512": (r"avx512_bf16|avx512_fp16|amx\w*|avx_vnni\w*|avx_ne_convert",
+               ("_is_avx512_bf16_supported", "_is_amx_tile_supported", "_is_amx_fp16_supported"),
+               "avx512", "AVX512_CORE_VNNI"),
 }
 
 # Runs at the start of every Python process of the command (PYTHONPATH): patches

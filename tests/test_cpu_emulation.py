@@ -36,7 +36,8 @@ print(json.dumps({"avx512": torch.cpu._is_avx512_supported(),
 
 @pytest.mark.parametrize("kind, left", [
     ("avx2", "fpu sse2 avx avx2 fma"),
-    ("avx512_bf16", "fpu sse2 avx avx2 fma avx512f avx512bw avx512_vnni avx512_bf16 avx_vnni")])
+    ("avx512_bf16", "fpu sse2 avx avx2 fma avx512f avx512bw avx512_vnni avx512_bf16 avx_vnni"),
+    ("avx512", "fpu sse2 avx avx2 fma avx512f avx512bw avx512_vnni")])
 def test_cpuinfo_loses_the_flags_the_kind_lacks(kind, left):
     text = emulate_cpu.cpuinfo_without(AMX_HOST, emulate_cpu.KINDS[kind][0])
     flags = [line for line in text.splitlines() if line.startswith("flags")][0]
@@ -44,16 +45,22 @@ def test_cpuinfo_loses_the_flags_the_kind_lacks(kind, left):
     assert "model name\t: Intel(R) Xeon(R) Processor" in text
 
 
-@pytest.mark.skipif("avx512f" not in cpu_flags(), reason="needs an AVX-512 host to step down from")
-def test_an_emulated_avx2_process_loads_vllms_avx2_kernels_and_reads_avx2_flags():
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "emulate_cpu.py"), "avx2", "--",
+@pytest.mark.parametrize("kind, avx512, aten, lib", [
+    ("avx2", False, "AVX2", "_C_AVX2.abi3.so"),
+    ("avx512", True, "AVX512", "_C_AVX512.abi3.so")])
+def test_an_emulated_process_loads_the_kinds_vllm_kernels_and_reads_its_flags(kind, avx512, aten,
+                                                                              lib):
+    host = cpu_flags()
+    if "avx512f" not in host or (kind == "avx512" and "avx512_bf16" not in host):
+        pytest.skip(f"needs a host with more than {kind} to step down from")
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "emulate_cpu.py"), kind, "--",
                           sys.executable, "-c", PROBE],
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
-    assert got["avx512"] is False and got["amx"] is False
-    assert got["aten"] == "AVX2" and got["kind"] == "avx2"
-    assert got["vllm_lib"] == ["_C_AVX2.abi3.so"], got
+    assert got["avx512"] is avx512 and got["amx"] is False
+    assert got["aten"] == aten and got["kind"] == kind
+    assert got["vllm_lib"] == [lib], got
 
 
 #: vLLM's vocabulary-parallel masking (compiled by Inductor, integer lanes): every
@@ -98,4 +105,4 @@ def test_compile_caches_sit_beside_the_hosts_per_kind():
 def test_usage_error_names_the_kinds():
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "emulate_cpu.py"), "avx"],
                          capture_output=True, text=True, timeout=60)
-    assert out.returncode == 2 and "avx2,avx512_bf16" in out.stderr
+    assert out.returncode == 2 and "avx2,avx512_bf16,avx512" in out.stderr
