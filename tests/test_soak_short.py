@@ -52,8 +52,11 @@ def run_job(job: dict) -> dict:
         return aborted
 
     def lone(tag: str) -> dict:
+        # long enough for a snapshot well inside it: snapshots come every 10 steps, and one
+        # taken at its first step still holds the burst's last step (dropped one step later);
+        # 160 tokens take at least 32 steps at 4 drafts a step
         eng.add_request(tag, "Count from one to thirty in words.",
-                        SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True))
+                        SamplingParams(temperature=0.0, max_tokens=160, ignore_eos=True))
         drain({})
         return read_log(log)[-1]
 
