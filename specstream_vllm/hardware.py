@@ -32,6 +32,9 @@ BF16_BY_CPU_KIND: dict[str, dict[str, str]] = {
     # AMD EPYC Zen 3, AVX2 only: torch.compile'd bf16 is wrong (so is an AMX Xeon run as
     # avx2 by scripts/emulate_cpu.py)
     "avx2": {"eager": "right", "compiled": "wrong"},
+    # AVX-512 without bf16 (Cascade Lake, Ice Lake): measured only as such a CPU's software on
+    # an AMX Xeon (scripts/emulate_cpu.py avx512, which reproduces the two rows above)
+    "avx512": {"eager": "right", "compiled": "wrong"},
 }
 #: (CPU kind, mode) whose wrong bf16 text this plugin repairs: on AMX, vLLM-CPU's rotary-
 #: embedding kernel (vllm_integration/patches/kernels.py; SPECSTREAM_CPU_KERNEL_FIX=0 undoes it)
